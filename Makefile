@@ -1,0 +1,38 @@
+# One entry point for people and CI. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_DIR ?= models/vit-b-32-random
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: install run test lint typecheck random-model bench-concurrency clean
+
+$(VENV)/.installed: pyproject.toml requirements-torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-torch.txt
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## serve on $(HOST):$(PORT); CLIP_* variables configure it
+	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+test: install lint  ## lint, type-check and the whole test suite
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check app tests load_tests
+	$(PY) -m ruff format --check app tests load_tests
+	$(PY) -m mypy
+
+random-model: install  ## random-weight ViT-B-32 for offline runs and benchmarks
+	$(PY) -m app.tools.random_model $(MODEL_DIR)
+
+bench-concurrency: install  ## 1 vs 16 concurrent clients against a live service
+	$(PY) -m load_tests.concurrency --model-dir $(MODEL_DIR) --clients 1,16
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,35 @@
+"""Typed dependencies the routes declare instead of reaching into app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.errors import NotReady, UnsupportedMediaType
+from app.inference.service import EmbeddingService
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_service(request: Request) -> EmbeddingService:
+    service: EmbeddingService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("the model is not loaded yet; retry once /ready answers 200")
+    return service
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[EmbeddingService, Depends(get_service)]
+
+
+def require_json(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content type {media_type or 'none'} is not taken here; send application/json"
+        )

@@ -1,0 +1,206 @@
+"""Images in: multipart file parts or JSON base64, under the byte and count limits.
+
+FastAPI cannot declare one body that is either multipart or JSON, so routes take the raw
+request and call `read_images`; the OpenAPI schema for both forms comes from
+`image_request_body`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from app.api.errors import describe_validation_errors
+from app.config import Settings
+from app.errors import (
+    InvalidBase64,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+_DATA_URL_PREFIX = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass
+class ImageInput:
+    images: list[bytes]
+    locations: list[str]  # `image`, `images[3]`: how error messages name each one
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body; its size limit is BodySizeLimitMiddleware's job."""
+    return await request.body()
+
+
+async def read_images(
+    request: Request,
+    settings: Settings,
+    *,
+    field_name: str,
+    many: bool,
+    json_model: type[BaseModel],
+    options: dict[str, type] | None = None,
+) -> ImageInput:
+    """Parse /embed-style input. `field_name` is `image` or `images`; `options` are the
+    extra scalar fields the endpoint takes (name -> bool/int/str)."""
+    options = options or {}
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        body = await read_body(request)
+        return _from_json(body, settings, field_name, many, json_model)
+    if media_type == "multipart/form-data":
+        return await _from_multipart(request, settings, field_name, many, options)
+    shown = media_type or "none"
+    raise UnsupportedMediaType(
+        f"content type {shown} is not taken here; send multipart/form-data with file field "
+        f"`{field_name}`, or application/json with `{field_name}` as base64"
+    )
+
+
+def _from_json(
+    body: bytes, settings: Settings, field_name: str, many: bool, model: type[BaseModel]
+) -> ImageInput:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    if many and isinstance(document, dict) and isinstance(document.get(field_name), list):
+        _check_count(len(document[field_name]), settings)
+    try:
+        parsed = model.model_validate(document)
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation_errors(list(exc.errors()))) from None
+    values = parsed.model_dump()
+    encoded = values.pop(field_name)
+    items: list[str] = encoded if many else [encoded]
+    locations = _locations(field_name, len(items), many)
+    images = [_b64decode(text, where) for text, where in zip(items, locations, strict=True)]
+    return ImageInput(images, locations, values)
+
+
+async def _from_multipart(
+    request: Request, settings: Settings, field_name: str, many: bool, options: dict[str, type]
+) -> ImageInput:
+    try:
+        form = await request.form(
+            max_files=settings.max_batch_images + 1, max_fields=len(options) + 8
+        )
+    except MultiPartException as exc:
+        raise InvalidRequest(
+            f"multipart body could not be parsed: {exc}", code="invalid_multipart"
+        ) from None
+    try:
+        unexpected = sorted(set(form.keys()) - {field_name, *options})
+        if unexpected:
+            raise ValidationFailed(
+                f"unexpected field(s) {', '.join(unexpected)}; this endpoint takes "
+                f"`{field_name}`" + "".join(f", `{name}`" for name in options)
+            )
+        parts = form.getlist(field_name)
+        if not parts:
+            raise ValidationFailed(
+                f"field `{field_name}` is missing: add the image as a multipart file part "
+                f"named `{field_name}`"
+            )
+        if not many and len(parts) > 1:
+            raise ValidationFailed(
+                f"{len(parts)} `{field_name}` parts sent; /embed takes one, "
+                "use /embed/batch for several"
+            )
+        if many:
+            _check_count(len(parts), settings)
+        locations = _locations(field_name, len(parts), many)
+        images = []
+        for part, where in zip(parts, locations, strict=True):
+            if not isinstance(part, UploadFile):
+                raise ValidationFailed(
+                    f"{where} is a text field; send the image as a file part "
+                    f"(e.g. curl -F {field_name}=@crop.jpg)"
+                )
+            images.append(await part.read())
+        values = {name: _coerce(form.get(name), kind, name) for name, kind in options.items()}
+        return ImageInput(images, locations, {k: v for k, v in values.items() if v is not None})
+    finally:
+        await form.close()
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, UploadFile):
+        raise ValidationFailed(f"`{name}` must be a plain form field, not a file")
+    text = str(value).strip().lower()
+    if kind is bool:
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValidationFailed(f"`{name}` must be true or false, got {value!r}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValidationFailed(f"`{name}` must be a {kind.__name__}, got {value!r}") from None
+
+
+def _check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_batch_images:
+        raise PayloadTooLarge(
+            f"{count} images in one request, over the limit of {settings.max_batch_images} "
+            "(CLIP_MAX_BATCH_IMAGES); split the batch"
+        )
+
+
+def _locations(field_name: str, count: int, many: bool) -> list[str]:
+    return [f"{field_name}[{i}]" for i in range(count)] if many else [field_name]
+
+
+def _b64decode(text: str, where: str) -> bytes:
+    text = _DATA_URL_PREFIX.sub("", text.strip(), count=1)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(
+            f"{where} is not valid standard base64 (A-Z, a-z, 0-9, +, /, with = padding)"
+        ) from None
+
+
+def image_request_body(
+    field_name: str, many: bool, json_model: type[BaseModel], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`openapi_extra` documenting both accepted request forms."""
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    image_property: dict[str, Any] = (
+        {"type": "array", "items": file_schema, "description": "Image files, repeated field."}
+        if many
+        else {**file_schema, "description": "The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)."}
+    )
+    form_properties: dict[str, Any] = {field_name: image_property, **(extra or {})}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": form_properties,
+                        "required": [field_name],
+                    }
+                },
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }

@@ -1,0 +1,72 @@
+"""Liveness, readiness and what is being served."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.api.deps import ServiceDep
+from app.api.errors import error_response, error_responses
+from app.api.schemas import BatcherInfo, InfoResponse, LimitsInfo, StatusResponse
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/health", response_model=StatusResponse, summary="Liveness")
+def health() -> StatusResponse:
+    """200 while the process serves requests. Never touches the model."""
+    return StatusResponse(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=StatusResponse,
+    summary="Readiness",
+    responses=error_responses(503),
+)
+def ready(request: Request) -> StatusResponse | JSONResponse:
+    """200 once the model is loaded and warmed up and the batcher runs; 503 otherwise
+    (loading, shutting down)."""
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.batcher.running:
+        return error_response(
+            503,
+            "not_ready",
+            "the model is not loaded or the service is stopping",
+            {"Retry-After": "5"},
+        )
+    return StatusResponse(status="ready")
+
+
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    summary="Model and settings",
+    responses=error_responses(503),
+)
+def info(service: ServiceDep) -> InfoResponse:
+    model = service.encoder.info
+    settings = service.settings
+    return InfoResponse(
+        model=model.model,
+        dim=model.dim,
+        device=model.device,
+        precision=model.precision,
+        image_size=list(model.image_size),
+        resize_mode=model.resize_mode,
+        batcher=BatcherInfo(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            queue_depth=service.batcher.queue_depth,
+            decode_workers=service.decode_workers,
+        ),
+        limits=LimitsInfo(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_batch_images=settings.max_batch_images,
+            request_timeout_s=settings.request_timeout_s,
+        ),
+        version=__version__,
+    )

@@ -1,0 +1,143 @@
+"""Request and response bodies, with the descriptions and examples /docs shows."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.codec import encode_embedding
+
+# A real 512-dim example would fill the page; a 4-dim one shows the format.
+_EXAMPLE_EMBEDDING = encode_embedding([0.5, -0.5, 0.5, -0.5])
+_EXAMPLE_IMAGE = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8U..."
+
+EMBEDDING_DESCRIPTION = (
+    "Standard base64 (with padding) of little-endian float32 values, L2-normalised; "
+    "`dim` values, 4 bytes each."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbedJSONRequest(_Strict):
+    image: str = Field(
+        ...,
+        description="Base64 of the image file (JPEG, PNG, WebP, BMP, GIF, TIFF). "
+        "A `data:image/...;base64,` prefix is accepted.",
+        examples=[_EXAMPLE_IMAGE],
+    )
+
+
+class EmbedBatchJSONRequest(_Strict):
+    images: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Base64 of each image file; results come back in this order.",
+        examples=[[_EXAMPLE_IMAGE, _EXAMPLE_IMAGE]],
+    )
+
+
+class EmbedResponse(BaseModel):
+    embedding: str = Field(..., description=EMBEDDING_DESCRIPTION, examples=[_EXAMPLE_EMBEDDING])
+    dim: int = Field(..., description="Number of float32 values in the embedding.", examples=[512])
+    model: str = Field(..., description="The model that made it.", examples=["ViT-B-32/openai"])
+
+
+class EmbedBatchResponse(BaseModel):
+    embeddings: list[str] = Field(
+        ...,
+        description=f"One embedding per input image, in input order. {EMBEDDING_DESCRIPTION}",
+        examples=[[_EXAMPLE_EMBEDDING, _EXAMPLE_EMBEDDING]],
+    )
+    dim: int = Field(..., examples=[512])
+    model: str = Field(..., examples=["ViT-B-32/openai"])
+
+
+class SimilarityRequest(_Strict):
+    """Either a pair (`a`, `b`) or a search (`queries`, `gallery`, `top_k`)."""
+
+    a: str | None = Field(None, description="First embedding (base64 float32).")
+    b: str | None = Field(None, description="Second embedding (base64 float32).")
+    queries: list[str] | None = Field(
+        None, min_length=1, description="Query embeddings (base64 float32)."
+    )
+    gallery: list[str] | None = Field(
+        None, min_length=1, description="Gallery embeddings to rank for each query."
+    )
+    top_k: int = Field(
+        5,
+        ge=1,
+        description="Matches returned per query, best first; capped at the gallery size.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"a": _EXAMPLE_EMBEDDING, "b": _EXAMPLE_EMBEDDING},
+                {"queries": [_EXAMPLE_EMBEDDING], "gallery": [_EXAMPLE_EMBEDDING], "top_k": 1},
+            ]
+        },
+    )
+
+
+class Match(BaseModel):
+    index: int = Field(..., description="Position of the item in `gallery`.")
+    similarity: float = Field(..., description="Cosine similarity, -1 to 1.")
+
+
+class PairSimilarityResponse(BaseModel):
+    similarity: float = Field(..., description="Cosine similarity of a and b, -1 to 1.")
+
+
+class SearchSimilarityResponse(BaseModel):
+    matches: list[list[Match]] = Field(
+        ..., description="One list per query, in query order; each best first."
+    )
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(
+        ..., description="Stable snake_case code to branch on.", examples=["invalid_image"]
+    )
+    message: str = Field(
+        ...,
+        description="What went wrong and what to change.",
+        examples=["images[2]: image data is truncated or corrupt"],
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatcherInfo(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+    queue_depth: int
+    decode_workers: int
+
+
+class LimitsInfo(BaseModel):
+    max_upload_bytes: int
+    max_image_pixels: int
+    max_batch_images: int
+    request_timeout_s: float
+
+
+class InfoResponse(BaseModel):
+    model: str = Field(..., examples=["ViT-B-32/openai"])
+    dim: int = Field(..., examples=[512])
+    device: str = Field(..., examples=["cpu"])
+    precision: str = Field(..., examples=["fp32"])
+    image_size: list[int] = Field(..., examples=[[224, 224]])
+    resize_mode: str = Field(..., examples=["shortest"])
+    batcher: BatcherInfo
+    limits: LimitsInfo
+    version: str
+
+
+class StatusResponse(BaseModel):
+    status: str = Field(..., examples=["ok"])

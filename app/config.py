@@ -1,0 +1,96 @@
+"""Every setting of the service, read once from `CLIP_*` environment variables.
+
+The table in README.md (and ../shared/design.md) is the contract; field names here are
+that table's variable names without the prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class ResizeMode(StrEnum):
+    MODEL = "model"  # whatever the model's own preprocess config says
+    SHORTEST = "shortest"  # CLIP's resize of the short side, then centre crop
+    LONGEST = "longest"  # resize of the long side, then pad: keeps a tall crop whole
+    SQUASH = "squash"  # resize to the square, distorting the aspect ratio
+
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore", frozen=True)
+
+    model: str = Field(
+        "ViT-B-32",
+        description="open_clip model name, `local-dir:/path` or `hf-hub:org/repo`.",
+    )
+    pretrained: str = Field(
+        "openai",
+        description="open_clip pretrained tag or checkpoint file; ignored for local-dir/hf-hub.",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    precision: Precision = Precision.AUTO
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_batch_images: int = Field(64, ge=1)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    projection: str = ""
+    resize_mode: ResizeMode = ResizeMode.MODEL
+    decode_workers: int = Field(
+        0, ge=0, le=64, description="Threads decoding images; 0 picks from the core count."
+    )
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."
+    )
+    warmup: bool = Field(True, description="Run a forward pass before /ready turns 200.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("CLIP_DEVICE must be one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        value = value.strip()
+        if not value or value in ("local-dir:", "hf-hub:"):
+            raise ValueError("CLIP_MODEL must name a model, `local-dir:/path` or `hf-hub:org/repo`")
+        return value
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; raises a readable error naming the bad variable."""
+    return Settings()

@@ -1,0 +1,219 @@
+"""Dynamic batching: many concurrent requests, one forward pass.
+
+Requests put their items in one queue and await a future per item. A single loop on the
+event loop takes up to `max_batch_size` items, waiting at most `max_wait_s` after the
+oldest one arrived for companions, and hands the batch to `process` in a dedicated
+thread, so the event loop never runs the model. While one batch is in the forward pass
+the next one gathers, so the model is never idle when there is work.
+
+A failure of `process` fails exactly the items of that batch (every waiting request gets
+it) and the loop goes on. Items whose requester gave up (timeout, disconnect) are skipped
+before they cost a forward pass. Knows nothing of HTTP or of models: the unit tests drive
+it with plain functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from app.errors import InferenceFailed, Overloaded, RequestTimedOut, ShuttingDown
+
+logger = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class BatchFailed(InferenceFailed):
+    """`process` raised for the batch this item was in; the cause is chained, not shown."""
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    items: int = 0
+    failed_batches: int = 0
+    skipped_items: int = 0  # requester gone before its batch was formed
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued_at: float
+
+
+class DynamicBatcher(Generic[In, Out]):
+    def __init__(
+        self,
+        process: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        executor: Executor | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._owns_executor = executor is None
+        # One thread: forward passes run one after another, which is what a single
+        # device does anyway, and keeps torch's own threads from fighting each other.
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
+        self._name = name
+        self._queue: deque[_Pending[In, Out]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._in_forward: list[_Pending[In, Out]] = []
+        self.stats = BatcherStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def submit(self, items: Sequence[In], timeout_s: float | None = None) -> list[Out]:
+        """Queue all items of one request and wait for their results, in order.
+
+        Raises Overloaded when the queue cannot take them all, ShuttingDown after stop()
+        began, RequestTimedOut past `timeout_s`, and BatchFailed when a forward pass that
+        held one of them raised.
+        """
+        if self._closing or not self.running:
+            raise ShuttingDown("the service is shutting down; retry on another replica")
+        if not items:
+            return []
+        if len(self._queue) + len(items) > self.max_queue:
+            raise Overloaded(
+                f"the queue holds {len(self._queue)} of {self.max_queue} images; retry shortly",
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = [_Pending(item, loop.create_future(), now) for item in items]
+        self._queue.extend(pending)
+        self._wakeup.set()
+        futures = [p.future for p in pending]
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"the request waited over {timeout_s:g}s for the model; the service is "
+                "overloaded or the timeout too short"
+            ) from None
+        finally:
+            # A timed-out or cancelled request leaves futures behind: cancelling them
+            # lets the loop skip those items instead of computing them for nobody.
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new work, finish what is queued within the bound, fail the rest."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "%s: drain timed out; failing %d items", self._name, len(self._queue)
+                )
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        # Whatever is still unanswered (queued, or in a forward pass that overran the
+        # bound) gets an answer now: nobody waits on a batcher that is gone.
+        unanswered = [*self._in_forward, *self._queue]
+        self._queue.clear()
+        for waiting in unanswered:
+            if not waiting.future.done():
+                waiting.future.set_exception(ShuttingDown("the service stopped before this ran"))
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            self._in_forward = batch
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._process, [p.item for p in batch]
+                )
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"process returned {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as exc:
+                self.stats.failed_batches += 1
+                logger.exception("%s: a batch of %d failed", self._name, len(batch))
+                for waiting in batch:
+                    if not waiting.future.done():
+                        failure = BatchFailed(
+                            f"the forward pass for a batch of {len(batch)} failed"
+                        )
+                        failure.__cause__ = exc
+                        waiting.future.set_exception(failure)
+            else:
+                for waiting, result in zip(batch, results, strict=True):
+                    if not waiting.future.done():
+                        waiting.future.set_result(result)
+            # Not in a `finally`: if stop() cancels us mid-pass, it answers this batch.
+            self._in_forward = []
+
+    async def _next_batch(self) -> list[_Pending[In, Out]] | None:
+        """The next batch to run; None when closing with nothing left; [] to loop again."""
+        while not self._queue:
+            if self._closing:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        # Wait for companions, but never past the oldest item's deadline: items that
+        # queued while the previous batch ran have waited already and go at once.
+        deadline = self._queue[0].enqueued_at + self.max_wait_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        batch: list[_Pending[In, Out]] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            waiting = self._queue.popleft()
+            if waiting.future.done():  # cancelled: its requester is gone
+                self.stats.skipped_items += 1
+                continue
+            batch.append(waiting)
+        if batch:
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.batch_sizes[len(batch)] += 1
+        return batch

@@ -1,0 +1,115 @@
+"""Turn uploaded bytes into an RGB PIL image, or a clear client error.
+
+This is the trust boundary: everything a client sends passes through here before any
+model code sees it. It runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from app.errors import InvalidImage, PayloadTooLarge
+
+# Formats of the contract. (Pillow's JPEG opener also takes the MPO files cameras write.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# Register every plugin now: `Image.open(formats=...)` only knows the ones loaded.
+Image.init()
+
+# Crops background-composited onto black: the same fill open_clip pads with.
+_ALPHA_BACKGROUND = (0, 0, 0)
+
+# Refuse truncated files rather than embed half a picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode one image file into a loaded RGB image with EXIF orientation applied.
+
+    Raises InvalidImage (400) for anything that is not a readable image in an accepted
+    format and PayloadTooLarge (413) when its pixel count exceeds `max_pixels`.
+    """
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns; ours below is the one that answers.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            "file is not a decodable image; send JPEG, PNG, WebP, BMP, GIF or TIFF"
+        ) from None
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(_too_many_pixels("far more", max_pixels)) from None
+    except Exception as exc:  # Pillow raises many types on hostile headers
+        raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(_too_many_pixels(f"{width}x{height} = {width * height}", max_pixels))
+
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animations: the first frame is the crop
+        image.load()
+        upright: Image.Image = ImageOps.exif_transpose(image) or image
+        return to_rgb(upright)
+    except (InvalidImage, PayloadTooLarge):
+        raise
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(_too_many_pixels("far more", max_pixels)) from None
+    except Exception as exc:
+        raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, keeping what the picture shows."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError):
+        raise InvalidImage(f"image mode {mode} cannot be converted to RGB") from None
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale: scale to 8 bits instead of clipping at 255."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        peak = float(np.nanmax(values)) if values.size else 1.0
+        scale = 255.0 if peak <= 1.0 else 1.0
+        scaled = np.nan_to_num(values) * scale
+    else:
+        scaled = values / 257.0  # 65535 -> 255
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")  # uint8 2-D is mode L
+
+
+def _too_many_pixels(amount: str, limit: int) -> str:
+    return (
+        f"image is {amount} pixels, over the limit of {limit} (CLIP_MAX_IMAGE_PIXELS); "
+        "downscale or crop it before sending"
+    )
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:200]

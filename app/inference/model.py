@@ -1,0 +1,241 @@
+"""The image tower behind a narrow interface: load, preprocess, forward, postprocess.
+
+Everything above this module sees images in and float32 rows out; torch, devices and
+precisions stay in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import open_clip
+import torch
+from PIL import Image
+
+from app.config import Precision, ResizeMode, Settings
+from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+# Beyond this aspect ratio a CLIP "shortest side" resize of a sliver (a 10000x2 strip)
+# would allocate hundreds of megabytes for pixels the centre crop throws away. Ordinary
+# person crops (1:2, 1:3) stay far below it, so they go through the exact reference path.
+_MAX_ASPECT_BEFORE_PRECROP = 4.0
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    model: str
+    dim: int
+    device: str
+    precision: str
+    image_size: tuple[int, int]
+    resize_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WeightsUnavailable(
+            f"CLIP_DEVICE={requested} but CUDA is not available here; use CLIP_DEVICE=cpu or auto."
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise WeightsUnavailable(
+            f"CLIP_DEVICE={requested} but only {torch.cuda.device_count()} CUDA device(s) exist."
+        )
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(requested: Precision, device: torch.device) -> Precision:
+    if requested != Precision.AUTO:
+        if requested == Precision.FP16 and device.type == "cpu":
+            raise WeightsUnavailable(
+                "CLIP_PRECISION=fp16 is for GPUs; on CPU use fp32, bf16, int8 or auto."
+            )
+        if requested == Precision.INT8 and device.type != "cpu":
+            raise WeightsUnavailable("CLIP_PRECISION=int8 runs on CPU only; use fp16 on GPUs.")
+        return requested
+    if device.type == "cuda":
+        return Precision.FP16
+    return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
+
+
+class ClipImageEncoder:
+    """An open_clip image tower ready for batched, inference-only use."""
+
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        info: EncoderInfo,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self._visual = visual
+        self._preprocess = preprocess
+        self._device = device
+        self._dtype = dtype
+        self.info = info
+
+    @classmethod
+    def load(cls, settings: Settings) -> ClipImageEncoder:
+        started = time.perf_counter()
+        device = pick_device(settings.device)
+        precision = pick_precision(settings.precision, device)
+        source = resolve_model_source(settings.model, settings.pretrained)
+        model, preprocess = _build(source, settings.resize_mode, device)
+        visual: torch.nn.Module = model.visual  # type: ignore[assignment]
+        del model  # the text tower is not needed to embed images
+        visual.eval().requires_grad_(False)
+        dtype = torch.float32
+        if precision == Precision.FP16:
+            dtype = torch.float16
+        elif precision == Precision.BF16:
+            dtype = torch.bfloat16
+        # Casting weights (not autocast) is what measured fastest on CPU and GPU alike.
+        visual = visual.to(device=device, dtype=dtype)
+        if precision == Precision.INT8:
+            with warnings.catch_warnings():
+                # Deprecated in favour of torchao, which is not a dependency (yet).
+                warnings.simplefilter("ignore", DeprecationWarning)
+                visual = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+                    visual, {torch.nn.Linear}, dtype=torch.qint8
+                )
+        cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
+        image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
+        dim = _output_dim(visual, image_size, device, dtype)
+        info = EncoderInfo(
+            model=source.display_name,
+            dim=dim,
+            device=str(device),
+            precision=precision.value,
+            image_size=image_size,
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+            mean=tuple(cfg.get("mean", ())),
+            std=tuple(cfg.get("std", ())),
+        )
+        logger.info(
+            "loaded %s on %s (%s, %d dims) in %.1fs",
+            info.model,
+            info.device,
+            info.precision,
+            info.dim,
+            time.perf_counter() - started,
+        )
+        return cls(visual, preprocess, info, device, dtype)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image to the model's input tensor (C, H, W), float32 on the CPU."""
+        if self.info.resize_mode == "shortest":
+            image = _precrop_extreme_aspect(image)
+        elif self.info.resize_mode == "longest":
+            image = _pad_extreme_aspect(image, max(self.info.image_size))
+        return self._preprocess(image)
+
+    def forward(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stacked inputs through the image tower; raw (unnormalised) features."""
+        with torch.inference_mode():
+            pixels = torch.stack(list(batch)).to(self._device, dtype=self._dtype, non_blocking=True)
+            features: torch.Tensor = self._visual(pixels)
+            return features
+
+    def postprocess(self, features: torch.Tensor) -> npt.NDArray[np.float32]:
+        """Features to L2-normalised float32 rows, computed in float32 whatever the precision."""
+        with torch.inference_mode():
+            features = features.float()
+            features = torch.nn.functional.normalize(features, dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode(self, batch: Sequence[torch.Tensor]) -> npt.NDArray[np.float32]:
+        return self.postprocess(self.forward(batch))
+
+    def warm_up(self) -> None:
+        blank = Image.new("RGB", (128, 256), (127, 127, 127))
+        self.encode([self.preprocess(blank)])
+
+
+def _build(
+    source: ModelSource, resize_mode: ResizeMode, device: torch.device
+) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    kwargs: dict[str, Any] = dict(source.open_clip_kwargs)
+    if resize_mode != ResizeMode.MODEL:
+        kwargs["image_resize_mode"] = resize_mode.value
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.model_name,
+            pretrained=source.checkpoint,
+            device="cpu",  # moved after the precision cast, to avoid two copies on the GPU
+            **kwargs,
+        )
+    except WeightsUnavailable:
+        raise
+    except Exception as exc:
+        raise WeightsUnavailable(
+            f"open_clip could not build {source.display_name} (CLIP_MODEL / CLIP_PRETRAINED): {exc}"
+        ) from exc
+    return model, preprocess
+
+
+def _output_dim(
+    visual: torch.nn.Module, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> int:
+    declared = getattr(visual, "output_dim", None)
+    if isinstance(declared, int):
+        return declared
+    with torch.inference_mode():
+        probe = torch.zeros((1, 3, *image_size), device=device, dtype=dtype)
+        return int(visual(probe).shape[-1])
+
+
+def _as_pair(size: object) -> tuple[int, int]:
+    if isinstance(size, (list, tuple)):
+        return int(size[-2]), int(size[-1])
+    return int(size), int(size)  # type: ignore[call-overload]
+
+
+def _precrop_extreme_aspect(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    limit = max(1, int(short * _MAX_ASPECT_BEFORE_PRECROP))
+    if long <= limit:
+        return image
+    if width > height:
+        left = (width - limit) // 2
+        return image.crop((left, 0, left + limit, height))
+    top = (height - limit) // 2
+    return image.crop((0, top, width, top + limit))
+
+
+def _pad_extreme_aspect(image: Image.Image, target: int) -> Image.Image:
+    """Pad a sliver so that fitting its long side into `target` leaves a short side of at
+    least one pixel; the padding is the black open_clip pads with anyway."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    needed = -(-long // target)  # ceil: the short side that survives the downscale
+    if short >= needed:
+        return image
+    size = (needed, height) if width < height else (width, needed)
+    padded = Image.new("RGB", size, (0, 0, 0))
+    padded.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return padded

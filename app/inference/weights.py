@@ -1,0 +1,198 @@
+"""Find the model's weights before open_clip is asked to build it, and fail fast.
+
+open_clip downloads on demand through huggingface_hub, which retries a dead network for
+about a minute before it gives up. A service that takes a minute to say "no network" is
+a service an orchestrator restarts in a loop, so we resolve the files ourselves: the local
+cache first, a short reachability probe next, and a download only when the hub answers.
+Every failure names the setting to change.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import open_clip
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+PROBE_TIMEOUT_S = 3.0
+
+
+class WeightsUnavailable(RuntimeError):
+    """The configured weights cannot be had; the message says which setting to change."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to hand to open_clip: a name it can build and, optionally, a weights file."""
+
+    model_name: str  # a built-in name or `local-dir:<path>`
+    checkpoint: str | None  # weights file for a built-in name
+    display_name: str  # e.g. ViT-B-32/openai, for /info and responses
+    open_clip_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_source(model: str, pretrained: str) -> ModelSource:
+    if model.startswith(LOCAL_DIR):
+        return _resolve_local_dir(model[len(LOCAL_DIR) :])
+    if model.startswith(HF_HUB):
+        return _resolve_hf_hub(model[len(HF_HUB) :])
+    return _resolve_builtin(model, pretrained)
+
+
+def _resolve_local_dir(path_text: str) -> ModelSource:
+    path = Path(path_text).expanduser()
+    config = path / "open_clip_config.json"
+    if not path.is_dir():
+        raise WeightsUnavailable(
+            f"CLIP_MODEL=local-dir:{path_text}: directory not found. Point CLIP_MODEL at a "
+            "folder holding open_clip_config.json and the weights (python -m "
+            "app.tools.random_model writes one for testing)."
+        )
+    if not config.is_file():
+        raise WeightsUnavailable(
+            f"CLIP_MODEL=local-dir:{path_text}: no open_clip_config.json in that folder."
+        )
+    weights = [p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt") for p in path.glob(ext)]
+    if not weights:
+        raise WeightsUnavailable(
+            f"CLIP_MODEL=local-dir:{path_text}: no weights file (*.safetensors, *.bin, *.pth) "
+            "in that folder."
+        )
+    return ModelSource(
+        model_name=f"{LOCAL_DIR}{path}",
+        checkpoint=None,
+        display_name=f"local-dir:{path.name}",
+    )
+
+
+def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
+    name = model.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise WeightsUnavailable(
+            f"CLIP_MODEL={model} is not an open_clip model name. Use one of "
+            "open_clip.list_models() (e.g. ViT-B-32), local-dir:/path or hf-hub:org/repo."
+        )
+    pretrained = pretrained.strip()
+    if not pretrained:
+        raise WeightsUnavailable(
+            "CLIP_PRETRAINED is empty: random weights are never served. Set a pretrained "
+            "tag (e.g. openai) or a checkpoint file path."
+        )
+    if os.path.isfile(pretrained):
+        return ModelSource(
+            model_name=name,
+            checkpoint=pretrained,
+            display_name=f"{name}/{Path(pretrained).name}",
+        )
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise WeightsUnavailable(
+            f"CLIP_PRETRAINED={pretrained} is neither a file nor a pretrained tag of {name}. "
+            f"Known tags: {', '.join(tags) or 'none'}."
+        )
+    checkpoint = _fetch_tag_weights(name, pretrained, tag_cfg)
+    # What open_clip would take from the tag had it downloaded the file itself: the
+    # preprocessing the weights were trained with, and QuickGELU for OpenAI's weights
+    # (ViT-B-32's built-in config lacks it; without it the features are subtly wrong).
+    kwargs: dict[str, Any] = {
+        "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
+        "image_mean": tag_cfg.get("mean"),
+        "image_std": tag_cfg.get("std"),
+        "image_interpolation": tag_cfg.get("interpolation"),
+        "image_resize_mode": tag_cfg.get("resize_mode"),
+    }
+    return ModelSource(
+        model_name=name,
+        checkpoint=checkpoint,
+        display_name=f"{name}/{pretrained}",
+        open_clip_kwargs={k: v for k, v in kwargs.items() if v is not None},
+    )
+
+
+def _fetch_tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
+    setting = f"CLIP_MODEL={name} CLIP_PRETRAINED={tag}"
+    if "file" in tag_cfg:
+        return str(tag_cfg["file"])
+    hub_path = tag_cfg.get("hf_hub", "")
+    if hub_path:
+        repo_id, filename = os.path.split(hub_path)
+        candidates = [filename] if filename else []
+        candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return _hub_file(repo_id, candidates, setting)
+    url = tag_cfg.get("url", "")
+    if url:
+        _probe(url, setting)
+        return str(open_clip.download_pretrained_from_url(url))
+    raise WeightsUnavailable(f"{setting}: the tag names no download location.")
+
+
+def _resolve_hf_hub(repo_id: str) -> ModelSource:
+    setting = f"CLIP_MODEL=hf-hub:{repo_id}"
+    config = _hub_file(repo_id, ["open_clip_config.json"], setting)
+    _hub_file(
+        repo_id,
+        [
+            "open_clip_model.safetensors",
+            "open_clip_pytorch_model.bin",
+            "open_clip_pytorch_model.pth",
+        ],
+        setting,
+    )
+    # The hub cache keeps a repo's files side by side in one snapshot folder, which is
+    # exactly the layout open_clip's local-dir schema reads.
+    return ModelSource(
+        model_name=f"{LOCAL_DIR}{Path(config).parent}",
+        checkpoint=None,
+        display_name=f"hf-hub:{repo_id}",
+    )
+
+
+def _hub_file(repo_id: str, filenames: list[str], setting: str) -> str:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    for filename in filenames:
+        try:
+            return str(hf_hub_download(repo_id, filename, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
+            continue
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsUnavailable(
+            f"{setting}: weights are not in the local cache and HF_HUB_OFFLINE is set. "
+            "Bake the weights into the image, or set CLIP_MODEL=local-dir:/path or "
+            "CLIP_PRETRAINED=/path/to/checkpoint."
+        )
+    _probe(constants.ENDPOINT, setting)
+    last_error: Exception | None = None
+    for filename in filenames:
+        try:
+            return str(hf_hub_download(repo_id, filename))
+        except Exception as exc:  # hub errors are many; the last one is reported
+            last_error = exc
+    raise WeightsUnavailable(
+        f"{setting}: could not download {filenames[0]} from {repo_id}: {last_error}"
+    )
+
+
+def _probe(url: str, setting: str) -> None:
+    """One TCP connect with a short timeout instead of a minute of HTTP retries."""
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return
+    except OSError as exc:
+        raise WeightsUnavailable(
+            f"{setting}: weights are not cached and {host} cannot be reached ({exc}). "
+            "Without network, set CLIP_MODEL=local-dir:/path (a folder with "
+            "open_clip_config.json and weights) or CLIP_PRETRAINED=/path/to/checkpoint, "
+            "or pre-fill the Hugging Face cache (HF_HOME)."
+        ) from None

@@ -1,0 +1,95 @@
+"""The ASGI application: `create_app(settings)` for tests and tools, `app` for uvicorn.
+
+    uvicorn app.main:app --host 0.0.0.0 --port 8000
+
+The model loads once, in the lifespan, before the server accepts connections; if it
+cannot be loaded the process exits with a message naming the setting to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.body_limit import BodySizeLimitMiddleware
+from app.api.errors import install_error_handlers
+from app.api.routes import embed, similarity, system
+from app.config import Settings, load_settings
+from app.inference.model import ClipImageEncoder
+from app.inference.service import EmbeddingService, ImageEncoder
+from app.inference.weights import WeightsUnavailable
+
+logger = logging.getLogger("app")
+
+EncoderFactory = Callable[[Settings], ImageEncoder]
+
+DESCRIPTION = """
+Appearance embeddings of person crops for re-identification across cameras.
+
+Post a crop (multipart file or JSON base64), get an L2-normalised CLIP image embedding
+as base64 of little-endian float32. Concurrent requests share forward passes.
+Every error is `{"error": {"code": "...", "message": "..."}}`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None, encoder_factory: EncoderFactory | None = None
+) -> FastAPI:
+    settings = settings or load_settings()
+    load_encoder: EncoderFactory = encoder_factory or ClipImageEncoder.load
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        try:
+            encoder = await asyncio.to_thread(load_encoder, settings)
+        except WeightsUnavailable as exc:
+            logger.error("startup failed: %s", exc)
+            raise
+        if settings.warmup:
+            await asyncio.to_thread(encoder.warm_up)
+        service = EmbeddingService(encoder, settings)
+        await service.start()
+        app.state.service = service
+        logger.info("ready: %s", encoder.info)
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await service.stop(drain_timeout_s=min(settings.request_timeout_s, 10.0))
+
+    app = FastAPI(
+        title="CLIP person re-ID embeddings",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    for module in (embed, similarity, system):
+        app.include_router(module.router)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn app.main:app` builds the app on first access, so importing this module
+    # (tests, tools) never reads the environment or loads a model.
+    if name == "app":
+        if not logging.getLogger().handlers:
+            # open_clip logs its every step on the root logger at INFO; ours suffice.
+            logging.basicConfig(
+                level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+            logger.setLevel(logging.INFO)
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,198 @@
+"""Closed-loop load: C concurrent clients posting single 128x256 JPEG crops to /embed.
+
+Starts the service itself (or drives one at --url), runs each client count for a fixed
+time, and prints images/s and latency percentiles, the in-process ceiling of the same
+model and precision, and the ratios between them. Bounded in time; loopback only.
+
+    python -m load_tests.concurrency --model-dir models/vit-b-32-random --clients 1,16
+    python -m load_tests.concurrency --url http://127.0.0.1:8000 --clients 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+def make_crops(count: int, size: tuple[int, int] = (128, 256)) -> list[bytes]:
+    """Person-crop-sized JPEGs with distinct content, like a detector's output."""
+    rng = np.random.default_rng(0)
+    crops = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, size=(16, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        crops.append(buffer.getvalue())
+    return crops
+
+
+async def run_load(url: str, clients: int, seconds: float, crops: list[bytes]) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(worker: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        index = worker
+        while time.perf_counter() < deadline:
+            crop = crops[index % len(crops)]
+            index += clients
+            started = time.perf_counter()
+            response = await client.post(
+                "/embed", files={"image": ("crop.jpg", crop, "image/jpeg")}
+            )
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        began = time.perf_counter()
+        await asyncio.gather(*(client_loop(w, client) for w in range(clients)))
+        elapsed = time.perf_counter() - began
+    ordered = sorted(latencies) or [float("nan")]
+
+    def percentile(q: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return LoadResult(
+        clients=clients,
+        requests=len(latencies),
+        errors=errors,
+        seconds=elapsed,
+        images_per_s=len(latencies) / elapsed,
+        p50_ms=1000 * statistics.median(ordered),
+        p95_ms=percentile(0.95),
+        p99_ms=percentile(0.99),
+    )
+
+
+def in_process_ceiling(model_dir: str, batch_sizes: list[int], seconds: float) -> dict[int, float]:
+    """Images/s of the bare forward pass (no HTTP, no decode) at each batch size."""
+    from app.config import Settings
+    from app.inference.model import ClipImageEncoder
+
+    encoder = ClipImageEncoder.load(Settings(model=f"local-dir:{model_dir}"))
+    tensor = encoder.preprocess(Image.open(io.BytesIO(make_crops(1)[0])).convert("RGB"))
+    rates = {}
+    for size in batch_sizes:
+        batch = [tensor] * size
+        encoder.encode(batch)  # warm-up
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            encoder.encode(batch)
+            done += size
+        rates[size] = done / (time.perf_counter() - began)
+    return rates
+
+
+def start_server(model_dir: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CLIP_MODEL": f"local-dir:{model_dir}", **extra_env}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stderr = process.stderr.read().decode() if process.stderr else ""
+            raise SystemExit(f"service exited at startup:\n{stderr}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("service not ready after 180 s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="drive a running service")
+    target.add_argument("--model-dir", help="start the service on this local-dir model")
+    parser.add_argument("--clients", default="1,16", help="comma-separated client counts")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per client count")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    crops = make_crops(64)
+
+    ceiling: dict[int, float] = {}
+    if args.model_dir and not args.no_ceiling:
+        ceiling = in_process_ceiling(args.model_dir, [1, 8, 16, 32], seconds=min(args.seconds, 8))
+        print("in-process forward (no HTTP, no decode):")
+        for size, rate in ceiling.items():
+            print(f"  batch {size:>2}: {rate:7.1f} img/s")
+
+    server = start_server(args.model_dir, args.port, {}) if args.model_dir else None
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    try:
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        print(
+            f"service: {info['model']} on {info['device']} ({info['precision']}), "
+            f"max batch {info['batcher']['max_batch_size']}, "
+            f"wait {info['batcher']['max_wait_ms']} ms"
+        )
+        asyncio.run(run_load(url, max(counts), 3.0, crops))  # warm-up, not reported
+        results = [asyncio.run(run_load(url, c, args.seconds, crops)) for c in counts]
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+    print("\n| clients | requests | errors | img/s | p50 ms | p95 ms | p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.clients} | {r.requests} | {r.errors} | {r.images_per_s:.1f} | "
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} |"
+        )
+    base = results[0]
+    for r in results[1:]:
+        print(
+            f"throughput {r.clients} clients / {base.clients} client: "
+            f"{r.images_per_s / base.images_per_s:.2f}x"
+        )
+    if ceiling:
+        best = max(ceiling.values())
+        top = max(results, key=lambda r: r.images_per_s)
+        print(
+            f"service at {top.clients} clients / in-process ceiling: {top.images_per_s / best:.2f}"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"ceiling": ceiling, "results": [asdict(r) for r in results]}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Fixtures: a tiny random open_clip model on disk, and apps built on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import EncoderFactory, create_app
+from app.tools.random_model import write_random_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_model(tmp_path_factory.mktemp("tiny-clip"), arch="tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model": f"local-dir:{tiny_model_dir}",
+            "device": "cpu",
+            "precision": "fp32",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@asynccontextmanager
+async def serve(
+    settings: Settings, encoder_factory: EncoderFactory | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with its lifespan run, and an httpx client talking ASGI to it."""
+    app = create_app(settings, encoder_factory)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield app, client
+
+
+@pytest.fixture(scope="session")
+async def tiny_app(
+    tiny_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    async with serve(tiny_settings(max_upload_bytes=2 * 1024 * 1024, max_batch_images=8)) as pair:
+        yield pair
+
+
+@pytest.fixture
+def client(tiny_app: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return tiny_app[1]

@@ -1,0 +1,42 @@
+"""Image and embedding makers shared by the tests."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def image_bytes(
+    size: tuple[int, int] = (128, 256),
+    color: tuple[int, ...] | int = (180, 40, 40),
+    fmt: str = "JPEG",
+    mode: str = "RGB",
+    **save_kwargs: Any,
+) -> bytes:
+    """An encoded image of one colour; a gradient is added so models see structure."""
+    image = Image.new(mode, size, color)
+    if mode == "RGB":
+        ramp = np.linspace(0, 60, size[0], dtype=np.float32)[None, :, None]
+        pixels = np.clip(np.asarray(image, dtype=np.float32) + ramp, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def noise_jpeg(seed: int, size: tuple[int, int] = (128, 256)) -> bytes:
+    """A distinct random picture per seed, so embeddings differ between images."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, size=(8, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(low).resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))

@@ -1,0 +1,193 @@
+"""/embed and /embed/batch through the ASGI app with a tiny real open_clip model."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from app.codec import decode_embedding
+from tests.helpers import image_bytes, noise_jpeg
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def embed_json(client: httpx.AsyncClient, data: bytes) -> np.ndarray:
+    response = await client.post("/embed", json={"image": b64(data)})
+    assert response.status_code == 200, response.text
+    return decode_embedding(response.json()["embedding"])
+
+
+async def test_multipart_and_json_give_the_same_normalised_embedding(
+    client: httpx.AsyncClient,
+) -> None:
+    crop = noise_jpeg(1)
+    multipart = await client.post("/embed", files={"image": ("crop.jpg", crop, "image/jpeg")})
+    assert multipart.status_code == 200, multipart.text
+    body = multipart.json()
+    vector = decode_embedding(body["embedding"])
+    assert body["dim"] == vector.shape[0] == 64
+    assert body["model"] == "local-dir:" + body["model"].split(":", 1)[1]
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(await embed_json(client, crop), vector, atol=1e-6)
+
+
+async def test_a_data_url_is_accepted(client: httpx.AsyncClient) -> None:
+    crop = noise_jpeg(2)
+    response = await client.post("/embed", json={"image": "data:image/jpeg;base64," + b64(crop)})
+    assert response.status_code == 200
+    np.testing.assert_allclose(
+        decode_embedding(response.json()["embedding"]), await embed_json(client, crop), atol=1e-6
+    )
+
+
+async def test_batch_keeps_input_order_and_matches_single_requests(
+    client: httpx.AsyncClient,
+) -> None:
+    crops = [noise_jpeg(seed) for seed in range(5)]
+    singles = [await embed_json(client, crop) for crop in crops]
+    as_json = await client.post("/embed/batch", json={"images": [b64(c) for c in crops]})
+    as_files = await client.post(
+        "/embed/batch",
+        files=[("images", (f"{i}.jpg", c, "image/jpeg")) for i, c in enumerate(crops)],
+    )
+    for response in (as_json, as_files):
+        assert response.status_code == 200, response.text
+        vectors = [decode_embedding(e) for e in response.json()["embeddings"]]
+        assert len(vectors) == 5
+        for single, batched in zip(singles, vectors, strict=True):
+            np.testing.assert_allclose(batched, single, atol=1e-5)
+    # different pictures, different embeddings: order mix-ups would not go unseen
+    assert float(singles[0] @ singles[1]) < 0.9999
+
+
+async def test_every_format_is_embedded(client: httpx.AsyncClient) -> None:
+    for fmt in ("PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        response = await client.post("/embed", files={"image": ("x", image_bytes(fmt=fmt))})
+        assert response.status_code == 200, (fmt, response.text)
+
+
+async def error_of(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    return str(body["error"]["code"]) + ": " + str(body["error"]["message"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "expected"),
+    [
+        ({"json": {"image": "%%%not base64"}}, 400, "invalid_base64"),
+        ({"json": {"image": b64(b"plain text, not a picture")}}, 400, "invalid_image"),
+        ({"json": {"image": b64(image_bytes()[:200])}}, 400, "truncated"),
+        ({"json": {"image": ""}}, 400, "empty"),
+        ({"files": {"image": ("e.jpg", b"")}}, 400, "empty"),
+        ({"json": {}}, 422, "image: Field required"),
+        ({"json": {"image": 5}}, 422, "image"),
+        ({"json": {"image": b64(image_bytes()), "extra": 1}}, 422, "extra"),
+        ({"json": ["image"]}, 422, "validation_error"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
+        (
+            {"content": image_bytes(), "headers": {"content-type": "image/jpeg"}},
+            415,
+            "multipart/form-data",
+        ),
+        ({"content": b"x"}, 415, "content type none"),
+        ({"files": {"picture": ("a.jpg", image_bytes())}}, 422, "unexpected field(s) picture"),
+        ({"data": {"image": "abc"}, "files": {"other": ("a", b"1")}}, 422, "unexpected"),
+        (
+            {"files": [("image", ("a.jpg", image_bytes())), ("image", ("b.jpg", image_bytes()))]},
+            422,
+            "/embed/batch",
+        ),
+    ],
+)
+async def test_bad_embed_requests_get_a_clear_json_error(
+    client: httpx.AsyncClient, kwargs: dict[str, object], status: int, expected: str
+) -> None:
+    text = await error_of(await client.post("/embed", **kwargs), status)  # type: ignore[arg-type]
+    assert expected in text
+
+
+async def test_a_text_part_instead_of_a_file_is_explained(client: httpx.AsyncClient) -> None:
+    response = await client.post("/embed", files={"image": (None, b"hello")})
+    assert "text field" in await error_of(response, 422)
+
+
+async def test_a_bad_crop_in_a_batch_fails_the_request_naming_the_item(
+    client: httpx.AsyncClient,
+) -> None:
+    crops = [b64(noise_jpeg(0)), b64(noise_jpeg(1)), b64(b"GIF89a broken"), b64(noise_jpeg(2))]
+    text = await error_of(await client.post("/embed/batch", json={"images": crops}), 400)
+    assert "images[2]" in text
+    assert "images[0]" not in text
+    # ...and nothing else: the service goes on serving
+    assert (await client.post("/embed", json={"image": crops[0]})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"images": []}, 422, "images"),
+        ({"images": [b64(noise_jpeg(0))] * 9}, 413, "limit of 8"),
+        ({"images": "not a list"}, 422, "images"),
+    ],
+)
+async def test_batch_size_rules(
+    client: httpx.AsyncClient, body: dict[str, object], status: int, expected: str
+) -> None:
+    assert expected in await error_of(await client.post("/embed/batch", json=body), status)
+
+
+async def test_too_many_files_in_a_multipart_batch_is_413(client: httpx.AsyncClient) -> None:
+    files = [("images", (f"{i}.jpg", noise_jpeg(i))) for i in range(9)]
+    text = await error_of(await client.post("/embed/batch", files=files), 413)
+    assert "CLIP_MAX_BATCH_IMAGES" in text
+
+
+async def test_bodies_over_the_upload_limit_are_413(client: httpx.AsyncClient) -> None:
+    big = b"\xff" * (3 * 1024 * 1024)
+    text = await error_of(await client.post("/embed", files={"image": ("big.jpg", big)}), 413)
+    assert "CLIP_MAX_UPLOAD_BYTES" in text
+
+    async def chunks():  # no Content-Length: the running count must catch it
+        for _ in range(40):
+            yield b"a" * 100_000
+
+    response = await client.post(
+        "/embed", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(response, 413)
+
+
+async def test_images_over_the_pixel_limit_are_413(client: httpx.AsyncClient) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buffer, "PNG")  # 48 MP, tiny file
+    response = await client.post("/embed", files={"image": ("bomb.png", buffer.getvalue())})
+    assert "CLIP_MAX_IMAGE_PIXELS" in await error_of(response, 413)
+
+
+async def test_extreme_shapes_are_embedded_not_crashed(client: httpx.AsyncClient) -> None:
+    for size in ((1, 1), (10_000, 2), (2, 10_000)):
+        response = await client.post(
+            "/embed", files={"image": ("s.png", image_bytes(size, fmt="PNG"))}
+        )
+        assert response.status_code == 200, (size, response.text)
+
+
+async def test_wrong_methods_and_paths_are_json_too(client: httpx.AsyncClient) -> None:
+    assert "not_found" in await error_of(await client.get("/nope"), 404)
+    assert "method_not_allowed" in await error_of(await client.get("/embed"), 405)

@@ -1,0 +1,65 @@
+"""/embed returns what open_clip's own reference pipeline gives for the same file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from app.codec import decode_embedding
+from app.config import Settings
+from app.tools.random_model import write_random_model
+from tests.conftest import serve
+from tests.helpers import cosine, noise_jpeg
+
+
+def reference_embedding(model_dir: Path, image_path: Path) -> np.ndarray:
+    """The open_clip README's recipe, step by step."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    model.eval()
+    image = preprocess(Image.open(image_path)).unsqueeze(0)
+    with torch.no_grad():
+        features = model.encode_image(image)
+        features /= features.norm(dim=-1, keepdim=True)
+    return features[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def vit_b_32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full ViT-B-32 architecture with random weights: the real FLOPs and shapes."""
+    return write_random_model(tmp_path_factory.mktemp("vit-b-32"), arch="ViT-B-32", seed=7)
+
+
+async def check_parity(settings: Settings, model_dir: Path, crop: Path, dim: int) -> None:
+    expected = reference_embedding(model_dir, crop)
+    data = crop.read_bytes()  # noqa: ASYNC240 - a test's local file, before serving
+    async with serve(settings) as (_, client):
+        response = await client.post("/embed", files={"image": (crop.name, data)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+    served = decode_embedding(body["embedding"])
+    assert body["dim"] == dim == served.shape[0]
+    assert float(np.linalg.norm(served)) == pytest.approx(1.0, abs=1e-5)
+    assert cosine(served, expected) >= 0.99999
+
+
+async def test_parity_with_open_clip_on_the_tiny_model(
+    tiny_model_dir: Path, tiny_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    crop = tmp_path / "crop.jpg"
+    crop.write_bytes(noise_jpeg(11))
+    await check_parity(tiny_settings(), tiny_model_dir, crop, dim=64)
+
+
+async def test_parity_with_open_clip_on_vit_b_32_for_a_128x256_crop(
+    vit_b_32_dir: Path, tmp_path: Path
+) -> None:
+    crop = tmp_path / "person.jpg"
+    crop.write_bytes(noise_jpeg(12, size=(128, 256)))
+    settings = Settings(model=f"local-dir:{vit_b_32_dir}", device="cpu", precision="fp32")
+    await check_parity(settings, vit_b_32_dir, crop, dim=512)

@@ -1,0 +1,149 @@
+"""The batcher's grouping, error fan-out, backpressure and shutdown, with plain functions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from app.errors import Overloaded, RequestTimedOut, ShuttingDown
+from app.inference.batcher import BatchFailed, DynamicBatcher
+
+
+class Recorder:
+    """A fake encoder: doubles its inputs and remembers each batch and its thread."""
+
+    def __init__(self, fail_when: int | None = None, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[int] = set()
+        self.fail_when = fail_when
+        self.gate = gate
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(items))
+        if self.fail_when is not None and self.fail_when in items:
+            raise RuntimeError("simulated CUDA out of memory")
+        return [item * 2 for item in items]
+
+
+async def started(process: Recorder, **kwargs: float) -> DynamicBatcher[int, int]:
+    options = {"max_batch_size": 8, "max_wait_s": 0.05, "max_queue": 64, **kwargs}
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process,
+        max_batch_size=int(options["max_batch_size"]),
+        max_wait_s=options["max_wait_s"],
+        max_queue=int(options["max_queue"]),
+    )
+    await batcher.start()
+    return batcher
+
+
+async def test_concurrent_requests_share_one_forward_pass() -> None:
+    process = Recorder()
+    batcher = await started(process, max_wait_s=0.5)
+    results = await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
+    await batcher.stop()
+    assert results == [[0], [2], [4], [6], [8]]
+    assert len(process.batches) == 1
+    assert sorted(process.batches[0]) == [0, 1, 2, 3, 4]
+
+
+async def test_batches_never_exceed_the_maximum_and_keep_request_order() -> None:
+    process = Recorder()
+    batcher = await started(process, max_batch_size=4, max_wait_s=0.2)
+    result = await batcher.submit(list(range(10)))
+    await batcher.stop()
+    assert result == [i * 2 for i in range(10)]
+    assert [len(b) for b in process.batches] == [4, 4, 2]
+
+
+async def test_a_lone_request_is_served_without_waiting_for_a_full_batch() -> None:
+    process = Recorder()
+    batcher = await started(process, max_batch_size=32, max_wait_s=0.01)
+    assert await asyncio.wait_for(batcher.submit([21]), timeout=5) == [42]
+    await batcher.stop()
+    assert process.batches == [[21]]
+
+
+async def test_forward_runs_off_the_event_loop_thread() -> None:
+    process = Recorder()
+    batcher = await started(process)
+    await batcher.submit([1])
+    await batcher.stop()
+    assert threading.get_ident() not in process.threads
+
+
+async def test_a_failing_batch_fails_only_its_requests_and_the_loop_goes_on() -> None:
+    process = Recorder(fail_when=13)
+    batcher = await started(process, max_wait_s=0.3)
+    outcomes = await asyncio.gather(
+        batcher.submit([1]), batcher.submit([13]), batcher.submit([2]), return_exceptions=True
+    )
+    assert all(isinstance(o, BatchFailed) for o in outcomes), outcomes
+    assert isinstance(outcomes[0].__cause__, RuntimeError)
+    assert "simulated" not in str(outcomes[0])  # internals stay in the log
+    assert await batcher.submit([3]) == [6]
+    await batcher.stop()
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_a_full_queue_refuses_at_once() -> None:
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    batcher = await started(process, max_batch_size=1, max_wait_s=0, max_queue=3)
+    first = asyncio.create_task(batcher.submit([1]))  # taken into the forward pass, blocked
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(batcher.submit([2, 3, 4]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await batcher.submit([5])
+    gate.set()
+    assert await first == [2]
+    assert await queued == [4, 6, 8]
+    await batcher.stop()
+
+
+async def test_timed_out_requests_are_dropped_before_the_forward_pass() -> None:
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    batcher = await started(process, max_batch_size=1, max_wait_s=0)
+    blocker = asyncio.create_task(batcher.submit([1]))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RequestTimedOut):
+        await batcher.submit([7], timeout_s=0.05)
+    gate.set()
+    await blocker
+    assert await batcher.submit([8]) == [16]
+    await batcher.stop()
+    assert [7] not in process.batches
+    assert batcher.stats.skipped_items == 1
+
+
+async def test_stop_drains_queued_work_and_refuses_new_work() -> None:
+    process = Recorder()
+    batcher = await started(process, max_batch_size=2, max_wait_s=0.05)
+    pending = [asyncio.create_task(batcher.submit([i])) for i in range(6)]
+    await asyncio.sleep(0)
+    await batcher.stop(drain_timeout_s=5)
+    assert [await p for p in pending] == [[0], [2], [4], [6], [8], [10]]
+    with pytest.raises(ShuttingDown):
+        await batcher.submit([1])
+
+
+async def test_stop_fails_work_it_cannot_finish_in_time_without_hanging() -> None:
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    batcher = await started(process, max_batch_size=1, max_wait_s=0)
+    stuck = asyncio.create_task(batcher.submit([1]))
+    waiting = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(batcher.stop(drain_timeout_s=0.1), timeout=5)
+    gate.set()
+    for request in (stuck, waiting):
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(request, timeout=5)

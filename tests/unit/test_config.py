@@ -1,0 +1,58 @@
+import pytest
+from pydantic import ValidationError
+
+from app.config import Precision, ResizeMode, Settings
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("CLIP_"):
+            monkeypatch.delenv(name)
+    settings = Settings()
+    assert (settings.model, settings.pretrained) == ("ViT-B-32", "openai")
+    assert settings.device == "auto"
+    assert settings.precision == Precision.AUTO
+    assert (settings.max_batch_size, settings.max_wait_ms, settings.max_queue) == (32, 5.0, 1024)
+    assert settings.request_timeout_s == 30
+    assert settings.max_batch_images == 64
+    assert settings.max_upload_bytes == 10_485_760
+    assert settings.max_image_pixels == 40_000_000
+    assert settings.api_keys == []
+    assert settings.projection == ""
+    assert settings.resize_mode == ResizeMode.MODEL
+
+
+def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_MODEL", "local-dir:/models/x")
+    monkeypatch.setenv("CLIP_DEVICE", "CUDA:1")
+    monkeypatch.setenv("CLIP_PRECISION", "bf16")
+    monkeypatch.setenv("CLIP_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("CLIP_API_KEYS", " alpha, beta ,,")
+    monkeypatch.setenv("CLIP_RESIZE_MODE", "longest")
+    settings = Settings()
+    assert settings.model == "local-dir:/models/x"
+    assert settings.device == "cuda:1"
+    assert settings.precision == Precision.BF16
+    assert settings.max_wait_s == pytest.approx(0.0025)
+    assert [k.get_secret_value() for k in settings.api_keys] == ["alpha", "beta"]
+    assert "alpha" not in repr(settings)  # keys never reach logs
+    assert settings.resize_mode == ResizeMode.LONGEST
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLIP_DEVICE", "tpu"),
+        ("CLIP_PRECISION", "fp8"),
+        ("CLIP_MAX_BATCH_SIZE", "0"),
+        ("CLIP_MAX_WAIT_MS", "-1"),
+        ("CLIP_RESIZE_MODE", "stretch"),
+        ("CLIP_MODEL", "local-dir:"),
+    ],
+)
+def test_bad_values_fail_at_startup_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("CLIP_").lower()):
+        Settings()
