@@ -62,10 +62,14 @@ class DynamicBatcher(Generic[In, Out]):
         max_queue: int,
         executor: Executor | None = None,
         name: str = "batcher",
+        companions_expected: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._process = process
+        # Waiting for companions only pays when some are on their way (e.g. requests
+        # still decoding); a lone client should not pay max_wait on every request.
+        self._companions_expected = companions_expected
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -197,6 +201,8 @@ class DynamicBatcher(Generic[In, Out]):
         # queued while the previous batch ran have waited already and go at once.
         deadline = self._queue[0].enqueued_at + self.max_wait_s
         while len(self._queue) < self.max_batch_size and not self._closing:
+            if self._companions_expected is not None and not self._companions_expected():
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -18,6 +18,7 @@ import numpy.typing as npt
 import open_clip
 import torch
 from PIL import Image
+from torchvision.transforms import Compose, Normalize
 
 from app.config import Precision, ResizeMode, Settings
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
@@ -81,6 +82,45 @@ def pick_precision(requested: Precision, device: torch.device) -> Precision:
     return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
 
 
+class SplitPreprocess:
+    """open_clip's transform cut in two at its ToTensor step.
+
+    The geometric part (resize, crop or pad, mode) runs per image in the decode threads
+    and yields uint8 pixels; ToTensor's scaling and Normalize run once per batch in the
+    forward thread (on the GPU when there is one). Same arithmetic as open_clip's, but no
+    torch kernels in the decode threads: on a 2-core CPU their thread pools otherwise spin
+    against the forward pass's, which measured as a doubling of single-request latency.
+    Also sends 4x fewer bytes to the device.
+    """
+
+    def __init__(self, geometry: Callable[[Image.Image], Image.Image], normalize: Normalize):
+        self.geometry = geometry
+        self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_transform(cls, transform: Callable[[Image.Image], Any]) -> SplitPreprocess | None:
+        steps = list(getattr(transform, "transforms", []))
+        names = [type(step).__name__ for step in steps]
+        if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor"):
+            return None
+        if not isinstance(steps[-1], Normalize):
+            return None
+        return cls(Compose(steps[:-2]), steps[-1])
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """Geometry only: a (C, H, W) uint8 view of the resized image."""
+        resized = self.geometry(image)
+        # np.array copies (224x224x3 bytes): torch wants a writable buffer it can own.
+        array = np.array(resized.convert("RGB") if resized.mode != "RGB" else resized)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) on any device to normalised float32, as ToTensor + Normalize."""
+        values = batch.to(torch.float32).div_(255)
+        return values.sub_(self.mean.to(values.device)).div_(self.std.to(values.device))
+
+
 class ClipImageEncoder:
     """An open_clip image tower ready for batched, inference-only use."""
 
@@ -94,6 +134,7 @@ class ClipImageEncoder:
     ) -> None:
         self._visual = visual
         self._preprocess = preprocess
+        self._split = SplitPreprocess.from_transform(preprocess)
         self._device = device
         self._dtype = dtype
         self.info = info
@@ -146,18 +187,23 @@ class ClipImageEncoder:
         return cls(visual, preprocess, info, device, dtype)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image to the model's input tensor (C, H, W), float32 on the CPU."""
+        """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()
+        normalises, or (for transforms of unknown shape) open_clip's float tensor."""
         if self.info.resize_mode == "shortest":
             image = _precrop_extreme_aspect(image)
         elif self.info.resize_mode == "longest":
             image = _pad_extreme_aspect(image, max(self.info.image_size))
+        if self._split is not None:
+            return self._split.pixels(image)
         return self._preprocess(image)
 
     def forward(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         """Stacked inputs through the image tower; raw (unnormalised) features."""
         with torch.inference_mode():
-            pixels = torch.stack(list(batch)).to(self._device, dtype=self._dtype, non_blocking=True)
-            features: torch.Tensor = self._visual(pixels)
+            stacked = torch.stack(list(batch)).to(self._device, non_blocking=True)
+            if stacked.dtype == torch.uint8 and self._split is not None:
+                stacked = self._split.normalize(stacked)
+            features: torch.Tensor = self._visual(stacked.to(self._dtype))
             return features
 
     def postprocess(self, features: torch.Tensor) -> npt.NDArray[np.float32]:

@@ -48,6 +48,7 @@ class EmbeddingService:
     def __init__(self, encoder: ImageEncoder, settings: Settings) -> None:
         self.encoder = encoder
         self.settings = settings
+        self._preparing = 0  # requests decoding now: they will join the queue shortly
         workers = settings.decode_workers or default_decode_workers()
         self.decode_workers = workers
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
@@ -57,6 +58,7 @@ class EmbeddingService:
             max_wait_s=settings.max_wait_s,
             max_queue=settings.max_queue,
             name="embed",
+            companions_expected=lambda: self._preparing > 0,
         )
 
     async def start(self) -> None:
@@ -80,8 +82,14 @@ class EmbeddingService:
     async def prepare(self, images: Sequence[bytes], locations: Sequence[str]) -> list[Any]:
         """Decode and preprocess all images in parallel; the first bad one fails the lot."""
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self._decode_pool, self._prepare_one, data) for data in images]
-        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        self._preparing += 1
+        try:
+            jobs = [
+                loop.run_in_executor(self._decode_pool, self._prepare_one, data) for data in images
+            ]
+            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            self._preparing -= 1
         failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
         if failures:
             index, error = failures[0]

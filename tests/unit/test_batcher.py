@@ -147,3 +147,30 @@ async def test_stop_fails_work_it_cannot_finish_in_time_without_hanging() -> Non
     for request in (stuck, waiting):
         with pytest.raises(ShuttingDown):
             await asyncio.wait_for(request, timeout=5)
+
+
+async def test_no_wait_for_companions_when_none_are_on_their_way() -> None:
+    process = Recorder()
+    expected = {"more": False}
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=30.0,  # would stall the test if it were waited out
+        max_queue=64,
+        companions_expected=lambda: expected["more"],
+    )
+    await batcher.start()
+    assert await asyncio.wait_for(batcher.submit([1]), timeout=5) == [2]
+    expected["more"] = True
+    late = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0.05)
+    assert not late.done()  # companions announced: it waits for them
+    joined = asyncio.create_task(batcher.submit([3]))
+    await asyncio.sleep(0.01)
+    expected["more"] = False
+    extra = await asyncio.wait_for(batcher.submit([4]), timeout=5)  # wakes the loop
+    assert extra == [8]
+    assert await late == [4]
+    assert await joined == [6]
+    await batcher.stop()
+    assert sorted(process.batches[-1]) == [2, 3, 4]
