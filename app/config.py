@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."
     )
     warmup: bool = Field(True, description="Run a forward pass before /ready turns 200.")
+    garment_vocab: str = Field(
+        "", description="JSON garment vocabulary for /analyze; empty uses the packaged one."
+    )
+    region_bounds: Annotated[tuple[float, float, float], NoDecode] = Field(
+        (0.15, 0.52, 0.92),
+        description="Fractions of crop height where head|upper, upper|lower, lower|feet meet.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -76,6 +83,20 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("region_bounds", mode="before")
+    @classmethod
+    def _split_bounds(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(","))
+        return value
+
+    @field_validator("region_bounds")
+    @classmethod
+    def _check_bounds(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not 0 < value[0] < value[1] < value[2] < 1:
+            raise ValueError("CLIP_REGION_BOUNDS must be three increasing fractions in (0, 1)")
         return value
 
     @field_validator("model")

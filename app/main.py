@@ -18,9 +18,12 @@ import torch
 from fastapi import FastAPI
 
 from app import __version__
+from app.analysis.analyzer import OutfitAnalyzer
+from app.analysis.garments import GarmentClassifiers, Vocabulary, VocabularyError
+from app.analysis.service import AnalysisService
 from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.errors import install_error_handlers
-from app.api.routes import embed, similarity, system
+from app.api.routes import analyze, embed, similarity, system
 from app.config import Settings, load_settings
 from app.inference.model import ClipImageEncoder
 from app.inference.service import EmbeddingService, ImageEncoder
@@ -50,20 +53,26 @@ def create_app(
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         try:
+            vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
-        except WeightsUnavailable as exc:
+        except (WeightsUnavailable, VocabularyError) as exc:
             logger.error("startup failed: %s", exc)
             raise
         if settings.warmup:
             await asyncio.to_thread(encoder.warm_up)
+        classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         service = EmbeddingService(encoder, settings)
         await service.start()
         app.state.service = service
+        app.state.analysis = AnalysisService(
+            service, OutfitAnalyzer(classifiers, encoder.preprocess, settings.region_bounds)
+        )
         logger.info("ready: %s", encoder.info)
         try:
             yield
         finally:
             app.state.service = None
+            app.state.analysis = None
             await service.stop(drain_timeout_s=min(settings.request_timeout_s, 10.0))
 
     app = FastAPI(
@@ -74,11 +83,19 @@ def create_app(
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.analysis = None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    for module in (embed, similarity, system):
+    for module in (embed, analyze, similarity, system):
         app.include_router(module.router)
     return app
+
+
+def build_garment_classifiers(encoder: ImageEncoder, vocabulary: Vocabulary) -> GarmentClassifiers:
+    """Embed the garment vocabulary's prompts once, then free the text tower."""
+    classifiers = GarmentClassifiers.build(vocabulary, encoder.embed_texts, encoder.logit_scale)
+    encoder.release_text_tower()
+    return classifiers
 
 
 def __getattr__(name: str) -> Any:

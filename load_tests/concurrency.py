@@ -1,4 +1,4 @@
-"""Closed-loop load: C concurrent clients posting single 128x256 JPEG crops to /embed.
+"""Closed-loop load: C concurrent clients posting single 128x256 JPEG crops.
 
 Starts the service itself (or drives one at --url), runs each client count for a fixed
 time, and prints images/s and latency percentiles, the in-process ceiling of the same
@@ -6,6 +6,7 @@ model and precision, and the ratios between them. Bounded in time; loopback only
 
     python -m load_tests.concurrency --model-dir models/vit-b-32-random --clients 1,16
     python -m load_tests.concurrency --url http://127.0.0.1:8000 --clients 1,4,16
+    python -m load_tests.concurrency --model-dir models/vit-b-32-random --endpoints embed,analyze
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from PIL import Image
 
 @dataclass
 class LoadResult:
+    endpoint: str
     clients: int
     requests: int
     errors: int
@@ -52,7 +54,9 @@ def make_crops(count: int, size: tuple[int, int] = (128, 256)) -> list[bytes]:
     return crops
 
 
-async def run_load(url: str, clients: int, seconds: float, crops: list[bytes]) -> LoadResult:
+async def run_load(
+    url: str, clients: int, seconds: float, crops: list[bytes], endpoint: str = "embed"
+) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -65,7 +69,7 @@ async def run_load(url: str, clients: int, seconds: float, crops: list[bytes]) -
             index += clients
             started = time.perf_counter()
             response = await client.post(
-                "/embed", files={"image": ("crop.jpg", crop, "image/jpeg")}
+                f"/{endpoint}", files={"image": ("crop.jpg", crop, "image/jpeg")}
             )
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - started)
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--url", help="drive a running service")
     target.add_argument("--model-dir", help="start the service on this local-dir model")
     parser.add_argument("--clients", default="1,16", help="comma-separated client counts")
+    parser.add_argument("--endpoints", default="embed", help="comma-separated: embed, analyze")
     parser.add_argument("--seconds", type=float, default=20.0, help="per client count")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
@@ -162,31 +167,38 @@ def main(argv: list[str] | None = None) -> None:
             f"max batch {info['batcher']['max_batch_size']}, "
             f"wait {info['batcher']['max_wait_ms']} ms"
         )
-        asyncio.run(run_load(url, max(counts), 3.0, crops))  # warm-up, not reported
-        results = [asyncio.run(run_load(url, c, args.seconds, crops)) for c in counts]
+        results: list[LoadResult] = []
+        for endpoint in args.endpoints.split(","):
+            asyncio.run(run_load(url, max(counts), 3.0, crops, endpoint))  # warm-up
+            results += [
+                asyncio.run(run_load(url, c, args.seconds, crops, endpoint)) for c in counts
+            ]
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
 
-    print("\n| clients | requests | errors | img/s | p50 ms | p95 ms | p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| endpoint | clients | requests | errors | crops/s | p50 ms | p95 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r.clients} | {r.requests} | {r.errors} | {r.images_per_s:.1f} | "
+            f"| /{r.endpoint} | {r.clients} | {r.requests} | {r.errors} | {r.images_per_s:.1f} | "
             f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} |"
         )
-    base = results[0]
-    for r in results[1:]:
-        print(
-            f"throughput {r.clients} clients / {base.clients} client: "
-            f"{r.images_per_s / base.images_per_s:.2f}x"
-        )
+    for endpoint in args.endpoints.split(","):
+        runs = [r for r in results if r.endpoint == endpoint]
+        for r in runs[1:]:
+            print(
+                f"/{endpoint}: {r.clients} clients / {runs[0].clients} client: "
+                f"{r.images_per_s / runs[0].images_per_s:.2f}x"
+            )
     if ceiling:
         best = max(ceiling.values())
-        top = max(results, key=lambda r: r.images_per_s)
+        embeds = [r for r in results if r.endpoint == "embed"] or results
+        top = max(embeds, key=lambda r: r.images_per_s)
         print(
-            f"service at {top.clients} clients / in-process ceiling: {top.images_per_s / best:.2f}"
+            f"/{top.endpoint} at {top.clients} clients / in-process ceiling: "
+            f"{top.images_per_s / best:.2f}"
         )
     if args.json:
         args.json.write_text(

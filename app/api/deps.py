@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.analysis.service import AnalysisService
 from app.config import Settings
 from app.errors import NotReady, UnsupportedMediaType
 from app.inference.service import EmbeddingService
@@ -23,7 +24,15 @@ def get_service(request: Request) -> EmbeddingService:
     return service
 
 
+def get_analysis(request: Request) -> AnalysisService:
+    analysis: AnalysisService | None = getattr(request.app.state, "analysis", None)
+    if analysis is None:
+        raise NotReady("the model is not loaded yet; retry once /ready answers 200")
+    return analysis
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AnalysisDep = Annotated[AnalysisService, Depends(get_analysis)]
 ServiceDep = Annotated[EmbeddingService, Depends(get_service)]
 
 

@@ -141,3 +141,39 @@ class InfoResponse(BaseModel):
 
 class StatusResponse(BaseModel):
     status: str = Field(..., examples=["ok"])
+
+
+class AnalyzeJSONRequest(_Strict):
+    image: str = Field(
+        ...,
+        description="Base64 of one person crop (JPEG, PNG, WebP, BMP, GIF, TIFF).",
+        examples=[_EXAMPLE_IMAGE],
+    )
+    include_embedding: bool = Field(
+        False, description="Also return the crop's embedding (one more image in the forward pass)."
+    )
+
+
+class ColorShareModel(BaseModel):
+    name: str = Field(..., description="One of the 11 basic colour terms.", examples=["blue"])
+    rgb: str = Field(..., description="Mean colour of this share, #rrggbb.", examples=["#2a4f9c"])
+    fraction: float = Field(
+        ..., description="Share of the region's garment pixels, 0 to 1.", examples=[0.71]
+    )
+
+
+class Garment(BaseModel):
+    type: str = Field(..., description="Garment label from the vocabulary.", examples=["t-shirt"])
+    type_score: float = Field(
+        ..., description="Zero-shot probability of `type` among the labels.", examples=[0.62]
+    )
+    color: str = Field(..., description="Dominant colour name.", examples=["blue"])
+    colors: list[ColorShareModel] = Field(..., description="Named colours, largest share first.")
+
+
+class AnalyzeResponse(BaseModel):
+    top: Garment = Field(..., description="Upper-body garment.")
+    bottom: Garment = Field(..., description="Lower-body garment.")
+    embedding: str | None = Field(
+        None, description=f"The crop's embedding when asked for, else null. {EMBEDDING_DESCRIPTION}"
+    )

@@ -131,8 +131,14 @@ class ClipImageEncoder:
         info: EncoderInfo,
         device: torch.device,
         dtype: torch.dtype,
+        text_model: Any = None,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None,
+        logit_scale: float = 100.0,
     ) -> None:
         self._visual = visual
+        self._text_model = text_model
+        self._tokenizer = tokenizer
+        self.logit_scale = logit_scale
         self._preprocess = preprocess
         self._split = SplitPreprocess.from_transform(preprocess)
         self._device = device
@@ -146,9 +152,9 @@ class ClipImageEncoder:
         precision = pick_precision(settings.precision, device)
         source = resolve_model_source(settings.model, settings.pretrained)
         model, preprocess = _build(source, settings.resize_mode, device)
+        model.eval().requires_grad_(False)
         visual: torch.nn.Module = model.visual  # type: ignore[assignment]
-        del model  # the text tower is not needed to embed images
-        visual.eval().requires_grad_(False)
+        logit_scale = float(model.logit_scale.exp().item())  # type: ignore[operator]
         dtype = torch.float32
         if precision == Precision.FP16:
             dtype = torch.float16
@@ -184,7 +190,26 @@ class ClipImageEncoder:
             info.dim,
             time.perf_counter() - started,
         )
-        return cls(visual, preprocess, info, device, dtype)
+        tokenizer = open_clip.get_tokenizer(source.model_name)
+        return cls(visual, preprocess, info, device, dtype, model, tokenizer, logit_scale)
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """L2-normalised text embeddings, for zero-shot labels at startup. Runs the text
+        tower on the CPU in fp32: it is used once, and then released."""
+        if self._text_model is None or self._tokenizer is None:
+            raise RuntimeError("the text tower was released; embed texts before that")
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 64):
+                tokens = self._tokenizer(list(texts[start : start + 64]))
+                features = self._text_model.encode_text(tokens).float()
+                rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
+        return np.concatenate(rows).astype(np.float32)
+
+    def release_text_tower(self) -> None:
+        """Drop the text tower (about a third of the weights) once labels are embedded."""
+        self._text_model = None
+        self._tokenizer = None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()

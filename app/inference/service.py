@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,6 +37,13 @@ class ImageEncoder(Protocol):
     def encode(self, batch: Sequence[Any]) -> npt.NDArray[np.float32]: ...
 
     def warm_up(self) -> None: ...
+
+    @property
+    def logit_scale(self) -> float: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
+
+    def release_text_tower(self) -> None: ...
 
 
 def default_decode_workers() -> int:
@@ -75,18 +83,26 @@ class EmbeddingService:
 
         `locations` name each image for error messages (`image`, `images[2]`).
         """
-        tensors = await self.prepare(images, locations)
-        rows = await self.batcher.submit(tensors, timeout_s=self.settings.request_timeout_s)
+        return await self.forward(await self.prepare(images, locations))
+
+    async def forward(self, model_inputs: Sequence[Any]) -> npt.NDArray[np.float32]:
+        """Prepared model inputs through the shared batcher; one row each, in order."""
+        rows = await self.batcher.submit(model_inputs, timeout_s=self.settings.request_timeout_s)
         return np.stack(rows)
 
-    async def prepare(self, images: Sequence[bytes], locations: Sequence[str]) -> list[Any]:
-        """Decode and preprocess all images in parallel; the first bad one fails the lot."""
+    async def prepare(
+        self,
+        images: Sequence[bytes],
+        locations: Sequence[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> list[Any]:
+        """Decode each image and apply `transform` (default: the model's preprocessing)
+        in the decode threads, in parallel; the first bad image fails the lot."""
         loop = asyncio.get_running_loop()
+        work = partial(self._prepare_one, transform=transform or self.encoder.preprocess)
         self._preparing += 1
         try:
-            jobs = [
-                loop.run_in_executor(self._decode_pool, self._prepare_one, data) for data in images
-            ]
+            jobs = [loop.run_in_executor(self._decode_pool, work, data) for data in images]
             outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             self._preparing -= 1
@@ -102,10 +118,12 @@ class EmbeddingService:
             raise located
         return list(outcomes)
 
-    def _prepare_one(self, data: bytes) -> Any:
+    def _prepare_one(self, data: bytes, transform: Callable[[Image.Image], Any]) -> Any:
         image = decode_image(data, max_pixels=self.settings.max_image_pixels)
         try:
-            return self.encoder.preprocess(image)
+            return transform(image)
+        except ServiceError:
+            raise
         except Exception:
             # A decoded image the transform cannot take is still the client's picture:
             # answer 400 rather than 500, and keep the traceback for us.

@@ -37,6 +37,9 @@ class CountingEncoder:
     def warm_up(self) -> None:
         self.inner.warm_up()
 
+    def __getattr__(self, name: str) -> Any:  # text tower and the rest: the real thing
+        return getattr(self.inner, name)
+
 
 async def test_concurrent_requests_share_forward_passes(
     tiny_settings: Callable[..., Settings],

@@ -1,0 +1,1 @@
+"""The outfit descriptor: body regions, named garment colours, garment types."""

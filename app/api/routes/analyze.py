@@ -1,0 +1,65 @@
+"""POST /analyze: the outfit descriptor of one person crop."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.analysis.analyzer import GarmentDescription
+from app.api.deps import AnalysisDep, SettingsDep
+from app.api.errors import error_responses
+from app.api.inputs import image_request_body, read_images
+from app.api.schemas import AnalyzeJSONRequest, AnalyzeResponse, ColorShareModel, Garment
+from app.codec import encode_embedding
+
+router = APIRouter(tags=["analysis"])
+
+_INCLUDE_EMBEDDING = {
+    "include_embedding": {
+        "type": "boolean",
+        "default": False,
+        "description": "Also return the crop's embedding.",
+    }
+}
+
+
+@router.post(
+    "/analyze",
+    response_model=AnalyzeResponse,
+    summary="Describe a person's outfit",
+    description="Upper and lower garment: type by CLIP zero-shot, dominant colour and "
+    "named colour shares. Input as /embed, plus `include_embedding`. Costs two images in "
+    "the shared forward pass (three with the embedding).",
+    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500),
+    openapi_extra=image_request_body(
+        "image", many=False, json_model=AnalyzeJSONRequest, extra=_INCLUDE_EMBEDDING
+    ),
+)
+async def analyze(
+    request: Request, analysis: AnalysisDep, settings: SettingsDep
+) -> AnalyzeResponse:
+    payload = await read_images(
+        request,
+        settings,
+        field_name="image",
+        many=False,
+        json_model=AnalyzeJSONRequest,
+        options={"include_embedding": bool},
+    )
+    include = bool(payload.options.get("include_embedding", False))
+    outfit = await analysis.analyze(payload.images[0], payload.locations[0], include)
+    return AnalyzeResponse(
+        top=_garment(outfit.top),
+        bottom=_garment(outfit.bottom),
+        embedding=None if outfit.embedding is None else encode_embedding(outfit.embedding),
+    )
+
+
+def _garment(description: GarmentDescription) -> Garment:
+    return Garment(
+        type=description.type,
+        type_score=description.type_score,
+        color=description.color,
+        colors=[
+            ColorShareModel(name=c.name, rgb=c.rgb, fraction=c.fraction) for c in description.colors
+        ],
+    )

@@ -1,0 +1,121 @@
+"""Synthetic person crops with known garment colours, for the colour-naming test.
+
+Ground truth comes from CSS/X11 named colours grouped under the 11 basic terms, a
+palette independent of the service's own prototypes. Each crop has a head, torso, arms,
+legs with a gap and shoes on a random background (solid, gradient or blotchy), under
+uneven lighting, with cloth folds, sensor noise and JPEG compression.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE: dict[str, list[tuple[int, int, int]]] = {
+    "black": [(0, 0, 0), (20, 20, 20), (30, 28, 32)],
+    "white": [(255, 255, 255), (245, 245, 245), (255, 250, 250), (248, 248, 255), (240, 240, 236)],
+    "gray": [(128, 128, 128), (105, 105, 105), (150, 150, 150), (112, 128, 144), (119, 125, 133)],
+    "red": [(255, 0, 0), (139, 0, 0), (178, 34, 34), (220, 20, 60), (200, 16, 46)],
+    "orange": [(255, 165, 0), (255, 140, 0), (240, 120, 20), (255, 117, 24)],
+    "yellow": [(255, 255, 0), (255, 215, 0), (240, 230, 80), (250, 218, 50)],
+    "green": [(0, 128, 0), (0, 100, 0), (34, 139, 34), (46, 139, 87), (107, 142, 35),
+              (50, 205, 50)],
+    "blue": [(0, 0, 255), (0, 0, 128), (0, 0, 139), (65, 105, 225), (70, 130, 180),
+             (30, 144, 255), (25, 25, 112), (100, 149, 237)],
+    "purple": [(128, 0, 128), (75, 0, 130), (148, 0, 211), (102, 51, 153), (147, 112, 219),
+               (139, 0, 139)],
+    "pink": [(255, 192, 203), (255, 105, 180), (255, 20, 147), (255, 182, 193), (219, 112, 147)],
+    "brown": [(139, 69, 19), (160, 82, 45), (101, 67, 33), (120, 80, 40), (92, 64, 51)],
+}  # fmt: skip
+
+SKIN = [(255, 224, 196), (234, 192, 160), (198, 134, 96), (141, 85, 54), (90, 56, 37)]
+HAIR = [(20, 15, 10), (60, 40, 20), (120, 90, 50), (200, 170, 110), (90, 90, 90)]
+
+
+@dataclass(frozen=True)
+class SyntheticPerson:
+    jpeg: bytes
+    top: str
+    bottom: str
+
+
+def make_person(rng: np.random.Generator) -> SyntheticPerson:
+    names = list(PALETTE)
+    top, bottom = str(rng.choice(names)), str(rng.choice(names))
+    top_rgb = PALETTE[top][rng.integers(len(PALETTE[top]))]
+    bottom_rgb = PALETTE[bottom][rng.integers(len(PALETTE[bottom]))]
+    width = int(rng.integers(64, 161))
+    height = int(width * rng.uniform(2.0, 3.0))
+
+    canvas = Image.fromarray(_background(rng, width, height))
+    draw = ImageDraw.Draw(canvas)
+    skin = SKIN[rng.integers(len(SKIN))]
+    centre = width * rng.uniform(0.45, 0.55)
+    shoulder = width * rng.uniform(0.22, 0.3)  # half width of the torso
+    y = lambda f: height * f  # noqa: E731 - fractions of height read best inline
+
+    # head and hair
+    head_w = shoulder * 0.7
+    draw.ellipse([centre - head_w, y(0.03), centre + head_w, y(0.15)], fill=skin)
+    draw.chord(
+        [centre - head_w, y(0.02), centre + head_w, y(0.1)],
+        180,
+        360,
+        fill=HAIR[rng.integers(len(HAIR))],
+    )
+    # arms: sleeves in the top's colour, hands or forearms in skin
+    sleeve = rng.uniform(0.25, 1.0)
+    arm_w = shoulder * 0.35
+    for side in (-1, 1):
+        x0 = centre + side * shoulder
+        x1 = x0 + side * arm_w
+        box = [min(x0, x1), y(0.17), max(x0, x1)]
+        draw.rectangle([*box[:2], box[2], y(0.17 + 0.33 * sleeve)], fill=top_rgb)
+        draw.rectangle([box[0], y(0.17 + 0.33 * sleeve), box[2], y(0.52)], fill=skin)
+    # torso
+    draw.polygon([(centre - shoulder, y(0.16)), (centre + shoulder, y(0.16)),
+                  (centre + shoulder * 0.9, y(0.53)), (centre - shoulder * 0.9, y(0.53))],
+                 fill=top_rgb)  # fmt: skip
+    # legs with a gap, and shoes
+    leg_w = shoulder * 0.8
+    gap = shoulder * rng.uniform(0.05, 0.3)
+    for side in (-1, 1):
+        inner = centre + side * gap / 2
+        outer = inner + side * leg_w
+        draw.rectangle([min(inner, outer), y(0.52), max(inner, outer), y(0.93)], fill=bottom_rgb)
+        draw.rectangle([min(inner, outer), y(0.93), max(inner, outer), y(0.98)], fill=(25, 25, 25))
+    draw.rectangle(
+        [centre - shoulder * 0.9, y(0.51), centre + shoulder * 0.9, y(0.6)], fill=bottom_rgb
+    )  # hips
+
+    pixels = np.asarray(canvas, dtype=np.float64)
+    pixels *= _lighting(rng, width, height)[..., None]
+    pixels += rng.normal(0, rng.uniform(2, 8), pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(rng.integers(60, 96)))
+    return SyntheticPerson(buffer.getvalue(), top, bottom)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    kind = rng.integers(3)
+    first, second = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    if kind == 0:
+        return np.broadcast_to(first, (height, width, 3)).astype(np.uint8)
+    if kind == 1:
+        t = np.linspace(0, 1, height)[:, None, None]
+        return np.broadcast_to(first * (1 - t) + second * t, (height, width, 3)).astype(np.uint8)
+    blotches = rng.integers(0, 256, (6, 3, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(blotches).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _lighting(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Uneven light (0.8-1.1) with cloth folds: a lit side, a darker bottom, ripples."""
+    x = np.linspace(-1, 1, width)[None, :]
+    yy = np.linspace(0, 1, height)[:, None]
+    light = 0.95 + rng.uniform(-0.1, 0.1) * x - rng.uniform(0, 0.1) * yy
+    folds = 0.04 * np.sin(x * rng.uniform(8, 20) + yy * rng.uniform(5, 15))
+    return np.clip(light + folds, 0.8, 1.1)
