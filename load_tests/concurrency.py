@@ -87,6 +87,7 @@ async def run_load(
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return LoadResult(
+        endpoint=endpoint,
         clients=clients,
         requests=len(latencies),
         errors=errors,

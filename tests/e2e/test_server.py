@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from app.codec import decode_embedding
+from load_tests.concurrency import make_crops, run_load
 from tests.helpers import noise_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -105,6 +106,20 @@ def test_concurrent_clients_are_all_answered(server: tuple[str, subprocess.Popen
             return [r.status_code for r in responses]
 
     assert asyncio.run(run()) == [200] * 24
+
+
+@pytest.mark.parametrize("endpoint", ["embed", "analyze"])
+def test_the_load_generator_drives_the_service(
+    server: tuple[str, subprocess.Popen[str]], endpoint: str
+) -> None:
+    url, _ = server
+    result = asyncio.run(
+        run_load(url, clients=2, seconds=1.0, crops=make_crops(4), endpoint=endpoint)
+    )
+    assert result.endpoint == endpoint
+    assert result.requests > 0
+    assert result.errors == 0
+    assert result.p50_ms <= result.p95_ms <= result.p99_ms
 
 
 def test_sigterm_shuts_down_cleanly(server: tuple[str, subprocess.Popen[str]]) -> None:
