@@ -6,7 +6,7 @@ MODEL_DIR ?= models/vit-b-32-random
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install run test lint typecheck random-model bench-concurrency clean
+.PHONY: install run test lint random-model bench bench-concurrency clean
 
 $(VENV)/.installed: pyproject.toml requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,11 @@ lint: install
 random-model: install  ## random-weight ViT-B-32 for offline runs and benchmarks
 	$(PY) -m app.tools.random_model $(MODEL_DIR)
 
-bench-concurrency: install  ## 1 vs 16 concurrent clients against a live service
-	$(PY) -m load_tests.concurrency --model-dir $(MODEL_DIR) --clients 1,16
+bench-concurrency: install  ## 1 vs 16 clients on /embed and /embed/batch, against the in-process ceiling
+	$(PY) -m load_tests.concurrency --model-dir $(MODEL_DIR) --clients 1,16 --endpoints embed,batch
+
+bench: install  ## in-process benchmark per precision: JSON, Markdown and a plot in bench-results/
+	$(PY) -m app.bench --model local-dir:$(MODEL_DIR) --precisions fp32,bf16,int8 --out bench-results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -55,29 +55,40 @@ def make_crops(count: int, size: tuple[int, int] = (128, 256)) -> list[bytes]:
 
 
 async def run_load(
-    url: str, clients: int, seconds: float, crops: list[bytes], endpoint: str = "embed"
+    url: str,
+    clients: int,
+    seconds: float,
+    crops: list[bytes],
+    endpoint: str = "embed",
+    batch_images: int = 32,
 ) -> LoadResult:
+    """`endpoint` is embed, analyze (one crop per request) or batch (/embed/batch with
+    `batch_images` crops per request). Throughput counts crops."""
     latencies: list[float] = []
     errors = 0
+    per_request = batch_images if endpoint == "batch" else 1
     deadline = time.perf_counter() + seconds
 
     async def client_loop(worker: int, client: httpx.AsyncClient) -> None:
         nonlocal errors
         index = worker
         while time.perf_counter() < deadline:
-            crop = crops[index % len(crops)]
+            chosen = [crops[(index + i) % len(crops)] for i in range(per_request)]
             index += clients
             started = time.perf_counter()
-            response = await client.post(
-                f"/{endpoint}", files={"image": ("crop.jpg", crop, "image/jpeg")}
-            )
+            if endpoint == "batch":
+                files = [("images", (f"{i}.jpg", c, "image/jpeg")) for i, c in enumerate(chosen)]
+                response = await client.post("/embed/batch", files=files)
+            else:
+                image = {"image": ("crop.jpg", chosen[0], "image/jpeg")}
+                response = await client.post(f"/{endpoint}", files=image)
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - started)
             else:
                 errors += 1
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(w, client) for w in range(clients)))
         elapsed = time.perf_counter() - began
@@ -92,19 +103,32 @@ async def run_load(
         requests=len(latencies),
         errors=errors,
         seconds=elapsed,
-        images_per_s=len(latencies) / elapsed,
+        images_per_s=len(latencies) * per_request / elapsed,
         p50_ms=1000 * statistics.median(ordered),
         p95_ms=percentile(0.95),
         p99_ms=percentile(0.99),
     )
 
 
-def in_process_ceiling(model_dir: str, batch_sizes: list[int], seconds: float) -> dict[int, float]:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process, from /proc (Linux)."""
+    fields = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def in_process_ceiling(
+    model_dir: str, batch_sizes: list[int], seconds: float, precision: str
+) -> dict[int, float]:
     """Images/s of the bare forward pass (no HTTP, no decode) at each batch size."""
     from app.config import Settings
     from app.inference.model import ClipImageEncoder
 
-    encoder = ClipImageEncoder.load(Settings(model=f"local-dir:{model_dir}"))
+    settings = Settings(model=f"local-dir:{model_dir}", precision=precision, warmup=False)
+    encoder = ClipImageEncoder.load(settings)
     tensor = encoder.preprocess(Image.open(io.BytesIO(make_crops(1)[0])).convert("RGB"))
     rates = {}
     for size in batch_sizes:
@@ -143,23 +167,33 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--url", help="drive a running service")
     target.add_argument("--model-dir", help="start the service on this local-dir model")
     parser.add_argument("--clients", default="1,16", help="comma-separated client counts")
-    parser.add_argument("--endpoints", default="embed", help="comma-separated: embed, analyze")
+    parser.add_argument(
+        "--endpoints", default="embed", help="comma-separated: embed, batch, analyze"
+    )
+    parser.add_argument("--batch-images", type=int, default=32, help="crops per /embed/batch")
+    parser.add_argument("--precision", default="fp32", help="CLIP_PRECISION of service and ceiling")
     parser.add_argument("--seconds", type=float, default=20.0, help="per client count")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
+    endpoints = args.endpoints.split(",")
     crops = make_crops(64)
 
     ceiling: dict[int, float] = {}
     if args.model_dir and not args.no_ceiling:
-        ceiling = in_process_ceiling(args.model_dir, [1, 8, 16, 32], seconds=min(args.seconds, 8))
-        print("in-process forward (no HTTP, no decode):")
+        sizes = sorted({1, 8, 16, 32, args.batch_images})
+        ceiling = in_process_ceiling(args.model_dir, sizes, min(args.seconds, 8), args.precision)
+        print(f"in-process forward, {args.precision} (no HTTP, no decode):")
         for size, rate in ceiling.items():
             print(f"  batch {size:>2}: {rate:7.1f} img/s")
 
-    server = start_server(args.model_dir, args.port, {}) if args.model_dir else None
+    server = None
+    memory: dict[str, float] = {}
+    if args.model_dir:
+        server = start_server(args.model_dir, args.port, {"CLIP_PRECISION": args.precision})
+        memory["startup_peak_mb"] = memory_mb(server.pid)[1]
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         info = httpx.get(f"{url}/info", timeout=10).json()
@@ -169,11 +203,14 @@ def main(argv: list[str] | None = None) -> None:
             f"wait {info['batcher']['max_wait_ms']} ms"
         )
         results: list[LoadResult] = []
-        for endpoint in args.endpoints.split(","):
-            asyncio.run(run_load(url, max(counts), 3.0, crops, endpoint))  # warm-up
-            results += [
-                asyncio.run(run_load(url, c, args.seconds, crops, endpoint)) for c in counts
-            ]
+        for endpoint in endpoints:
+            warm = run_load(url, max(counts), 3.0, crops, endpoint, args.batch_images)
+            asyncio.run(warm)
+            for count in counts:
+                load = run_load(url, count, args.seconds, crops, endpoint, args.batch_images)
+                results.append(asyncio.run(load))
+        if server is not None:
+            memory["steady_mb"], memory["peak_mb"] = memory_mb(server.pid)
     finally:
         if server is not None:
             server.terminate()
@@ -182,29 +219,41 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| endpoint | clients | requests | errors | crops/s | p50 ms | p95 ms | p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        name = f"/embed/batch x{args.batch_images}" if r.endpoint == "batch" else f"/{r.endpoint}"
         print(
-            f"| /{r.endpoint} | {r.clients} | {r.requests} | {r.errors} | {r.images_per_s:.1f} | "
+            f"| {name} | {r.clients} | {r.requests} | {r.errors} | {r.images_per_s:.1f} | "
             f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} |"
         )
-    for endpoint in args.endpoints.split(","):
+    for endpoint in endpoints:
         runs = [r for r in results if r.endpoint == endpoint]
         for r in runs[1:]:
             print(
-                f"/{endpoint}: {r.clients} clients / {runs[0].clients} client: "
+                f"{endpoint}: {r.clients} clients / {runs[0].clients} client: "
                 f"{r.images_per_s / runs[0].images_per_s:.2f}x"
             )
-    if ceiling:
-        best = max(ceiling.values())
-        embeds = [r for r in results if r.endpoint == "embed"] or results
-        top = max(embeds, key=lambda r: r.images_per_s)
+        if ceiling and endpoint != "analyze":
+            best = max(runs, key=lambda r: r.images_per_s)
+            top = max(ceiling.values())
+            print(
+                f"{endpoint} at {best.clients} clients / in-process ceiling "
+                f"({top:.1f} img/s): {best.images_per_s / top:.2f}"
+            )
+        if ceiling and endpoint == "embed" and 1 in ceiling:
+            single = next((r for r in runs if r.clients == 1), None)
+            if single is not None:
+                print(
+                    f"embed p50 with 1 client: {single.p50_ms:.1f} ms against the in-process "
+                    f"batch-1 forward {1000 / ceiling[1]:.1f} ms "
+                    f"(+{single.p50_ms - 1000 / ceiling[1]:.1f} ms)"
+                )
+    if memory:
         print(
-            f"/{top.endpoint} at {top.clients} clients / in-process ceiling: "
-            f"{top.images_per_s / best:.2f}"
+            "service memory: startup peak {startup_peak_mb:.0f} MB, steady {steady_mb:.0f} MB, "
+            "peak overall {peak_mb:.0f} MB".format(**memory)
         )
     if args.json:
-        args.json.write_text(
-            json.dumps({"ceiling": ceiling, "results": [asdict(r) for r in results]}, indent=2)
-        )
+        document = {"ceiling": ceiling, "memory": memory, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(document, indent=2))
 
 
 if __name__ == "__main__":

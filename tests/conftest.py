@@ -22,6 +22,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vit_b_32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full ViT-B-32 architecture with random weights: the real FLOPs and shapes."""
+    return write_random_model(tmp_path_factory.mktemp("vit-b-32"), arch="ViT-B-32", seed=7)
+
+
+@pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {

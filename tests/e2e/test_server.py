@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.codec import decode_embedding
-from load_tests.concurrency import make_crops, run_load
+from load_tests.concurrency import make_crops, memory_mb, run_load
 from tests.helpers import noise_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -108,18 +108,27 @@ def test_concurrent_clients_are_all_answered(server: tuple[str, subprocess.Popen
     assert asyncio.run(run()) == [200] * 24
 
 
-@pytest.mark.parametrize("endpoint", ["embed", "analyze"])
+@pytest.mark.parametrize("endpoint", ["embed", "batch", "analyze"])
 def test_the_load_generator_drives_the_service(
     server: tuple[str, subprocess.Popen[str]], endpoint: str
 ) -> None:
     url, _ = server
-    result = asyncio.run(
-        run_load(url, clients=2, seconds=1.0, crops=make_crops(4), endpoint=endpoint)
+    load = run_load(
+        url, clients=2, seconds=1.0, crops=make_crops(4), endpoint=endpoint, batch_images=3
     )
+    result = asyncio.run(load)
     assert result.endpoint == endpoint
     assert result.requests > 0
     assert result.errors == 0
     assert result.p50_ms <= result.p95_ms <= result.p99_ms
+    if endpoint == "batch":  # three crops a request
+        assert result.images_per_s == pytest.approx(3 * result.requests / result.seconds)
+
+
+def test_memory_of_the_server_can_be_read(server: tuple[str, subprocess.Popen[str]]) -> None:
+    _, process = server
+    resident, peak = memory_mb(process.pid)
+    assert 50 < resident <= peak
 
 
 def test_sigterm_shuts_down_cleanly(server: tuple[str, subprocess.Popen[str]]) -> None:

@@ -20,10 +20,10 @@ from app.codec import decode_embedding
 from app.config import Settings
 from app.inference.model import ClipImageEncoder
 from app.main import create_app
+from app.tools.synthetic_people import make_person
 from tests.conftest import serve
 from tests.helpers import image_bytes, noise_jpeg
 from tests.integration.test_batching import CountingEncoder
-from tests.synthetic_people import make_person
 
 VOCABULARY = Vocabulary.load()
 

@@ -13,7 +13,6 @@ from PIL import Image
 
 from app.codec import decode_embedding
 from app.config import Settings
-from app.tools.random_model import write_random_model
 from tests.conftest import serve
 from tests.helpers import cosine, noise_jpeg
 
@@ -27,12 +26,6 @@ def reference_embedding(model_dir: Path, image_path: Path) -> np.ndarray:
         features = model.encode_image(image)
         features /= features.norm(dim=-1, keepdim=True)
     return features[0].numpy()
-
-
-@pytest.fixture(scope="module")
-def vit_b_32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The full ViT-B-32 architecture with random weights: the real FLOPs and shapes."""
-    return write_random_model(tmp_path_factory.mktemp("vit-b-32"), arch="ViT-B-32", seed=7)
 
 
 async def check_parity(settings: Settings, model_dir: Path, crop: Path, dim: int) -> None:

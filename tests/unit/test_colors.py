@@ -11,7 +11,7 @@ from PIL import Image
 from app.analysis.analyzer import garment_colors
 from app.analysis.colors import BASIC_COLORS, dominant_colors, name_rgb, weighted_kmeans
 from app.analysis.regions import DEFAULT_BOUNDS
-from tests.synthetic_people import make_person
+from app.tools.synthetic_people import make_person
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_kmeans_is_reproducible() -> None:
 
 
 def test_synthetic_people_colours_are_named_right_95_percent_of_the_time() -> None:
-    """300 crops (600 garments) of tests/synthetic_people.py: CSS-named garment colours,
+    """300 crops (600 garments) of app/tools/synthetic_people.py: CSS-named garment colours,
     random backgrounds, uneven light, folds, noise, JPEG quality 60-95."""
     rng = np.random.default_rng(2026)
     right = total = 0

@@ -1,4 +1,5 @@
-"""Synthetic person crops with known garment colours, for the colour-naming test.
+"""Synthetic person crops with known garment colours: the colour-naming test's data and
+the benchmark's similar/different-outfit pairs.
 
 Ground truth comes from CSS/X11 named colours grouped under the 11 basic terms, a
 palette independent of the service's own prototypes. Each crop has a head, torso, arms,
@@ -42,11 +43,13 @@ class SyntheticPerson:
     bottom: str
 
 
-def make_person(rng: np.random.Generator) -> SyntheticPerson:
-    names = list(PALETTE)
-    top, bottom = str(rng.choice(names)), str(rng.choice(names))
-    top_rgb = PALETTE[top][rng.integers(len(PALETTE[top]))]
-    bottom_rgb = PALETTE[bottom][rng.integers(len(PALETTE[bottom]))]
+def make_person(
+    rng: np.random.Generator,
+    outfit: tuple[tuple[str, tuple[int, int, int]], tuple[str, tuple[int, int, int]]] | None = None,
+) -> SyntheticPerson:
+    """A random person; `outfit` ((top name, rgb), (bottom name, rgb)) fixes the clothes,
+    so that two calls give the same outfit seen in another scene."""
+    (top, top_rgb), (bottom, bottom_rgb) = outfit or (random_garment(rng), random_garment(rng))
     width = int(rng.integers(64, 161))
     height = int(width * rng.uniform(2.0, 3.0))
 
@@ -55,7 +58,9 @@ def make_person(rng: np.random.Generator) -> SyntheticPerson:
     skin = SKIN[rng.integers(len(SKIN))]
     centre = width * rng.uniform(0.45, 0.55)
     shoulder = width * rng.uniform(0.22, 0.3)  # half width of the torso
-    y = lambda f: height * f  # noqa: E731 - fractions of height read best inline
+
+    def y(fraction: float) -> float:  # positions read best as fractions of height
+        return height * fraction
 
     # head and hair
     head_w = shoulder * 0.7
@@ -98,6 +103,11 @@ def make_person(rng: np.random.Generator) -> SyntheticPerson:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=int(rng.integers(60, 96)))
     return SyntheticPerson(buffer.getvalue(), top, bottom)
+
+
+def random_garment(rng: np.random.Generator) -> tuple[str, tuple[int, int, int]]:
+    name = str(rng.choice(list(PALETTE)))
+    return name, PALETTE[name][rng.integers(len(PALETTE[name]))]
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:

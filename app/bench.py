@@ -1,0 +1,266 @@
+"""In-process benchmark of the embedding pipeline, per precision.
+
+    python -m app.bench --model local-dir:models/vit-b-32-random --precisions fp32,int8
+
+Reports, for each precision: single-image latency, images/s by batch size, validity
+(NaN/inf count, largest |norm - 1|), parity with fp32 (cosine), and discriminability
+(mean cosine of same-outfit pairs against different-outfit pairs of synthetic people);
+plus the codec's serialisation cost. Writes result.json, result.md and throughput.png
+to --out. Every measurement is time-boxed, so a run's length is predictable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from app.codec import decode_embedding, encode_embedding
+from app.config import Precision, Settings
+from app.inference.decode import decode_image
+from app.inference.model import ClipImageEncoder
+from app.tools.synthetic_people import make_person, random_garment
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    device: str
+    latency_ms_p50: float
+    latency_ms_p95: float
+    images_per_s: dict[int, float]
+    nan_or_inf: int
+    max_norm_error: float
+    cosine_to_fp32_min: float | None = None
+    cosine_to_fp32_mean: float | None = None
+    same_outfit_cosine: float = 0.0
+    different_outfit_cosine: float = 0.0
+    discriminability_gap: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    model: str
+    machine: str
+    torch: str
+    threads: int
+    codec_encode_us: float
+    codec_decode_us: float
+    decode_ms: float
+    precisions: list[PrecisionResult] = field(default_factory=list)
+
+
+def timed_runs(work: Callable[[], object], seconds: float, minimum: int = 3) -> list[float]:
+    """Run `work` repeatedly for about `seconds` (at least `minimum` times)."""
+    work()  # warm-up: first calls pay for allocations and kernel selection
+    durations: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(durations) < minimum or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        work()
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def outfit_pairs(count: int, seed: int = 0) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """Anchors, the same outfit in another scene, and a different outfit."""
+    rng = np.random.default_rng(seed)
+    anchors, same, different = [], [], []
+    for _ in range(count):
+        outfit = (random_garment(rng), random_garment(rng))
+        other = (random_garment(rng), random_garment(rng))
+        while other[0][0] == outfit[0][0] and other[1][0] == outfit[1][0]:
+            other = (random_garment(rng), random_garment(rng))
+        anchors.append(make_person(rng, outfit).jpeg)
+        same.append(make_person(rng, outfit).jpeg)
+        different.append(make_person(rng, other).jpeg)
+    return anchors, same, different
+
+
+def bench_precision(
+    settings: Settings,
+    batch_sizes: list[int],
+    seconds: float,
+    crops: list[bytes],
+    pairs: tuple[list[bytes], list[bytes], list[bytes]],
+    reference: npt.NDArray[np.float64] | None,
+) -> tuple[PrecisionResult, npt.NDArray[np.float32]]:
+    encoder = ClipImageEncoder.load(settings)
+    encoder.release_text_tower()
+
+    def inputs(files: list[bytes]) -> list[Any]:
+        return [
+            encoder.preprocess(decode_image(f, max_pixels=settings.max_image_pixels)) for f in files
+        ]
+
+    tensors = inputs(crops)
+    single = timed_runs(lambda: encoder.encode(tensors[:1]), seconds)
+    rates = {}
+    for size in tqdm(batch_sizes, desc=f"{encoder.info.precision} batches", leave=False):
+        batch = [tensors[i % len(tensors)] for i in range(size)]
+        runs = timed_runs(lambda batch=batch: encoder.encode(batch), seconds)  # type: ignore[misc]
+        rates[size] = size / statistics.median(runs)
+
+    embeddings = encoder.encode(tensors)
+    anchors, same, different = (encoder.encode(inputs(files)) for files in pairs)
+    result = PrecisionResult(
+        precision=encoder.info.precision,
+        device=encoder.info.device,
+        latency_ms_p50=1000 * statistics.median(single),
+        latency_ms_p95=1000 * float(np.percentile(single, 95)),
+        images_per_s=rates,
+        nan_or_inf=int((~np.isfinite(embeddings)).sum()),
+        max_norm_error=float(np.abs(np.linalg.norm(embeddings, axis=1) - 1).max()),
+        same_outfit_cosine=float(np.mean(np.sum(anchors * same, axis=1))),
+        different_outfit_cosine=float(np.mean(np.sum(anchors * different, axis=1))),
+    )
+    result.discriminability_gap = result.same_outfit_cosine - result.different_outfit_cosine
+    if reference is not None:
+        cosines = np.sum(embeddings.astype(np.float64) * reference, axis=1)
+        result.cosine_to_fp32_min = float(cosines.min())
+        result.cosine_to_fp32_mean = float(cosines.mean())
+    return result, embeddings
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def codec_costs(dim: int, count: int = 5000) -> tuple[float, float]:
+    vectors = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
+    started = time.perf_counter()
+    texts = [encode_embedding(v) for v in vectors]
+    encoded = time.perf_counter() - started
+    started = time.perf_counter()
+    for text in texts:
+        decode_embedding(text)
+    decoded = time.perf_counter() - started
+    return 1e6 * encoded / count, 1e6 * decoded / count
+
+
+def markdown(result: BenchResult) -> str:
+    sizes = sorted({s for p in result.precisions for s in p.images_per_s})
+    lines = [
+        f"# Benchmark: {result.model}",
+        "",
+        f"{result.machine}; torch {result.torch}, {result.threads} threads.",
+        f"Codec: {result.codec_encode_us:.1f} us to encode, {result.codec_decode_us:.1f} us to "
+        f"decode one embedding. Decoding a JPEG crop: {result.decode_ms:.2f} ms.",
+        "",
+        "| precision | device | batch-1 p50 ms | "
+        + " | ".join(f"img/s @{s}" for s in sizes)
+        + " | cosine to fp32 (min) | NaN/inf | max norm err | same / different outfit |",
+        "|---|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---|",
+    ]
+    for p in result.precisions:
+        rates = " | ".join(f"{p.images_per_s.get(s, float('nan')):.1f}" for s in sizes)
+        parity = "-" if p.cosine_to_fp32_min is None else f"{p.cosine_to_fp32_min:.6f}"
+        lines.append(
+            f"| {p.precision} | {p.device} | {p.latency_ms_p50:.1f} | {rates} | {parity} | "
+            f"{p.nan_or_inf} | {p.max_norm_error:.1e} | "
+            f"{p.same_outfit_cosine:.3f} / {p.different_outfit_cosine:.3f} "
+            f"(gap {p.discriminability_gap:+.3f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for p in result.precisions:
+        sizes = sorted(p.images_per_s)
+        axes.plot(sizes, [p.images_per_s[s] for s in sizes], marker="o", label=p.precision)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("images / s")
+    axes.set_title(f"{result.model} on {result.precisions[0].device if result.precisions else '?'}")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    base = Settings(model=args.model, pretrained=args.pretrained, device=args.device, warmup=False)
+    crops = [make_person(np.random.default_rng(i)).jpeg for i in range(16)]
+    pairs = outfit_pairs(args.pairs)
+    started = time.perf_counter()
+    for crop in crops:
+        decode_image(crop, max_pixels=base.max_image_pixels)
+    decode_ms = 1000 * (time.perf_counter() - started) / len(crops)
+
+    precisions = [Precision(p) for p in args.precisions.split(",")]
+    if Precision.FP32 in precisions:  # the reference first, for parity
+        precisions = [Precision.FP32] + [p for p in precisions if p != Precision.FP32]
+    result = BenchResult(
+        model=args.model,
+        machine=cpu_name(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        codec_encode_us=0.0,
+        codec_decode_us=0.0,
+        decode_ms=decode_ms,
+    )
+    reference = None
+    embeddings = np.zeros((0, 0), dtype=np.float32)
+    for precision in tqdm(precisions, desc="precisions"):
+        settings = base.model_copy(update={"precision": precision})
+        measured, embeddings = bench_precision(
+            settings, args.batch_sizes, args.seconds, crops, pairs, reference
+        )
+        if precision == Precision.FP32:
+            reference = embeddings.astype(np.float64)
+        result.precisions.append(measured)
+    result.codec_encode_us, result.codec_decode_us = codec_costs(int(embeddings.shape[1]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-32", help="as CLIP_MODEL")
+    parser.add_argument("--pretrained", default="openai", help="as CLIP_PRETRAINED")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated")
+    parser.add_argument(
+        "--batch-sizes", default="1,2,4,8,16,32", type=lambda t: [int(s) for s in t.split(",")]
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement point")
+    parser.add_argument("--pairs", type=int, default=16, help="outfit pairs for discriminability")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    table = markdown(result)
+    (args.out / "result.md").write_text(table)
+    plot(result, args.out / "throughput.png")
+    print(table)
+    print(f"wrote {args.out}/result.json, result.md, throughput.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

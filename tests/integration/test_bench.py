@@ -1,0 +1,40 @@
+"""The benchmark CLI runs end to end on the tiny model and writes its three reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from app.bench import main
+
+
+def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    main(
+        [
+            "--model", f"local-dir:{tiny_model_dir}",
+            "--device", "cpu",
+            "--precisions", "int8,fp32",
+            "--batch-sizes", "1,4",
+            "--seconds", "0.05",
+            "--pairs", "3",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert [p["precision"] for p in result["precisions"]] == ["fp32", "int8"]  # reference first
+    fp32, int8 = result["precisions"]
+    assert set(fp32["images_per_s"]) == {"1", "4"}
+    assert all(rate > 0 for rate in fp32["images_per_s"].values())
+    assert fp32["nan_or_inf"] == 0
+    assert fp32["max_norm_error"] < 1e-5
+    assert fp32["cosine_to_fp32_min"] is None
+    assert int8["cosine_to_fp32_min"] > 0.99
+    assert -1 <= fp32["different_outfit_cosine"] <= fp32["same_outfit_cosine"] + 1
+    assert result["codec_encode_us"] > 0
+    assert result["codec_decode_us"] > 0
+    assert "| int8 | cpu |" in (out / "result.md").read_text()
+    with Image.open(out / "throughput.png") as plot:
+        assert plot.size[0] > 100

@@ -1,0 +1,63 @@
+"""Each precision against the fp32 reference, on the full ViT-B-32 architecture.
+
+Thresholds from the performance issue: cosine >= 0.9999 for fp32 variants, >= 0.999 for
+fp16/bf16, >= 0.99 for int8. CUDA cases run only where CUDA is (scripts/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.config import Precision, Settings
+from app.inference.decode import decode_image
+from app.inference.model import ClipImageEncoder, pick_precision
+from app.tools.synthetic_people import make_person
+
+CASES = [
+    ("cpu", "bf16", 0.999),
+    ("cpu", "int8", 0.99),
+    pytest.param("cuda", "fp32", 0.9999, marks=pytest.mark.cuda),
+    pytest.param("cuda", "fp16", 0.999, marks=pytest.mark.cuda),
+]
+
+
+def embed(model_dir: Path, device: str, precision: str) -> np.ndarray:
+    settings = Settings(model=f"local-dir:{model_dir}", device=device, precision=precision)
+    encoder = ClipImageEncoder.load(settings)
+    rng = np.random.default_rng(0)
+    crops = [decode_image(make_person(rng).jpeg, max_pixels=10**8) for _ in range(6)]
+    assert encoder.info.precision == precision
+    return encoder.encode([encoder.preprocess(crop) for crop in crops]).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(vit_b_32_dir: Path) -> np.ndarray:
+    return embed(vit_b_32_dir, "cpu", "fp32")
+
+
+@pytest.mark.parametrize(("device", "precision", "threshold"), CASES)
+def test_precision_keeps_parity_with_fp32(
+    vit_b_32_dir: Path, fp32_reference: np.ndarray, device: str, precision: str, threshold: float
+) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    embeddings = embed(vit_b_32_dir, device, precision)
+    assert np.isfinite(embeddings).all()
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)
+    cosines = np.sum(embeddings * fp32_reference, axis=1)
+    print(f"{device} {precision}: min cosine to fp32 {cosines.min():.6f}")
+    assert cosines.min() >= threshold
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("app.inference.model.cpu_has_fast_bf16", lambda: True)
+    assert pick_precision(Precision.AUTO, cpu) == Precision.BF16
+    monkeypatch.setattr("app.inference.model.cpu_has_fast_bf16", lambda: False)
+    assert pick_precision(Precision.AUTO, cpu) == Precision.FP32
+    assert pick_precision(Precision.AUTO, torch.device("cuda")) == Precision.FP16
+    assert pick_precision(Precision.INT8, cpu) == Precision.INT8
