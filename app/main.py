@@ -25,6 +25,7 @@ from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.routes import analyze, embed, similarity, system
 from app.config import Settings, load_settings
+from app.inference.memory import release_freed_memory
 from app.inference.model import ClipImageEncoder
 from app.inference.service import EmbeddingService, ImageEncoder
 from app.inference.weights import WeightsUnavailable
@@ -61,6 +62,7 @@ def create_app(
         if settings.warmup:
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
+        release_freed_memory()
         service = EmbeddingService(encoder, settings)
         await service.start()
         app.state.service = service

@@ -118,6 +118,8 @@ class BatcherInfo(BaseModel):
     max_queue: int
     queue_depth: int
     decode_workers: int
+    batches: int = Field(..., description="Forward passes run since startup.")
+    mean_batch_size: float = Field(..., description="Images per forward pass, on average.")
 
 
 class LimitsInfo(BaseModel):

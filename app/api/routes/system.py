@@ -14,7 +14,7 @@ router = APIRouter(tags=["service"])
 
 
 @router.get("/health", response_model=StatusResponse, summary="Liveness")
-def health() -> StatusResponse:
+async def health() -> StatusResponse:
     """200 while the process serves requests. Never touches the model."""
     return StatusResponse(status="ok")
 
@@ -25,7 +25,7 @@ def health() -> StatusResponse:
     summary="Readiness",
     responses=error_responses(503),
 )
-def ready(request: Request) -> StatusResponse | JSONResponse:
+async def ready(request: Request) -> StatusResponse | JSONResponse:
     """200 once the model is loaded and warmed up and the batcher runs; 503 otherwise
     (loading, shutting down)."""
     service = getattr(request.app.state, "service", None)
@@ -45,7 +45,7 @@ def ready(request: Request) -> StatusResponse | JSONResponse:
     summary="Model and settings",
     responses=error_responses(503),
 )
-def info(service: ServiceDep) -> InfoResponse:
+async def info(service: ServiceDep) -> InfoResponse:
     model = service.encoder.info
     settings = service.settings
     return InfoResponse(
@@ -61,6 +61,8 @@ def info(service: ServiceDep) -> InfoResponse:
             max_queue=settings.max_queue,
             queue_depth=service.batcher.queue_depth,
             decode_workers=service.decode_workers,
+            batches=service.batcher.stats.batches,
+            mean_batch_size=service.batcher.stats.items / max(1, service.batcher.stats.batches),
         ),
         limits=LimitsInfo(
             max_upload_bytes=settings.max_upload_bytes,
