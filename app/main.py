@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
 from app.analysis.analyzer import OutfitAnalyzer
@@ -24,6 +24,7 @@ from app.analysis.service import AnalysisService
 from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.routes import analyze, embed, similarity, system
+from app.api.security import require_api_key
 from app.config import Settings, load_settings
 from app.inference.memory import release_freed_memory
 from app.inference.model import ClipImageEncoder
@@ -84,12 +85,16 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
     app.state.service = None
     app.state.analysis = None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    for module in (embed, analyze, similarity, system):
-        app.include_router(module.router)
+    protected = [Depends(require_api_key)]
+    for module in (embed, analyze, similarity):
+        app.include_router(module.router, dependencies=protected)
+    app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
+    app.include_router(system.router, dependencies=protected)
     return app
 
 

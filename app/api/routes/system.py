@@ -10,16 +10,17 @@ from app.api.deps import ServiceDep
 from app.api.errors import error_response, error_responses
 from app.api.schemas import BatcherInfo, InfoResponse, LimitsInfo, StatusResponse
 
+open_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["service"])
 
 
-@router.get("/health", response_model=StatusResponse, summary="Liveness")
+@open_router.get("/health", response_model=StatusResponse, summary="Liveness")
 async def health() -> StatusResponse:
     """200 while the process serves requests. Never touches the model."""
     return StatusResponse(status="ok")
 
 
-@router.get(
+@open_router.get(
     "/ready",
     response_model=StatusResponse,
     summary="Readiness",
@@ -43,7 +44,7 @@ async def ready(request: Request) -> StatusResponse | JSONResponse:
     "/info",
     response_model=InfoResponse,
     summary="Model and settings",
-    responses=error_responses(503),
+    responses=error_responses(401, 503),
 )
 async def info(service: ServiceDep) -> InfoResponse:
     model = service.encoder.info

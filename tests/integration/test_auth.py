@@ -1,0 +1,66 @@
+"""API keys: required everywhere but /health and /ready when configured."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from app.api.security import key_matches
+from app.config import Settings
+from tests.conftest import serve
+from tests.helpers import noise_jpeg
+
+KEYS = "first-key-123,second-key-456"
+
+
+async def test_no_keys_configured_means_open(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/info")).status_code == 200
+
+
+async def test_keys_guard_every_endpoint_but_health_and_ready(
+    tiny_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    crop = {"image": ("c.jpg", noise_jpeg(1))}
+    async with serve(tiny_settings(api_keys=KEYS)) as (_, client):
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        for method, path, kwargs in [
+            ("POST", "/embed", {"files": crop}),
+            ("POST", "/embed/batch", {"files": {"images": crop["image"]}}),
+            ("POST", "/analyze", {"files": crop}),
+            ("POST", "/similarity", {"json": {"a": "AACAPw==", "b": "AACAPw=="}}),
+            ("GET", "/info", {}),
+        ]:
+            missing = await client.request(method, path, **kwargs)
+            assert missing.status_code == 401, path
+            assert missing.json()["error"]["code"] == "unauthorized"
+            assert "Bearer" in missing.headers["WWW-Authenticate"]
+            wrong = await client.request(
+                method, path, headers={"X-API-Key": "first-key-124"}, **kwargs
+            )
+            assert wrong.status_code == 401
+            assert wrong.json()["error"]["message"] == "the API key is not valid"
+        bearer = await client.post(
+            "/embed", files=crop, headers={"Authorization": "Bearer second-key-456"}
+        )
+        assert bearer.status_code == 200
+        header = await client.post("/embed", files=crop, headers={"X-API-Key": "first-key-123"})
+        assert header.status_code == 200
+        schema = (await client.get("/openapi.json")).json()
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+    assert "security" in schema["paths"]["/embed"]["post"]
+    assert "security" not in schema["paths"]["/health"]["get"]
+    assert "first-key-123" not in caplog.text
+    assert "second-key-456" not in caplog.text
+
+
+def test_key_comparison() -> None:
+    keys = [b"alpha", b"beta"]
+    assert key_matches("beta", keys)
+    assert not key_matches("bet", keys)
+    assert not key_matches("", keys)
+    assert not key_matches("\u00e9", keys)
