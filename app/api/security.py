@@ -8,6 +8,7 @@ or how much of it matched. Keys are SecretStr in the settings and never logged.
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -35,8 +36,8 @@ def key_matches(candidate: str, keys: list[bytes]) -> bool:
 
 async def require_api_key(
     request: Request,
-    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
-    header_key: str | None = Security(_header),
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    header_key: Annotated[str | None, Security(_header)],
 ) -> None:
     keys: list[bytes] = request.app.state.api_keys
     if not keys:
