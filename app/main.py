@@ -30,6 +30,7 @@ from app.inference.memory import release_freed_memory
 from app.inference.model import ClipImageEncoder
 from app.inference.service import EmbeddingService, ImageEncoder
 from app.inference.weights import WeightsUnavailable
+from app.observability import Metrics, RequestObservability, configure_logging
 
 logger = logging.getLogger("app")
 
@@ -64,7 +65,8 @@ def create_app(
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
-        service = EmbeddingService(encoder, settings)
+        service = EmbeddingService(encoder, settings, observer=metrics.observe_batch)
+        metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
         await service.start()
         app.state.service = service
         app.state.analysis = AnalysisService(
@@ -84,12 +86,16 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    metrics = Metrics.create()
+    app.state.metrics = metrics
     app.state.settings = settings
     app.state.api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
     app.state.service = None
     app.state.analysis = None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # Outermost: sees every response, the body limit's 413s included.
+    app.add_middleware(RequestObservability, metrics=metrics)
     protected = [Depends(require_api_key)]
     for module in (embed, analyze, similarity):
         app.include_router(module.router, dependencies=protected)
@@ -109,11 +115,6 @@ def __getattr__(name: str) -> Any:
     # `uvicorn app.main:app` builds the app on first access, so importing this module
     # (tests, tools) never reads the environment or loads a model.
     if name == "app":
-        if not logging.getLogger().handlers:
-            # open_clip logs its every step on the root logger at INFO; ours suffice.
-            logging.basicConfig(
-                level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-            )
-            logger.setLevel(logging.INFO)
+        configure_logging()
         return create_app()
     raise AttributeError(name)

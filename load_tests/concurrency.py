@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,12 +146,14 @@ def in_process_ceiling(
 def start_server(model_dir: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CLIP_MODEL": f"local-dir:{model_dir}", **extra_env}
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A file, not a pipe: nobody reads a pipe during the run, and a full one would block
+    # the server on its next access-log line.
+    log = Path(tempfile.gettempdir()) / f"clip-service-{port}.log"
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            stderr = process.stderr.read().decode() if process.stderr else ""
-            raise SystemExit(f"service exited at startup:\n{stderr}")
+            raise SystemExit(f"service exited at startup:\n{log.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return process

@@ -46,28 +46,38 @@ def describe_validation_errors(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+def _count(request: Request, code: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejections.labels(code).inc()
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
+    _count(request, exc.code)
     if exc.status_code >= 500:
         # Full detail for the operator, none for the client.
         logger.error("request failed: %s", exc.message, exc_info=exc.__cause__ or exc)
     return error_response(exc.status_code, exc.code, exc.message, exc.headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    _count(request, "validation_error")
     return error_response(422, "validation_error", describe_validation_errors(list(exc.errors())))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    _count(request, code)
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
 
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
+    _count(request, "internal_error")
     return error_response(
         500, "internal_error", "internal error; the operator's log has the details"
     )

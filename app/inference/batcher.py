@@ -63,6 +63,7 @@ class DynamicBatcher(Generic[In, Out]):
         executor: Executor | None = None,
         name: str = "batcher",
         companions_expected: Callable[[], bool] | None = None,
+        observer: Callable[[int, list[float], float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -70,6 +71,8 @@ class DynamicBatcher(Generic[In, Out]):
         # Waiting for companions only pays when some are on their way (e.g. requests
         # still decoding); a lone client should not pay max_wait on every request.
         self._companions_expected = companions_expected
+        # Told (batch size, each item's seconds in the queue, forward seconds) per batch.
+        self._observer = observer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -165,10 +168,14 @@ class DynamicBatcher(Generic[In, Out]):
             if not batch:
                 continue
             self._in_forward = batch
+            started = time.monotonic()
+            waits = [started - p.enqueued_at for p in batch]
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._process, [p.item for p in batch]
                 )
+                if self._observer is not None:
+                    self._observer(len(batch), waits, time.monotonic() - started)
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"process returned {len(results)} results for {len(batch)} items"

@@ -53,7 +53,12 @@ def default_decode_workers() -> int:
 
 
 class EmbeddingService:
-    def __init__(self, encoder: ImageEncoder, settings: Settings) -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        settings: Settings,
+        observer: Callable[[int, list[float], float], None] | None = None,
+    ) -> None:
         self.encoder = encoder
         self.settings = settings
         self._preparing = 0  # requests decoding now: they will join the queue shortly
@@ -67,6 +72,7 @@ class EmbeddingService:
             max_queue=settings.max_queue,
             name="embed",
             companions_expected=lambda: self._preparing > 0,
+            observer=observer,
         )
 
     async def start(self) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -23,13 +24,21 @@ from tests.helpers import noise_jpeg
 pytestmark = pytest.mark.e2e
 
 
+class RunningServer(NamedTuple):
+    url: str
+    process: subprocess.Popen[str]
+    log: Path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def start_server(env_overrides: dict[str, str], port: int) -> subprocess.Popen[str]:
+def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subprocess.Popen[str]:
+    """uvicorn in its own process, its output in `log`: a pipe nobody reads would fill
+    with access-log lines and block the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
     env.update(env_overrides)
     return subprocess.Popen(
@@ -44,15 +53,18 @@ def start_server(env_overrides: dict[str, str], port: int) -> subprocess.Popen[s
             str(port),
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
     process = start_server(
         {
             "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
@@ -60,14 +72,13 @@ def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
             "CLIP_MAX_WAIT_MS": "20",
         },
         port,
+        log,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(
-                f"server exited at startup:\n{process.stdout.read() if process.stdout else ''}"
-            )
+            pytest.fail(f"server exited at startup:\n{log.read_text()}")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 break
@@ -77,14 +88,14 @@ def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     else:
         process.kill()
         pytest.fail("server did not become ready in 120 s")
-    yield url, process
+    yield RunningServer(url, process, log)
     if process.poll() is None:
         process.kill()
         process.wait()
 
 
-def test_a_crop_is_embedded_over_real_http(server: tuple[str, subprocess.Popen[str]]) -> None:
-    url, _ = server
+def test_a_crop_is_embedded_over_real_http(server: RunningServer) -> None:
+    url = server.url
     response = httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(5), "image/jpeg")})
     assert response.status_code == 200, response.text
     vector = decode_embedding(response.json()["embedding"])
@@ -92,8 +103,8 @@ def test_a_crop_is_embedded_over_real_http(server: tuple[str, subprocess.Popen[s
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
-def test_concurrent_clients_are_all_answered(server: tuple[str, subprocess.Popen[str]]) -> None:
-    url, _ = server
+def test_concurrent_clients_are_all_answered(server: RunningServer) -> None:
+    url = server.url
 
     async def run() -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -109,10 +120,8 @@ def test_concurrent_clients_are_all_answered(server: tuple[str, subprocess.Popen
 
 
 @pytest.mark.parametrize("endpoint", ["embed", "batch", "analyze"])
-def test_the_load_generator_drives_the_service(
-    server: tuple[str, subprocess.Popen[str]], endpoint: str
-) -> None:
-    url, _ = server
+def test_the_load_generator_drives_the_service(server: RunningServer, endpoint: str) -> None:
+    url = server.url
     load = run_load(
         url, clients=2, seconds=1.0, crops=make_crops(4), endpoint=endpoint, batch_images=3
     )
@@ -125,25 +134,27 @@ def test_the_load_generator_drives_the_service(
         assert result.images_per_s == pytest.approx(3 * result.requests / result.seconds)
 
 
-def test_memory_of_the_server_can_be_read(server: tuple[str, subprocess.Popen[str]]) -> None:
-    _, process = server
+def test_memory_of_the_server_can_be_read(server: RunningServer) -> None:
+    process = server.process
     resident, peak = memory_mb(process.pid)
     assert 50 < resident <= peak
 
 
-def test_sigterm_shuts_down_cleanly(server: tuple[str, subprocess.Popen[str]]) -> None:
-    url, process = server
+def test_sigterm_shuts_down_cleanly(server: RunningServer) -> None:
+    url, process = server.url, server.process
     assert httpx.get(f"{url}/health").status_code == 200
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
-    assert "Application shutdown complete" in output  # the lifespan drained the batcher
+    process.wait(timeout=30)
+    assert (
+        "Application shutdown complete" in server.log.read_text()
+    )  # the lifespan drained the batcher
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is the
     # signal's own; anything else would mean a crash.
     assert process.returncode in (0, -signal.SIGTERM)
 
 
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
-    process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port())
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode != 0
-    assert "CLIP_MODEL=local-dir:" in output
+    log = tmp_path / "server.log"
+    process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)
+    assert process.wait(timeout=60) != 0
+    assert "CLIP_MODEL=local-dir:" in log.read_text()

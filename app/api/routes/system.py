@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
 from app.api.deps import ServiceDep
@@ -73,3 +74,16 @@ async def info(service: ServiceDep) -> InfoResponse:
         ),
         version=__version__,
     )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401)},
+)
+async def metrics(request: Request) -> Response:
+    """Requests by endpoint and status, request latency, time queued and in the forward
+    pass, batch sizes, queue depth and rejections by reason, in Prometheus text format."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

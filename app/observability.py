@@ -1,0 +1,158 @@
+"""Prometheus metrics, request ids and one structured log line per request.
+
+Each app owns its registry, so several apps in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("app.access")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    forward_seconds: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    rejections: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "clip_requests", "HTTP requests by endpoint and status.",
+                ["endpoint", "status"], registry=registry,
+            ),
+            request_seconds=Histogram(
+                "clip_request_duration_seconds", "Time from request to response.",
+                ["endpoint"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            queue_seconds=Histogram(
+                "clip_queue_wait_seconds", "Time an image waited in the batcher's queue.",
+                buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            forward_seconds=Histogram(
+                "clip_forward_seconds", "Duration of one forward pass.",
+                buckets=_LATENCY_BUCKETS, registry=registry,
+            ),
+            batch_size=Histogram(
+                "clip_batch_size", "Images per forward pass.",
+                buckets=_BATCH_BUCKETS, registry=registry,
+            ),
+            queue_depth=Gauge(
+                "clip_queue_depth", "Images waiting for a forward pass.", registry=registry
+            ),
+            rejections=Counter(
+                "clip_rejections", "Requests refused, by error code.",
+                ["reason"], registry=registry,
+            ),
+        )  # fmt: skip
+
+    def observe_batch(self, size: int, queue_waits: list[float], forward_s: float) -> None:
+        self.batch_size.observe(size)
+        self.forward_seconds.observe(forward_s)
+        for wait in queue_waits:
+            self.queue_seconds.observe(wait)
+
+
+class RequestObservability:
+    """Pure ASGI middleware: request id in and out, metrics, one JSON access line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            endpoint = self._endpoint(scope)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(elapsed)
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "endpoint": endpoint,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": (scope.get("client") or ("-",))[0],
+                },
+            )
+
+    def _endpoint(self, scope: Scope) -> str:
+        # The route template, never the raw path: unknown paths must not mint new series.
+        # Starlette leaves the matched route in the scope; 404s have none.
+        route = scope.get("route")
+        return str(getattr(route, "path", "other"))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log shippers (Loki, Elastic, CloudWatch) parse."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        document.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)  # open_clip narrates every step at INFO on the root
+    logging.getLogger("app").setLevel(level)
+    logging.getLogger("uvicorn.access").disabled = True  # ours carries the request id

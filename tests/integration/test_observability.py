@@ -1,0 +1,71 @@
+"""/metrics, request ids and the JSON access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.observability import JsonFormatter
+from tests.conftest import serve
+from tests.helpers import noise_jpeg
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(f"{name}{{{selector}}}" if labels else name) + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    assert match, f"{name} {labels} not in metrics"
+    return float(match.group(1))
+
+
+async def test_metrics_count_requests_batches_and_rejections(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    async with serve(tiny_settings(warmup=False)) as (_, client):
+        for seed in range(3):
+            await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(seed))})
+        await client.post("/embed", json={"image": "%%%"})
+        await client.get("/no/such/path")
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert sample(text, "clip_requests_total", endpoint="/embed", status="200") == 3
+    assert sample(text, "clip_requests_total", endpoint="/embed", status="400") == 1
+    assert sample(text, "clip_requests_total", endpoint="other", status="404") == 1
+    assert sample(text, "clip_rejections_total", reason="invalid_base64") == 1
+    assert sample(text, "clip_batch_size_count") >= 1
+    assert sample(text, "clip_batch_size_sum") == 3
+    assert sample(text, "clip_queue_wait_seconds_count") == 3
+    assert sample(text, "clip_forward_seconds_count") >= 1
+    assert sample(text, "clip_request_duration_seconds_count", endpoint="/embed") == 4
+    assert sample(text, "clip_queue_depth") == 0
+
+
+async def test_request_ids_are_returned_and_logged(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.access")
+    given = await client.get("/health", headers={"X-Request-ID": "camera-7.frame-42"})
+    assert given.headers["x-request-id"] == "camera-7.frame-42"
+    minted = await client.get("/health", headers={"X-Request-ID": "bad id with spaces"})
+    assert re.fullmatch(r"[0-9a-f]{32}", minted.headers["x-request-id"])
+    error = await client.post("/embed", json={"image": "%%%"})
+    assert re.fullmatch(r"[0-9a-f]{32}", error.headers["x-request-id"])
+    records = [r for r in caplog.records if r.name == "app.access"]
+    assert [getattr(r, "request_id", None) for r in records[-3:]] == [
+        "camera-7.frame-42",
+        minted.headers["x-request-id"],
+        error.headers["x-request-id"],
+    ]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert line["status"] == 400
+    assert line["endpoint"] == "/embed"
+    assert line["method"] == "POST"
+    assert line["duration_ms"] >= 0
