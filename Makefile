@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 install: $(VENV)/.installed
 
 run: install  ## serve on $(HOST):$(PORT); CLIP_* variables configure it
-	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m app --host $(HOST) --port $(PORT)
 
 test: install lint  ## lint, type-check and the whole test suite
 	$(PY) -m pytest

@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     max_batch_images: int = Field(64, ge=1)
+    max_queries: int = Field(1000, ge=1, description="Most queries in one /similarity search.")
+    max_gallery: int = Field(100_000, ge=1, description="Most gallery items in one search.")
+    max_top_k: int = Field(1000, ge=1, description="Most matches returned per query.")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -106,6 +109,16 @@ class Settings(BaseSettings):
         if not value or value in ("local-dir:", "hf-hub:"):
             raise ValueError("CLIP_MODEL must name a model, `local-dir:/path` or `hf-hub:org/repo`")
         return value
+
+    @model_validator(mode="after")
+    def _queue_holds_batches(self) -> Settings:
+        # A queue smaller than a batch could never fill one: batching would be dead.
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(
+                f"CLIP_MAX_QUEUE ({self.max_queue}) must be at least CLIP_MAX_BATCH_SIZE "
+                f"({self.max_batch_size})"
+            )
+        return self
 
     @property
     def max_wait_s(self) -> float:

@@ -92,6 +92,7 @@ def create_app(
     app.state.api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
     app.state.service = None
     app.state.analysis = None
+    app.state.draining = False  # set on SIGTERM by `python -m app`
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Outermost: sees every response, the body limit's 413s included.

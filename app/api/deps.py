@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from app.analysis.service import AnalysisService
 from app.config import Settings
-from app.errors import NotReady, UnsupportedMediaType
+from app.errors import NotReady, ShuttingDown, UnsupportedMediaType
 from app.inference.service import EmbeddingService
 
 
@@ -21,7 +21,13 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+def _refuse_if_draining(request: Request) -> None:
+    if getattr(request.app.state, "draining", False):
+        raise ShuttingDown("the service is shutting down; retry on another replica")
+
+
 async def get_service(request: Request) -> EmbeddingService:
+    _refuse_if_draining(request)
     service: EmbeddingService | None = getattr(request.app.state, "service", None)
     if service is None:
         raise NotReady("the model is not loaded yet; retry once /ready answers 200")
@@ -29,6 +35,7 @@ async def get_service(request: Request) -> EmbeddingService:
 
 
 async def get_analysis(request: Request) -> AnalysisService:
+    _refuse_if_draining(request)
     analysis: AnalysisService | None = getattr(request.app.state, "analysis", None)
     if analysis is None:
         raise NotReady("the model is not loaded yet; retry once /ready answers 200")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -151,6 +152,27 @@ def test_sigterm_shuts_down_cleanly(server: RunningServer) -> None:
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status is the
     # signal's own; anything else would mean a crash.
     assert process.returncode in (0, -signal.SIGTERM)
+
+
+def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    log, port = tmp_path / "server.log", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    env["CLIP_MODEL"] = f"local-dir:{tiny_model_dir}"
+    command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    assert httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(1))}).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(line.get("endpoint") == "/embed" and line.get("status") == 200 for line in lines)
 
 
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:

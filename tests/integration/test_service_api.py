@@ -102,3 +102,18 @@ async def test_cuda_requested_where_there_is_none_is_a_clear_startup_error(
     with pytest.raises(WeightsUnavailable, match="CLIP_DEVICE=cuda"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_draining_refuses_new_work_and_turns_ready_off(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    async with serve(tiny_settings(warmup=False)) as (app, client):
+        app.state.draining = True
+        ready = await client.get("/ready")
+        embed = await client.post("/embed", json={"image": "AAAA"})
+        health = await client.get("/health")
+    assert ready.status_code == 503
+    assert ready.json()["error"]["code"] == "shutting_down"
+    assert embed.status_code == 503
+    assert embed.headers["Retry-After"]
+    assert health.status_code == 200

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import numpy as np
 import pytest
 
 from app.codec import encode_embedding
+from app.config import Settings
+from tests.conftest import serve
 
 
 def unit(vector: np.ndarray) -> np.ndarray:
@@ -107,3 +111,27 @@ async def test_similarity_takes_only_json(client: httpx.AsyncClient) -> None:
     )
     assert response.status_code == 415
     assert "application/json" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "count", "setting"),
+    [("queries", 4, "CLIP_MAX_QUERIES"), ("gallery", 6, "CLIP_MAX_GALLERY")],
+)
+async def test_search_sizes_are_limited(
+    tiny_settings: Callable[..., Settings], field: str, count: int, setting: str
+) -> None:
+    vector = encode_embedding([1.0, 0.0])
+    body = {"queries": [vector], "gallery": [vector], "top_k": 1}
+    body[field] = [vector] * count
+    async with serve(tiny_settings(max_queries=3, max_gallery=5, max_top_k=2, warmup=False)) as (
+        _,
+        client,
+    ):
+        response = await client.post("/similarity", json=body)
+        top_k = await client.post(
+            "/similarity", json={"queries": [vector], "gallery": [vector], "top_k": 3}
+        )
+    assert response.status_code == 413
+    assert setting in response.json()["error"]["message"]
+    assert top_k.status_code == 413
+    assert "CLIP_MAX_TOP_K" in top_k.json()["error"]["message"]

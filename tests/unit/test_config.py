@@ -56,3 +56,10 @@ def test_bad_values_fail_at_startup_naming_the_variable(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("CLIP_").lower()):
         Settings()
+
+
+def test_the_queue_must_hold_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("CLIP_MAX_QUEUE", "32")
+    with pytest.raises(ValidationError, match="CLIP_MAX_QUEUE"):
+        Settings()

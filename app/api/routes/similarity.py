@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Depends
 
-from app.api.deps import require_json
+from app.api.deps import SettingsDep, require_json
 from app.api.errors import error_responses
 from app.api.schemas import (
     Match,
@@ -15,7 +15,7 @@ from app.api.schemas import (
     SimilarityRequest,
 )
 from app.codec import EmbeddingDecodeError, decode_embedding
-from app.errors import InvalidEmbedding, ValidationFailed
+from app.errors import InvalidEmbedding, PayloadTooLarge, ValidationFailed
 
 router = APIRouter(tags=["similarity"])
 
@@ -30,7 +30,9 @@ router = APIRouter(tags=["similarity"])
     responses=error_responses(400, 401, 413, 415, 422, 500),
     dependencies=[Depends(require_json)],
 )
-def similarity(body: SimilarityRequest) -> PairSimilarityResponse | SearchSimilarityResponse:
+def similarity(
+    body: SimilarityRequest, settings: SettingsDep
+) -> PairSimilarityResponse | SearchSimilarityResponse:
     pair = body.a is not None or body.b is not None
     search = body.queries is not None or body.gallery is not None
     if pair == search:
@@ -43,6 +45,13 @@ def similarity(body: SimilarityRequest) -> PairSimilarityResponse | SearchSimila
         return PairSimilarityResponse(similarity=_clip(float(a[0] @ b[0])))
     if body.queries is None or body.gallery is None:
         raise ValidationFailed("a search needs both `queries` and `gallery`")
+    for name, count, limit, setting in (
+        ("queries", len(body.queries), settings.max_queries, "CLIP_MAX_QUERIES"),
+        ("gallery", len(body.gallery), settings.max_gallery, "CLIP_MAX_GALLERY"),
+        ("top_k", body.top_k, settings.max_top_k, "CLIP_MAX_TOP_K"),
+    ):
+        if count > limit:
+            raise PayloadTooLarge(f"{name} is {count}, over the limit of {limit} ({setting})")
     queries = _unit_rows(body.queries, "queries", indexed=True)
     gallery = _unit_rows(body.gallery, "gallery", indexed=True)
     _same_dim(queries, gallery, "queries", "gallery")

@@ -31,6 +31,10 @@ async def ready(request: Request) -> StatusResponse | JSONResponse:
     """200 once the model is loaded and warmed up and the batcher runs; 503 otherwise
     (loading, shutting down)."""
     service = getattr(request.app.state, "service", None)
+    if getattr(request.app.state, "draining", False):
+        return error_response(
+            503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}
+        )
     if service is None or not service.batcher.running:
         return error_response(
             503,

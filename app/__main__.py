@@ -1,0 +1,72 @@
+"""`python -m app`: the production entry point, uvicorn with a graceful SIGTERM.
+
+On SIGTERM (or SIGINT) the service stops admitting work at once (/ready and new
+requests answer 503 with Retry-After), lets requests in flight finish within
+CLIP_REQUEST_TIMEOUT_S, drains or fails what the batcher holds, and exits 0 — an
+orchestrator reads anything else as a crash. (`uvicorn app.main:app` serves the same
+app, but re-raises the signal after shutting down, so its exit status is -15.)
+
+    python -m app --host 0.0.0.0 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Generator
+from contextlib import contextmanager
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import load_settings
+from app.main import create_app
+from app.observability import configure_logging
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._app.state.draining = True  # refuse new work before anything else
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn's own version re-raises the signal after shutdown; we exit 0 instead.
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the CLIP re-ID embedding service.")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    configure_logging()
+    settings = load_settings()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # configure_logging's JSON lines
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    server = GracefulServer(config, app)
+    server.run()
+    return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Soak: mixed valid and invalid traffic against the service for a set time.
+
+Reports requests served, responses by status, requests that got no response, and the
+service's resident memory after warm-up and at the end (plus samples in between), so a
+leak shows as growth. Bounded in time; loopback only.
+
+    python -m load_tests.soak --model-dir models/vit-b-32-random --minutes 10
+    python -m load_tests.soak --url http://127.0.0.1:8000 --pid 1234 --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import json
+import random
+import time
+from pathlib import Path
+
+import httpx
+
+from load_tests.concurrency import make_crops, memory_mb, start_server
+
+
+def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
+    """(method, path, httpx kwargs): mostly valid work, plus every kind of bad input."""
+    good = crops[0]
+    b64 = base64.b64encode(good).decode()
+    vector = base64.b64encode(b"\x00\x00\x80\x3f" * 8).decode()
+    as_json = {"content-type": "application/json"}
+    return [
+        ("POST", "/embed", {"files": {"image": ("a.jpg", good)}}),
+        ("POST", "/embed", {"files": {"image": ("b.jpg", crops[1])}}),
+        ("POST", "/embed", {"json": {"image": b64}}),
+        ("POST", "/embed/batch", {"files": [("images", ("c.jpg", c)) for c in crops[:4]]}),
+        ("POST", "/analyze", {"files": {"image": ("d.jpg", crops[2])}}),
+        ("POST", "/similarity", {"json": {"a": vector, "b": vector}}),
+        ("POST", "/embed", {"files": {"image": ("e.jpg", good[: len(good) // 3])}}),  # truncated
+        ("POST", "/embed", {"files": {"image": ("f.txt", b"not an image at all")}}),
+        ("POST", "/embed", {"json": {"image": "%%% not base64"}}),
+        ("POST", "/embed", {"content": b"{broken", "headers": as_json}),
+        ("POST", "/embed", {"content": good, "headers": {"content-type": "image/jpeg"}}),
+        ("POST", "/similarity", {"json": {"a": "AAAA", "b": vector}}),
+        ("GET", "/no/such/path", {}),
+        ("GET", "/health", {}),
+    ]  # fmt: skip
+
+
+async def soak(url: str, pid: int | None, seconds: float, clients: int, sample_s: float) -> dict:
+    crops = make_crops(8)
+    mix = request_mix(crops)
+    statuses: collections.Counter[str] = collections.Counter()
+    memory: list[tuple[float, float]] = []
+    deadline = time.monotonic() + seconds
+    began = time.monotonic()
+
+    async def client_loop(seed: int, client: httpx.AsyncClient) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            method, path, kwargs = rng.choice(mix)
+            try:
+                response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+                statuses[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                statuses[f"no response ({type(exc).__name__})"] += 1
+
+    async def sampler() -> None:
+        while pid is not None and time.monotonic() < deadline:
+            memory.append((round(time.monotonic() - began), memory_mb(pid)[0]))
+            await asyncio.sleep(sample_s)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await asyncio.gather(sampler(), *(client_loop(i, client) for i in range(clients)))
+        healthy = (await client.get("/health")).status_code == 200
+    return {
+        "seconds": round(time.monotonic() - began, 1),
+        "requests": sum(statuses.values()),
+        "statuses": dict(sorted(statuses.items())),
+        "health_after": healthy,
+        "memory_mb": memory,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running service (give --pid for its memory)")
+    target.add_argument("--model-dir", help="start the service on this local-dir model")
+    parser.add_argument("--pid", type=int, help="the running service's process id")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    server = start_server(args.model_dir, args.port, {}) if args.model_dir else None
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    pid = server.pid if server is not None else args.pid
+    try:
+        asyncio.run(soak(url, None, args.warmup_s, args.clients, 10))
+        report = asyncio.run(soak(url, pid, args.minutes * 60, args.clients, 15))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"{report['requests']} requests in {report['seconds']} s, by status:")
+    for status, count in report["statuses"].items():
+        print(f"  {status}: {count}")
+    print(f"/health afterwards: {'200' if report['health_after'] else 'FAILED'}")
+    if report["memory_mb"]:
+        start, end = report["memory_mb"][0][1], report["memory_mb"][-1][1]
+        peak = max(m for _, m in report["memory_mb"])
+        print(
+            f"service RSS after warm-up {start:.0f} MB, at the end {end:.0f} MB "
+            f"({100 * (end - start) / start:+.1f} %), highest {peak:.0f} MB"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
