@@ -80,6 +80,13 @@ class RequestTimedOut(ServiceError):
     code = "timeout"
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away; nobody reads this answer (499, as nginx logs it)."""
+
+    status_code = 499
+    code = "client_disconnected"
+
+
 class InferenceFailed(ServiceError):
     """A real fault on our side; the message never carries internals."""
 

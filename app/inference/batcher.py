@@ -42,6 +42,8 @@ class BatcherStats:
     items: int = 0
     failed_batches: int = 0
     skipped_items: int = 0  # requester gone before its batch was formed
+    consecutive_failures: int = 0
+    last_success_at: float = 0.0  # time.monotonic() of the last forward pass that worked
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
 
@@ -182,6 +184,7 @@ class DynamicBatcher(Generic[In, Out]):
                     )
             except Exception as exc:
                 self.stats.failed_batches += 1
+                self.stats.consecutive_failures += 1
                 logger.exception("%s: a batch of %d failed", self._name, len(batch))
                 for waiting in batch:
                     if not waiting.future.done():
@@ -191,6 +194,8 @@ class DynamicBatcher(Generic[In, Out]):
                         failure.__cause__ = exc
                         waiting.future.set_exception(failure)
             else:
+                self.stats.consecutive_failures = 0
+                self.stats.last_success_at = time.monotonic()
                 for waiting, result in zip(batch, results, strict=True):
                     if not waiting.future.done():
                         waiting.future.set_result(result)

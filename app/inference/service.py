@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -24,6 +25,8 @@ from app.inference.batcher import DynamicBatcher
 from app.inference.decode import decode_image
 
 logger = logging.getLogger(__name__)
+
+FAILING_AFTER = 3  # consecutive failed forward passes before /ready says 503
 
 
 class ImageEncoder(Protocol):
@@ -62,6 +65,7 @@ class EmbeddingService:
         self.encoder = encoder
         self.settings = settings
         self._preparing = 0  # requests decoding now: they will join the queue shortly
+        self._probe: Any = None  # a preprocessed blank crop for readiness checks
         workers = settings.decode_workers or default_decode_workers()
         self.decode_workers = workers
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
@@ -77,6 +81,27 @@ class EmbeddingService:
 
     async def start(self) -> None:
         await self.batcher.start()
+
+    async def model_works(self, fresh_s: float = 10.0, timeout_s: float = 5.0) -> bool:
+        """Readiness that exercises the model: recent forward passes that worked count;
+        without traffic a one-image probe goes through the batcher; a run of failed
+        batches means no."""
+        stats = self.batcher.stats
+        if stats.consecutive_failures >= FAILING_AFTER:
+            return False
+        if stats.last_success_at and time.monotonic() - stats.last_success_at < fresh_s:
+            return True
+        if self._probe is None:
+            blank = Image.new("RGB", (64, 128), (127, 127, 127))
+            loop = asyncio.get_running_loop()
+            self._probe = await loop.run_in_executor(
+                self._decode_pool, self.encoder.preprocess, blank
+            )
+        try:
+            await self.batcher.submit([self._probe], timeout_s=timeout_s)
+        except ServiceError:
+            return False
+        return True
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         await self.batcher.stop(drain_timeout_s)

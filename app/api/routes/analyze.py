@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from app.analysis.analyzer import GarmentDescription
 from app.api.deps import AnalysisDep, SettingsDep
+from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
 from app.api.schemas import AnalyzeJSONRequest, AnalyzeResponse, ColorShareModel, Garment
@@ -46,7 +47,8 @@ async def analyze(
         options={"include_embedding": bool},
     )
     include = bool(payload.options.get("include_embedding", False))
-    outfit = await analysis.analyze(payload.images[0], payload.locations[0], include)
+    work = analysis.analyze(payload.images[0], payload.locations[0], include)
+    outfit = await unless_disconnected(request, work)
     return AnalyzeResponse(
         top=_garment(outfit.top),
         bottom=_garment(outfit.bottom),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServiceDep, SettingsDep
+from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
 from app.api.schemas import (
@@ -33,7 +34,7 @@ async def embed(request: Request, service: ServiceDep, settings: SettingsDep) ->
     payload = await read_images(
         request, settings, field_name="image", many=False, json_model=EmbedJSONRequest
     )
-    rows = await service.embed(payload.images, payload.locations)
+    rows = await unless_disconnected(request, service.embed(payload.images, payload.locations))
     info = service.encoder.info
     return EmbedResponse(embedding=encode_embedding(rows[0]), dim=rows.shape[1], model=info.model)
 
@@ -54,7 +55,7 @@ async def embed_batch(
     payload = await read_images(
         request, settings, field_name="images", many=True, json_model=EmbedBatchJSONRequest
     )
-    rows = await service.embed(payload.images, payload.locations)
+    rows = await unless_disconnected(request, service.embed(payload.images, payload.locations))
     return EmbedBatchResponse(
         embeddings=encode_embeddings(rows), dim=rows.shape[1], model=service.encoder.info.model
     )

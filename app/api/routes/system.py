@@ -35,6 +35,13 @@ async def ready(request: Request) -> StatusResponse | JSONResponse:
         return error_response(
             503, "shutting_down", "the service is shutting down", {"Retry-After": "5"}
         )
+    if service is not None and service.batcher.running and not await service.model_works():
+        return error_response(
+            503,
+            "model_failing",
+            "the model's recent forward passes failed; see the service log",
+            {"Retry-After": "5"},
+        )
     if service is None or not service.batcher.running:
         return error_response(
             503,
