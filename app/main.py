@@ -97,7 +97,9 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Outermost: sees every response, the body limit's 413s included.
     app.add_middleware(RequestObservability, metrics=metrics)
-    protected = [Depends(require_api_key)]
+    # Only when keys are set: the schema then shows the security scheme, and never
+    # claims one the service does not enforce.
+    protected = [Depends(require_api_key)] if settings.api_keys else []
     for module in (embed, analyze, similarity):
         app.include_router(module.router, dependencies=protected)
     app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
