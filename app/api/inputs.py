@@ -78,6 +78,8 @@ def _from_json(
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # [[[[...]]]] a hundred thousand deep
+        raise InvalidRequest("body JSON is nested too deeply", code="invalid_json") from None
     if many and isinstance(document, dict) and isinstance(document.get(field_name), list):
         _check_count(len(document[field_name]), settings)
     try:
