@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.analysis.analyzer import OutfitAnalyzer
@@ -80,7 +81,9 @@ def create_app(
             app.state.analysis = None
             await service.stop(drain_timeout_s=min(settings.request_timeout_s, 10.0))
 
-    app = FastAPI(
+    # Swagger UI and ReDoc assets from the fastapi-offline package, not a CDN: CCTV
+    # networks are often closed, and /docs must still work there.
+    app = FastAPIOffline(
         title="CLIP person re-ID embeddings",
         version=__version__,
         description=DESCRIPTION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,17 @@ async def test_openapi_documents_both_input_forms_and_the_errors(client: httpx.A
     request_schema = schema["components"]["schemas"]["SimilarityRequest"]
     assert request_schema["properties"]["top_k"]["description"]
     assert schema["components"]["schemas"]["EmbedResponse"]["properties"]["embedding"]["examples"]
-    assert (await client.get("/docs")).status_code == 200
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    # every asset the page loads is served by the app itself, none from a CDN
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        assert (await client.get(asset)).status_code == 200, asset
+    redoc = await client.get("/redoc")
+    for asset in re.findall(r'src="([^"]+)"', redoc.text):
+        assert asset.startswith("/"), asset
 
 
 async def test_startup_fails_fast_naming_the_setting(tmp_path: Path) -> None:
