@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 run: install  ## serve on $(HOST):$(PORT); CLIP_* variables configure it
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
-test: install lint  ## lint, type-check and the whole test suite
+test: install lint  ## lint, type-check and the whole test suite (the /docs browser test needs chromium)
 	$(PY) -m pytest
 
 lint: install

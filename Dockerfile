@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# CPU image by default; `--build-arg VARIANT=cuda` for NVIDIA GPUs.
+# `--build-arg BAKE_WEIGHTS=1` downloads the default model's weights into the image at
+# build time (air-gapped sites); otherwise they download once into the /models volume.
+ARG PYTHON_VERSION=3.11
+ARG VARIANT=cpu
+
+FROM python:${PYTHON_VERSION}-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/models/huggingface
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
+    && mkdir -p /models && chown app:app /models
+WORKDIR /srv
+
+# torch first, its own layer: the biggest download changes least often.
+FROM base AS torch-cpu
+COPY requirements-torch.txt .
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu -r requirements-torch.txt
+
+FROM base AS torch-cuda
+COPY requirements-torch.txt .
+RUN pip install --no-cache-dir -r requirements-torch.txt
+
+# The project's dependencies, read from pyproject.toml (the same list `make install`
+# installs), before the code, so code changes do not reinstall them.
+# hadolint ignore=DL3006
+FROM torch-${VARIANT} AS runtime
+WORKDIR /srv
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY app ./app
+RUN pip install --no-cache-dir --no-deps .
+
+ARG BAKE_WEIGHTS=0
+RUN if [ "$BAKE_WEIGHTS" = "1" ]; then \
+        python -c "from app.inference.weights import resolve_model_source as r; r('ViT-B-32', 'openai')" \
+        && chown -R app:app /models; \
+    fi
+
+USER 10001
+EXPOSE 8000
+VOLUME ["/models"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]
