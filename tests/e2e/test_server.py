@@ -141,6 +141,23 @@ def test_memory_of_the_server_can_be_read(server: RunningServer) -> None:
     assert 50 < resident <= peak
 
 
+def test_the_readme_client_example_runs(server: RunningServer, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Python client", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("http://localhost:8000", server.url))
+    for index in (1, 2, 3):
+        (tmp_path / f"crop_cam{index}.jpg").write_bytes(noise_jpeg(index))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'index': 0" in result.stdout
+    assert "'type':" in result.stdout
+
+
 def test_sigterm_shuts_down_cleanly(server: RunningServer) -> None:
     url, process = server.url, server.process
     assert httpx.get(f"{url}/health").status_code == 200
