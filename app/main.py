@@ -32,6 +32,7 @@ from app.inference.model import ClipImageEncoder
 from app.inference.service import EmbeddingService, ImageEncoder
 from app.inference.weights import WeightsUnavailable
 from app.observability import Metrics, RequestObservability, configure_logging
+from app.reid.projection import Projection, ProjectionError
 
 logger = logging.getLogger("app")
 
@@ -66,7 +67,14 @@ def create_app(
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
-        service = EmbeddingService(encoder, settings, observer=metrics.observe_batch)
+        try:
+            projection = load_projection(settings, encoder.info.model, encoder.info.dim)
+        except ProjectionError as exc:
+            logger.error("startup failed: %s", exc)
+            raise
+        service = EmbeddingService(
+            encoder, settings, observer=metrics.observe_batch, projection=projection
+        )
         metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
         await service.start()
         app.state.service = service
@@ -108,6 +116,18 @@ def create_app(
     app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
     app.include_router(system.router, dependencies=protected)
     return app
+
+
+def load_projection(settings: Settings, model: str, dim: int) -> Projection | None:
+    if not settings.projection:
+        return None
+    projection = Projection.load(settings.projection, expected_model=model)
+    if projection.input_dim != dim:
+        raise ProjectionError(
+            f"CLIP_PROJECTION={settings.projection} maps {projection.input_dim} dims, but the "
+            f"model gives {dim}"
+        )
+    return projection
 
 
 def build_garment_classifiers(encoder: ImageEncoder, vocabulary: Vocabulary) -> GarmentClassifiers:

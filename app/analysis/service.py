@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from app.analysis.analyzer import Outfit, OutfitAnalyzer, PreparedCrop
@@ -19,4 +20,8 @@ class AnalysisService:
             await self.embeddings.prepare([image], [location], transform=prepare)
         )[0]
         rows = await self.embeddings.forward(prepared.model_inputs)
-        return self.analyzer.finish(prepared, list(rows))
+        outfit = self.analyzer.finish(prepared, list(rows))
+        if outfit.embedding is None:
+            return outfit
+        embedding = self.embeddings.project(outfit.embedding[None, :])[0]
+        return replace(outfit, embedding=embedding)

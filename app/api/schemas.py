@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.codec import encode_embedding
@@ -10,9 +12,11 @@ from app.codec import encode_embedding
 _EXAMPLE_EMBEDDING = encode_embedding([0.5, -0.5, 0.5, -0.5])
 _EXAMPLE_IMAGE = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8U..."
 
+WireDtype = Literal["float32", "float16"]
+
 EMBEDDING_DESCRIPTION = (
-    "Standard base64 (with padding) of little-endian float32 values, L2-normalised; "
-    "`dim` values, 4 bytes each."
+    "Standard base64 (with padding) of little-endian float32 values (float16 with "
+    "`?dtype=float16`), L2-normalised; `dim` values, 4 (or 2) bytes each."
 )
 
 
@@ -40,8 +44,9 @@ class EmbedBatchJSONRequest(_Strict):
 
 class EmbedResponse(BaseModel):
     embedding: str = Field(..., description=EMBEDDING_DESCRIPTION, examples=[_EXAMPLE_EMBEDDING])
-    dim: int = Field(..., description="Number of float32 values in the embedding.", examples=[512])
+    dim: int = Field(..., description="Number of values in the embedding.", examples=[512])
     model: str = Field(..., description="The model that made it.", examples=["ViT-B-32/openai"])
+    dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
 
 
 class EmbedBatchResponse(BaseModel):
@@ -52,6 +57,7 @@ class EmbedBatchResponse(BaseModel):
     )
     dim: int = Field(..., examples=[512])
     model: str = Field(..., examples=["ViT-B-32/openai"])
+    dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
 
 
 class SimilarityRequest(_Strict):
@@ -70,6 +76,7 @@ class SimilarityRequest(_Strict):
         ge=1,
         description="Matches returned per query, best first; capped at the gallery size.",
     )
+    dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -134,6 +141,9 @@ class InfoResponse(BaseModel):
     dim: int = Field(..., examples=[512])
     device: str = Field(..., examples=["cpu"])
     precision: str = Field(..., examples=["fp32"])
+    projection: str | None = Field(
+        None, description="Kind of CLIP_PROJECTION applied (pca, pca-whiten, centre, linear)."
+    )
     image_size: list[int] = Field(..., examples=[[224, 224]])
     resize_mode: str = Field(..., examples=["shortest"])
     batcher: BatcherInfo
@@ -179,3 +189,4 @@ class AnalyzeResponse(BaseModel):
     embedding: str | None = Field(
         None, description=f"The crop's embedding when asked for, else null. {EMBEDDING_DESCRIPTION}"
     )
+    dtype: WireDtype = Field("float32", description="Encoding of `embedding`.")

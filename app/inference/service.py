@@ -23,6 +23,7 @@ from app.config import Settings
 from app.errors import InvalidImage, ServiceError, at_item
 from app.inference.batcher import DynamicBatcher
 from app.inference.decode import decode_image
+from app.reid.projection import Projection
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class EmbeddingService:
         encoder: ImageEncoder,
         settings: Settings,
         observer: Callable[[int, list[float], float], None] | None = None,
+        projection: Projection | None = None,
     ) -> None:
         self.encoder = encoder
+        self.projection = projection
         self.settings = settings
         self._preparing = 0  # requests decoding now: they will join the queue shortly
         self._probe: Any = None  # a preprocessed blank crop for readiness checks
@@ -114,7 +117,15 @@ class EmbeddingService:
 
         `locations` name each image for error messages (`image`, `images[2]`).
         """
-        return await self.forward(await self.prepare(images, locations))
+        return self.project(await self.forward(await self.prepare(images, locations)))
+
+    def project(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The configured projection (CLIP_PROJECTION) of embedding rows, if any."""
+        return rows if self.projection is None else self.projection.apply(rows)
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.projection.output_dim if self.projection else self.encoder.info.dim)
 
     async def forward(self, model_inputs: Sequence[Any]) -> npt.NDArray[np.float32]:
         """Prepared model inputs through the shared batcher; one row each, in order."""

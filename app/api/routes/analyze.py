@@ -9,6 +9,7 @@ from app.api.deps import AnalysisDep, SettingsDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
+from app.api.routes.embed import DtypeQuery
 from app.api.schemas import AnalyzeJSONRequest, AnalyzeResponse, ColorShareModel, Garment
 from app.codec import encode_embedding
 
@@ -36,7 +37,7 @@ _INCLUDE_EMBEDDING = {
     ),
 )
 async def analyze(
-    request: Request, analysis: AnalysisDep, settings: SettingsDep
+    request: Request, analysis: AnalysisDep, settings: SettingsDep, dtype: DtypeQuery = "float32"
 ) -> AnalyzeResponse:
     payload = await read_images(
         request,
@@ -52,7 +53,8 @@ async def analyze(
     return AnalyzeResponse(
         top=_garment(outfit.top),
         bottom=_garment(outfit.bottom),
-        embedding=None if outfit.embedding is None else encode_embedding(outfit.embedding),
+        embedding=None if outfit.embedding is None else encode_embedding(outfit.embedding, dtype),
+        dtype=dtype,
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.disconnect import unless_disconnected
@@ -13,10 +15,16 @@ from app.api.schemas import (
     EmbedBatchResponse,
     EmbedJSONRequest,
     EmbedResponse,
+    WireDtype,
 )
 from app.codec import encode_embedding, encode_embeddings
 
 router = APIRouter(tags=["embeddings"])
+
+DtypeQuery = Annotated[
+    WireDtype,
+    Query(description="float16 halves the bytes (1024 for 512 dims) for clients storing many."),
+]
 
 _IMAGE_ERRORS = error_responses(400, 401, 413, 415, 422, 503, 504, 500)
 
@@ -30,13 +38,17 @@ _IMAGE_ERRORS = error_responses(400, 401, 413, 415, 422, 503, 504, 500)
     responses=_IMAGE_ERRORS,
     openapi_extra=image_request_body("image", many=False, json_model=EmbedJSONRequest),
 )
-async def embed(request: Request, service: ServiceDep, settings: SettingsDep) -> EmbedResponse:
+async def embed(
+    request: Request, service: ServiceDep, settings: SettingsDep, dtype: DtypeQuery = "float32"
+) -> EmbedResponse:
     payload = await read_images(
         request, settings, field_name="image", many=False, json_model=EmbedJSONRequest
     )
     rows = await unless_disconnected(request, service.embed(payload.images, payload.locations))
     info = service.encoder.info
-    return EmbedResponse(embedding=encode_embedding(rows[0]), dim=rows.shape[1], model=info.model)
+    return EmbedResponse(
+        embedding=encode_embedding(rows[0], dtype), dim=rows.shape[1], model=info.model, dtype=dtype
+    )
 
 
 @router.post(
@@ -50,12 +62,15 @@ async def embed(request: Request, service: ServiceDep, settings: SettingsDep) ->
     openapi_extra=image_request_body("images", many=True, json_model=EmbedBatchJSONRequest),
 )
 async def embed_batch(
-    request: Request, service: ServiceDep, settings: SettingsDep
+    request: Request, service: ServiceDep, settings: SettingsDep, dtype: DtypeQuery = "float32"
 ) -> EmbedBatchResponse:
     payload = await read_images(
         request, settings, field_name="images", many=True, json_model=EmbedBatchJSONRequest
     )
     rows = await unless_disconnected(request, service.embed(payload.images, payload.locations))
     return EmbedBatchResponse(
-        embeddings=encode_embeddings(rows), dim=rows.shape[1], model=service.encoder.info.model
+        embeddings=encode_embeddings(rows, dtype),
+        dim=rows.shape[1],
+        model=service.encoder.info.model,
+        dtype=dtype,
     )

@@ -40,7 +40,7 @@ def similarity(
     if pair:
         if body.a is None or body.b is None:
             raise ValidationFailed("a pair needs both `a` and `b`")
-        a, b = _unit_rows([body.a], "a"), _unit_rows([body.b], "b")
+        a, b = _unit_rows([body.a], "a", body.dtype), _unit_rows([body.b], "b", body.dtype)
         _same_dim(a, b, "a", "b")
         return PairSimilarityResponse(similarity=_clip(float(a[0] @ b[0])))
     if body.queries is None or body.gallery is None:
@@ -52,8 +52,8 @@ def similarity(
     ):
         if count > limit:
             raise PayloadTooLarge(f"{name} is {count}, over the limit of {limit} ({setting})")
-    queries = _unit_rows(body.queries, "queries", indexed=True)
-    gallery = _unit_rows(body.gallery, "gallery", indexed=True)
+    queries = _unit_rows(body.queries, "queries", body.dtype, indexed=True)
+    gallery = _unit_rows(body.gallery, "gallery", body.dtype, indexed=True)
     _same_dim(queries, gallery, "queries", "gallery")
     scores = queries @ gallery.T
     k = min(body.top_k, gallery.shape[0])
@@ -66,12 +66,14 @@ def similarity(
     return SearchSimilarityResponse(matches=matches)
 
 
-def _unit_rows(texts: list[str], name: str, indexed: bool = False) -> npt.NDArray[np.float32]:
+def _unit_rows(
+    texts: list[str], name: str, dtype: str, indexed: bool = False
+) -> npt.NDArray[np.float32]:
     rows: list[npt.NDArray[np.float32]] = []
     for i, text in enumerate(texts):
         where = f"{name}[{i}]" if indexed else name
         try:
-            vector = decode_embedding(text)
+            vector = decode_embedding(text, dtype)
         except EmbeddingDecodeError as exc:
             raise InvalidEmbedding(f"{where}: {exc}") from None
         if indexed and rows and vector.shape != rows[0].shape:

@@ -63,7 +63,8 @@ async def info(service: ServiceDep) -> InfoResponse:
     settings = service.settings
     return InfoResponse(
         model=model.model,
-        dim=model.dim,
+        dim=service.output_dim,
+        projection=service.projection.kind if service.projection else None,
         device=model.device,
         precision=model.precision,
         image_size=list(model.image_size),

@@ -1,0 +1,1 @@
+"""Re-identification toolkit: projections of the embedding and Market-1501 evaluation."""
