@@ -129,13 +129,18 @@ class ClipClient(_Base):
         _raise_for_error(response)
         return response.json()
 
-    def embed(self, image: ImageInput) -> npt.NDArray[np.float32]:
-        body = self._post("/embed", files=self._files("image", [image]))
-        return decode_embedding(body["embedding"])
+    def embed(self, image: ImageInput, dtype: str = "float32") -> npt.NDArray[np.float32]:
+        """`dtype="float16"` halves the bytes on the wire; the result is float32 either way."""
+        body = self._post("/embed", files=self._files("image", [image]), params={"dtype": dtype})
+        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
 
-    def embed_batch(self, images: Sequence[ImageInput]) -> npt.NDArray[np.float32]:
-        body = self._post("/embed/batch", files=self._files("images", images))
-        return np.stack([decode_embedding(e) for e in body["embeddings"]])
+    def embed_batch(
+        self, images: Sequence[ImageInput], dtype: str = "float32"
+    ) -> npt.NDArray[np.float32]:
+        files = self._files("images", images)
+        body = self._post("/embed/batch", files=files, params={"dtype": dtype})
+        wire = body.get("dtype", "float32")
+        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
 
     def similarity(self, a: npt.ArrayLike | str, b: npt.ArrayLike | str) -> float:
         return float(
@@ -193,13 +198,18 @@ class AsyncClipClient(_Base):
         _raise_for_error(response)
         return response.json()
 
-    async def embed(self, image: ImageInput) -> npt.NDArray[np.float32]:
-        body = await self._post("/embed", files=self._files("image", [image]))
-        return decode_embedding(body["embedding"])
+    async def embed(self, image: ImageInput, dtype: str = "float32") -> npt.NDArray[np.float32]:
+        files = self._files("image", [image])
+        body = await self._post("/embed", files=files, params={"dtype": dtype})
+        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
 
-    async def embed_batch(self, images: Sequence[ImageInput]) -> npt.NDArray[np.float32]:
-        body = await self._post("/embed/batch", files=self._files("images", images))
-        return np.stack([decode_embedding(e) for e in body["embeddings"]])
+    async def embed_batch(
+        self, images: Sequence[ImageInput], dtype: str = "float32"
+    ) -> npt.NDArray[np.float32]:
+        files = self._files("images", images)
+        body = await self._post("/embed/batch", files=files, params={"dtype": dtype})
+        wire = body.get("dtype", "float32")
+        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
 
     async def similarity(self, a: npt.ArrayLike | str, b: npt.ArrayLike | str) -> float:
         body = await self._post("/similarity", json={"a": _vector(a), "b": _vector(b)})

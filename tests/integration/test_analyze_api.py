@@ -46,7 +46,7 @@ async def test_analyze_describes_top_and_bottom(client: httpx.AsyncClient) -> No
     response = await client.post("/analyze", files={"image": ("p.jpg", person.jpeg)})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"top", "bottom", "embedding"}
+    assert set(body) == {"top", "bottom", "embedding", "dtype"}
     check_garment(body["top"], VOCABULARY.top)
     check_garment(body["bottom"], VOCABULARY.bottom)
     assert body["top"]["color"] == person.top

@@ -30,6 +30,7 @@ async def test_async_client_takes_every_image_form(
         from_pil = await client.embed(as_pil)
         from_array = await client.embed(np.asarray(as_pil))
         batch = await client.embed_batch([crop, path])
+        half = await client.embed(crop, dtype="float16")
         same = await client.similarity(from_bytes, from_path)
         other = await client.embed(noise_jpeg(9))
         matches = await client.search([from_bytes], [other, from_bytes], top_k=1)
@@ -41,9 +42,10 @@ async def test_async_client_takes_every_image_form(
     np.testing.assert_array_equal(from_path, from_str)
     np.testing.assert_allclose(from_pil, from_array, atol=1e-6)  # both sent as PNG
     assert batch.shape == (2, 64)
+    np.testing.assert_allclose(half, from_bytes, atol=2e-3)
     assert same == pytest.approx(1.0, abs=1e-5)
     assert matches[0][0]["index"] == 1
-    assert set(outfit) == {"top", "bottom", "embedding"}
+    assert set(outfit) == {"top", "bottom", "embedding", "dtype"}
     np.testing.assert_allclose(outfit["embedding"], from_bytes, atol=1e-5)
     assert caught.value.status == 400
     assert caught.value.code == "invalid_image"
