@@ -18,12 +18,11 @@ from skimage import data as skimage_data
 from app.analysis.garments import Vocabulary, VocabularyError
 from app.codec import decode_embedding
 from app.config import Settings
-from app.inference.model import ClipImageEncoder
 from app.main import create_app
 from app.tools.synthetic_people import make_person
 from tests.conftest import serve
 from tests.helpers import image_bytes, noise_jpeg
-from tests.integration.test_batching import CountingEncoder
+from tests.integration.test_batching import CountingEncoder, wrapping
 
 VOCABULARY = Vocabulary.load()
 
@@ -126,11 +125,7 @@ async def test_region_crops_share_forward_passes_with_embed_traffic(
     tiny_settings: Callable[..., Settings],
 ) -> None:
     encoders: list[CountingEncoder] = []
-
-    def factory(settings: Settings) -> CountingEncoder:
-        encoders.append(CountingEncoder(ClipImageEncoder.load(settings)))
-        return encoders[-1]
-
+    factory = wrapping(CountingEncoder, encoders)
     async with serve(tiny_settings(max_wait_ms=300, warmup=False), factory) as (_, client):
         encoders[0].batch_sizes.clear()
         responses = await asyncio.gather(

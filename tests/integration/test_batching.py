@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,18 +41,27 @@ class CountingEncoder:
         return getattr(self.inner, name)
 
 
+W = TypeVar("W", bound=CountingEncoder)
+
+
+def wrapping(kind: type[W], built: list[W]) -> Callable[[Settings], W]:
+    """An encoder factory for create_app: the real tiny model inside `kind`, each one
+    built also appended to `built` so the test can reach it."""
+
+    def factory(settings: Settings) -> W:
+        built.append(kind(ClipImageEncoder.load(settings)))
+        return built[-1]
+
+    return factory
+
+
 async def test_concurrent_requests_share_forward_passes(
     tiny_settings: Callable[..., Settings],
 ) -> None:
     encoders: list[CountingEncoder] = []
-
-    def factory(settings: Settings) -> CountingEncoder:
-        encoders.append(CountingEncoder(ClipImageEncoder.load(settings)))
-        return encoders[-1]
-
     settings = tiny_settings(max_wait_ms=200, max_batch_size=16, warmup=False)
     crops = [noise_jpeg(seed) for seed in range(16)]
-    async with serve(settings, factory) as (_, client):
+    async with serve(settings, wrapping(CountingEncoder, encoders)) as (_, client):
         singles = []
         for crop in crops[:3]:
             response = await client.post("/embed", files={"image": ("c.jpg", crop)})
@@ -88,11 +97,7 @@ async def test_a_failed_forward_pass_fails_its_requests_and_the_next_succeed(
     tiny_settings: Callable[..., Settings],
 ) -> None:
     encoder: list[FailingOnceEncoder] = []
-
-    def factory(settings: Settings) -> FailingOnceEncoder:
-        encoder.append(FailingOnceEncoder(ClipImageEncoder.load(settings)))
-        return encoder[0]
-
+    factory = wrapping(FailingOnceEncoder, encoder)
     async with serve(tiny_settings(max_wait_ms=100), factory) as (_, client):
         encoder[0].armed = True
         failed = await asyncio.gather(

@@ -13,10 +13,9 @@ import numpy.typing as npt
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.inference.model import ClipImageEncoder
 from tests.conftest import serve
 from tests.helpers import noise_jpeg
-from tests.integration.test_batching import CountingEncoder
+from tests.integration.test_batching import CountingEncoder, wrapping
 
 
 class SlowEncoder(CountingEncoder):
@@ -33,11 +32,7 @@ class SlowEncoder(CountingEncoder):
 
 
 def slow_factory(holder: list[SlowEncoder]) -> Callable[[Settings], SlowEncoder]:
-    def make(settings: Settings) -> SlowEncoder:
-        holder.append(SlowEncoder(ClipImageEncoder.load(settings)))
-        return holder[-1]
-
-    return make
+    return wrapping(SlowEncoder, holder)
 
 
 async def test_overload_answers_every_request_fast_with_200_or_503(
