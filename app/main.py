@@ -1,5 +1,6 @@
 """The ASGI application: `create_app(settings)` for tests and tools, `app` for uvicorn.
 
+    python -m app --host 0.0.0.0 --port 8000      # production: graceful SIGTERM, exit 0
     uvicorn app.main:app --host 0.0.0.0 --port 8000
 
 The model loads once, in the lifespan, before the server accepts connections; if it
@@ -60,18 +61,14 @@ def create_app(
         try:
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
-        except (WeightsUnavailable, VocabularyError) as exc:
+            projection = load_projection(settings, encoder.info.model, encoder.info.dim)
+        except (WeightsUnavailable, VocabularyError, ProjectionError) as exc:
             logger.error("startup failed: %s", exc)
             raise
         if settings.warmup:
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
-        try:
-            projection = load_projection(settings, encoder.info.model, encoder.info.dim)
-        except ProjectionError as exc:
-            logger.error("startup failed: %s", exc)
-            raise
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )
