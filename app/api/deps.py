@@ -6,7 +6,7 @@ per dependency per request that a profile of /embed showed costing ~5 ms on 2 co
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -21,24 +21,23 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-def _refuse_if_draining(request: Request) -> None:
+def _serving(request: Request, name: str) -> Any:
+    """app.state.<name>, or the 503 that says why there is none to serve with."""
     if getattr(request.app.state, "draining", False):
         raise ShuttingDown("the service is shutting down; retry on another replica")
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise NotReady("the model is not loaded yet; retry once /ready answers 200")
+    return value
 
 
 async def get_service(request: Request) -> EmbeddingService:
-    _refuse_if_draining(request)
-    service: EmbeddingService | None = getattr(request.app.state, "service", None)
-    if service is None:
-        raise NotReady("the model is not loaded yet; retry once /ready answers 200")
+    service: EmbeddingService = _serving(request, "service")
     return service
 
 
 async def get_analysis(request: Request) -> AnalysisService:
-    _refuse_if_draining(request)
-    analysis: AnalysisService | None = getattr(request.app.state, "analysis", None)
-    if analysis is None:
-        raise NotReady("the model is not loaded yet; retry once /ready answers 200")
+    analysis: AnalysisService = _serving(request, "analysis")
     return analysis
 
 

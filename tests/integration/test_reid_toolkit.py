@@ -109,31 +109,10 @@ def test_fit_projection_and_eval_reid_end_to_end(tiny_model_dir: Path, tmp_path:
     model = f"local-dir:{tiny_model_dir}"
     pca = tmp_path / "pca8.safetensors"
     centre = tmp_path / "centre.safetensors"
-    fit_projection.main(
-        [
-            str(dataset / "bounding_box_test"),
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--dim",
-            "8",
-            "--out",
-            str(pca),
-        ]
-    )
-    fit_projection.main(
-        [
-            str(dataset / "bounding_box_test"),
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--centre",
-            "--out",
-            str(centre),
-        ]
-    )
+    crops = str(dataset / "bounding_box_test")
+    common = ["--model", model, "--device", "cpu"]
+    fit_projection.main([crops, *common, "--dim", "8", "--out", str(pca)])
+    fit_projection.main([crops, *common, "--centre", "--out", str(centre)])
     assert Projection.load(pca).output_dim == 8
     out = tmp_path / "results"
     results = eval_reid.main(
