@@ -41,11 +41,6 @@ class ImageInput:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole body; its size limit is BodySizeLimitMiddleware's job."""
-    return await request.body()
-
-
 async def read_images(
     request: Request,
     settings: Settings,
@@ -60,7 +55,7 @@ async def read_images(
     options = options or {}
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        body = await read_body(request)
+        body = await request.body()  # size limit: BodySizeLimitMiddleware
         return _from_json(body, settings, field_name, many, json_model)
     if media_type == "multipart/form-data":
         return await _from_multipart(request, settings, field_name, many, options)
