@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         log_config=None,  # configure_logging's JSON lines
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        # The service's own JSON 503 refuses work past CLIP_MAX_CONCURRENT_REQUESTS;
+        # uvicorn's (plain-text) limit on connections only stops floods of idle ones.
+        limit_concurrency=2 * settings.max_concurrent_requests + 64,
+        backlog=2048,
+        timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
+        h11_max_incomplete_event_size=64 * 1024,  # request line and headers
     )
     server = GracefulServer(config, app)
     server.run()

@@ -29,6 +29,9 @@ class ResizeMode(StrEnum):
     SQUASH = "squash"  # resize to the square, distorting the aspect ratio
 
 
+# Model inputs of the largest /analyze: upper body, lower body and the whole crop.
+ANALYZE_IMAGES = 3
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -47,12 +50,39 @@ class Settings(BaseSettings):
     precision: Precision = Precision.AUTO
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
-    max_queue: int = Field(1024, ge=1)
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        description="Images admitted and not yet answered (decoding, queued or in a forward "
+        "pass); a request that would pass it is refused (503) before its images are decoded.",
+    )
     request_timeout_s: float = Field(30.0, gt=0)
     max_batch_images: int = Field(64, ge=1)
     max_queries: int = Field(1000, ge=1, description="Most queries in one /similarity search.")
     max_gallery: int = Field(100_000, ge=1, description="Most gallery items in one search.")
     max_top_k: int = Field(1000, ge=1, description="Most matches returned per query.")
+    max_search_scores: int = Field(
+        20_000_000, ge=1, description="Most scores one search computes: queries x gallery."
+    )
+    max_search_matches: int = Field(
+        100_000, ge=1, description="Most matches one search returns: queries x top_k."
+    )
+    max_concurrent_requests: int = Field(
+        128,
+        ge=1,
+        description="HTTP requests doing work at once; more get 503 before their body is "
+        "read. uvicorn's connection limit is set above it.",
+    )
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Decoded pixels one request may bring, all its images together (413).",
+    )
+    max_pixels_in_flight: int = Field(
+        200_000_000,
+        ge=1,
+        description="Decoded pixels of admitted requests not yet answered (503 past it).",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -111,12 +141,25 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _queue_holds_batches(self) -> Settings:
-        # A queue smaller than a batch could never fill one: batching would be dead.
-        if self.max_queue < self.max_batch_size:
+    def _bounds_hold_one_largest_request(self) -> Settings:
+        # A bound smaller than one valid request would refuse that request forever, and a
+        # queue smaller than a batch could never fill one.
+        largest = max(self.max_batch_size, self.max_batch_images, ANALYZE_IMAGES)
+        if self.max_queue < largest:
             raise ValueError(
-                f"CLIP_MAX_QUEUE ({self.max_queue}) must be at least CLIP_MAX_BATCH_SIZE "
-                f"({self.max_batch_size})"
+                f"CLIP_MAX_QUEUE ({self.max_queue}) must hold one largest request: at least "
+                f"CLIP_MAX_BATCH_SIZE ({self.max_batch_size}), CLIP_MAX_BATCH_IMAGES "
+                f"({self.max_batch_images}) and {ANALYZE_IMAGES} (an /analyze with embedding)"
+            )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"CLIP_MAX_REQUEST_PIXELS ({self.max_request_pixels}) must be at least "
+                f"CLIP_MAX_IMAGE_PIXELS ({self.max_image_pixels})"
+            )
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(
+                f"CLIP_MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) must be at least "
+                f"CLIP_MAX_REQUEST_PIXELS ({self.max_request_pixels})"
             )
         return self
 

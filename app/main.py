@@ -24,16 +24,18 @@ from app.analysis.analyzer import OutfitAnalyzer
 from app.analysis.garments import GarmentClassifiers, Vocabulary, VocabularyError
 from app.analysis.service import AnalysisService
 from app.api.body_limit import BodySizeLimitMiddleware
+from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.routes import analyze, embed, similarity, system
 from app.api.security import require_api_key
 from app.config import Settings, load_settings
+from app.inference.encoder import ImageEncoder
 from app.inference.memory import release_freed_memory
 from app.inference.model import ClipImageEncoder
-from app.inference.service import EmbeddingService, ImageEncoder
+from app.inference.projection import Projection, ProjectionError
+from app.inference.service import EmbeddingService
 from app.inference.weights import WeightsUnavailable
 from app.observability import Metrics, RequestObservability, configure_logging
-from app.reid.projection import Projection, ProjectionError
 
 logger = logging.getLogger("app")
 
@@ -75,9 +77,11 @@ def create_app(
         metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
         await service.start()
         app.state.service = service
-        app.state.analysis = AnalysisService(
-            service, OutfitAnalyzer(classifiers, encoder.preprocess, settings.region_bounds)
+        analyzer = OutfitAnalyzer(
+            classifiers, encoder.preprocess, settings.region_bounds, max(encoder.info.image_size)
         )
+        analysis = AnalysisService(service, analyzer)
+        app.state.analysis = analysis
         logger.info("ready: %s", encoder.info)
         try:
             yield
@@ -85,6 +89,7 @@ def create_app(
             app.state.service = None
             app.state.analysis = None
             await service.stop(drain_timeout_s=min(settings.request_timeout_s, 10.0))
+            analysis.stop()
 
     # Swagger UI and ReDoc assets from the fastapi-offline package, not a CDN: CCTV
     # networks are often closed, and /docs must still work there.
@@ -103,6 +108,8 @@ def create_app(
     app.state.draining = False  # set on SIGTERM by `python -m app`
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # Before the body limit reads anything: a refusal costs no body bytes at all.
+    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     # Outermost: sees every response, the body limit's 413s included.
     app.add_middleware(RequestObservability, metrics=metrics)
     # Only when keys are set: the schema then shows the security scheme, and never

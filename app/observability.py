@@ -5,6 +5,7 @@ Each app owns its registry, so several apps in one process (tests) never share c
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -17,6 +18,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("app.access")
+logger = logging.getLogger("app")
+
+# The id of the request being served, for every log line written on its behalf: set by
+# the middleware, copied into worker threads with the context (see inference.service).
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -90,13 +98,16 @@ class RequestObservability:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -105,7 +116,35 @@ class RequestObservability:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug, not a client's doing: one traceback, and a JSON 500 that carries
+            # the request id (Starlette's own last-resort handler sits outside us and
+            # would answer without it). Not re-raised: the server would log it again.
+            logger.exception("unhandled error")
+            self.metrics.rejections.labels("internal_error").inc()
+            if not response_started:
+                body = json.dumps(
+                    {
+                        "error": {
+                            "code": "internal_error",
+                            "message": "internal error; the operator's log has the details "
+                            f"(request id {request_id})",
+                        }
+                    }
+                ).encode()
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
         finally:
+            request_id_var.reset(token)
             elapsed = time.perf_counter() - started
             endpoint = self._endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -130,6 +169,17 @@ class RequestObservability:
         return str(getattr(route, "path", "other"))
 
 
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request it was written for, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            request_id = request_id_var.get()
+            if request_id is not None:
+                record.request_id = request_id
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: what log shippers (Loki, Elastic, CloudWatch) parse."""
 
@@ -151,6 +201,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)  # open_clip narrates every step at INFO on the root

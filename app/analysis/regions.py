@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from skimage.color import rgb2lab, rgb2ycbcr
 
 DEFAULT_BOUNDS = (0.15, 0.52, 0.92)
@@ -27,6 +28,7 @@ MIN_CROP = (8, 16)  # width, height: below this there is no garment to see
 _FLOOR = 0.15  # smallest weight a pixel can get
 _BACKGROUND_DISTANCE = 18.0  # Delta E (CIE76) under which a pixel looks like the border
 _SAMPLE_SIDE = 48  # regions are analysed at most this many pixels wide
+_MIN_ACROSS = 8  # ... and at least this many across, where the crop has them
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,16 @@ def border_colors(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
     return np.array(samples, dtype=np.float64)
 
 
-def downsample(rgb: npt.NDArray[np.uint8], side: int = _SAMPLE_SIDE) -> npt.NDArray[np.uint8]:
-    """Stride-subsample so the longer side is at most `side` pixels: colour statistics
-    need a few thousand pixels, not a megapixel. A thin crop keeps 8 pixels across."""
-    height, width, _ = rgb.shape
-    step = max(1, min(int(np.ceil(max(height, width) / side)), min(height, width) // 8))
-    return rgb[::step, ::step]
+def downsample(image: Image.Image, side: int = _SAMPLE_SIDE) -> npt.NDArray[np.uint8]:
+    """A sample of the crop's own pixels (nearest neighbour: no blended colours) whose
+    longer side is at most `side`; colour statistics need a few thousand pixels, not a
+    megapixel. A thin crop keeps 8 pixels across where it has them, even if that means
+    distorting a sliver's aspect: colours do not care, and memory stays bounded."""
+    width, height = image.size
+    scale = min(1.0, side / max(width, height))
+    size = (
+        max(min(width, _MIN_ACROSS), round(width * scale)),
+        max(min(height, _MIN_ACROSS), round(height * scale)),
+    )
+    small = image if size == (width, height) else image.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(small.convert("RGB") if small.mode != "RGB" else small)

@@ -11,9 +11,61 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.schemas import ErrorResponse
-from app.errors import ServiceError
+from app.errors import (
+    ClientDisconnected,
+    InferenceFailed,
+    InvalidBase64,
+    InvalidEmbedding,
+    InvalidImage,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimedOut,
+    ServiceError,
+    ShuttingDown,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 logger = logging.getLogger(__name__)
+
+# How each kind of failure travels over HTTP. Looked up along the class's MRO, so a
+# subclass (the batcher's BatchFailed) answers as its parent does.
+_STATUS: dict[type[ServiceError], int] = {
+    InvalidImage: 400,
+    InvalidEmbedding: 400,
+    InvalidBase64: 400,
+    InvalidRequest: 400,
+    Unauthorized: 401,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    ValidationFailed: 422,
+    ClientDisconnected: 499,  # as nginx logs it; nobody reads this answer
+    InferenceFailed: 500,
+    Overloaded: 503,
+    ShuttingDown: 503,
+    NotReady: 503,
+    RequestTimedOut: 504,
+}
+
+
+def status_of(error: ServiceError) -> int:
+    for kind in type(error).__mro__:
+        if kind in _STATUS:
+            return _STATUS[kind]
+    return 500
+
+
+def headers_of(error: ServiceError) -> dict[str, str] | None:
+    headers: dict[str, str] = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="clip-reid"'
+    return headers or None
+
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -55,10 +107,16 @@ def _count(request: Request, code: str) -> None:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     _count(request, exc.code)
-    if exc.status_code >= 500:
-        # Full detail for the operator, none for the client.
-        logger.error("request failed: %s", exc.message, exc_info=exc.__cause__ or exc)
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    status = status_of(exc)
+    # No tracebacks here: a refusal is not a fault, and a failed forward pass was logged
+    # once, with its traceback, by the batcher (one line per batch, not per request).
+    if status >= 500 and status not in (503, 504):
+        logger.error("request failed: %s: %s", exc.code, exc.message)
+    elif status in (503, 504):
+        logger.warning("request refused: %s: %s", exc.code, exc.message)
+    else:
+        logger.info("request refused: %s: %s", exc.code, exc.message)
+    return error_response(status, exc.code, exc.message, headers_of(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

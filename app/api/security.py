@@ -13,17 +13,11 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import ServiceError
+from app.errors import Unauthorized
 
 # auto_error=False: a missing key is our JSON 401, not FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
-
-
-class Unauthorized(ServiceError):
-    status_code = 401
-    code = "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="clip-reid"'}
 
 
 def key_matches(candidate: str, keys: list[bytes]) -> bool:

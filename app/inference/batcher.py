@@ -185,11 +185,19 @@ class DynamicBatcher(Generic[In, Out]):
             except Exception as exc:
                 self.stats.failed_batches += 1
                 self.stats.consecutive_failures += 1
-                logger.exception("%s: a batch of %d failed", self._name, len(batch))
+                # The one traceback of this failure: requests log their refusal without it.
+                batch_number = self.stats.batches
+                logger.exception(
+                    "%s: forward pass %d (%d items) failed",
+                    self._name,
+                    batch_number,
+                    len(batch),
+                )
                 for waiting in batch:
                     if not waiting.future.done():
                         failure = BatchFailed(
-                            f"the forward pass for a batch of {len(batch)} failed"
+                            f"the forward pass (number {batch_number}, {len(batch)} images) "
+                            "failed; the service log has the cause"
                         )
                         failure.__cause__ = exc
                         waiting.future.set_exception(failure)

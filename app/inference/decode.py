@@ -33,6 +33,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     Raises InvalidImage (400) for anything that is not a readable image in an accepted
     format and PayloadTooLarge (413) when its pixel count exceeds `max_pixels`.
     """
+    return load_rgb(open_image(data, max_pixels=max_pixels))
+
+
+def open_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
+    """Read the header only: format and size are known, no pixel is decoded yet.
+
+    With `reduce_to`, a JPEG is set to decode at the smallest of 1/2, 1/4 or 1/8 scale
+    that keeps both sides at least `reduce_to` pixels (libjpeg's DCT scaling, "draft"
+    mode): a 24 Mpx photo then costs a fraction of its full decode. The returned image's
+    `size` is what `load_rgb` will decode, so callers can charge pixels before paying.
+    """
     if not data:
         raise InvalidImage("image is empty (0 bytes)")
     try:
@@ -54,17 +65,26 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise PayloadTooLarge(_too_many_pixels(f"{width}x{height} = {width * height}", max_pixels))
+    if reduce_to and image.format == "JPEG" and min(width, height) >= 2 * reduce_to:
+        try:
+            image.draft(None, (reduce_to, reduce_to))
+        except Exception as exc:
+            raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+    return image
 
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Decode an opened image's first frame to upright 8-bit RGB."""
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)  # animations: the first frame is the crop
+        # Animations and multi-page files open at their first frame, which is the crop;
+        # counting frames (n_frames) would walk the whole file, so it is never asked.
         image.load()
         upright: Image.Image = ImageOps.exif_transpose(image) or image
         return to_rgb(upright)
     except (InvalidImage, PayloadTooLarge):
         raise
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(_too_many_pixels("far more", max_pixels)) from None
+        raise PayloadTooLarge("image decodes to far more pixels than its header says") from None
     except Exception as exc:
         raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
 
@@ -91,15 +111,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit and float greyscale: scale to 8 bits instead of clipping at 255."""
-    values = np.asarray(image, dtype=np.float64)
+    """16-bit and float greyscale: scale to 8 bits instead of clipping at 255. float32
+    and in place: a 40 Mpx frame costs a few bytes a pixel, not float64 copies."""
+    values = np.array(image, dtype=np.float32)
     if image.mode == "F":
-        peak = float(np.nanmax(values)) if values.size else 1.0
-        scale = 255.0 if peak <= 1.0 else 1.0
-        scaled = np.nan_to_num(values) * scale
+        np.nan_to_num(values, copy=False)
+        peak = float(values.max()) if values.size else 1.0
+        if peak <= 1.0:
+            values *= 255.0
     else:
-        scaled = values / 257.0  # 65535 -> 255
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        values /= 257.0  # 65535 -> 255
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    grey = values.astype(np.uint8)
+    del values
     return Image.fromarray(grey).convert("RGB")  # uint8 2-D is mode L
 
 

@@ -10,7 +10,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import Compose, Normalize
 
 from app.config import Precision, ResizeMode, Settings
+from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -29,18 +29,6 @@ logger = logging.getLogger(__name__)
 # would allocate hundreds of megabytes for pixels the centre crop throws away. Ordinary
 # person crops (1:2, 1:3) stay far below it, so they go through the exact reference path.
 _MAX_ASPECT_BEFORE_PRECROP = 4.0
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    model: str
-    dim: int
-    device: str
-    precision: str
-    image_size: tuple[int, int]
-    resize_mode: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 def pick_device(requested: str) -> torch.device:
@@ -211,18 +199,18 @@ class ClipImageEncoder:
         self._text_model = None
         self._tokenizer = None
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def preprocess(self, image: Image.Image) -> ModelInput:
         """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()
         normalises, or (for transforms of unknown shape) open_clip's float tensor."""
         if self.info.resize_mode == "shortest":
             image = _precrop_extreme_aspect(image)
         elif self.info.resize_mode == "longest":
-            image = _pad_extreme_aspect(image, max(self.info.image_size))
+            image = _shrink_extreme_aspect(image, max(self.info.image_size))
         if self._split is not None:
             return self._split.pixels(image)
         return self._preprocess(image)
 
-    def forward(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Sequence[ModelInput]) -> torch.Tensor:
         """Stacked inputs through the image tower; raw (unnormalised) features."""
         with torch.inference_mode():
             stacked = torch.stack(list(batch)).to(self._device, non_blocking=True)
@@ -238,7 +226,7 @@ class ClipImageEncoder:
             features = torch.nn.functional.normalize(features, dim=-1)
             return features.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode(self, batch: Sequence[torch.Tensor]) -> npt.NDArray[np.float32]:
+    def encode(self, batch: Sequence[ModelInput]) -> npt.NDArray[np.float32]:
         return self.postprocess(self.forward(batch))
 
     def warm_up(self) -> None:
@@ -298,15 +286,14 @@ def _precrop_extreme_aspect(image: Image.Image) -> Image.Image:
     return image.crop((0, top, width, top + limit))
 
 
-def _pad_extreme_aspect(image: Image.Image, target: int) -> Image.Image:
-    """Pad a sliver so that fitting its long side into `target` leaves a short side of at
-    least one pixel; the padding is the black open_clip pads with anyway."""
+def _shrink_extreme_aspect(image: Image.Image, target: int) -> Image.Image:
+    """A sliver whose short side would round to nothing when its long side is fitted to
+    `target` is resized here first, keeping one pixel across; open_clip's resize then
+    leaves it as it is and pads it. Resizing before padding keeps the memory of a
+    40 x 1,000,000 strip at target x 1, where padding first needs gigabytes."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
-    needed = -(-long // target)  # ceil: the short side that survives the downscale
-    if short >= needed:
+    if short * target >= long:
         return image
-    size = (needed, height) if width < height else (width, needed)
-    padded = Image.new("RGB", size, (0, 0, 0))
-    padded.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
-    return padded
+    fitted = (target, 1) if width > height else (1, target)
+    return image.resize(fitted, Image.Resampling.BICUBIC)

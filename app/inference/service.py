@@ -1,59 +1,64 @@
-"""The embedding pipeline: decode and preprocess in worker threads, batch, forward.
+"""The embedding pipeline: admit, read headers, decode and preprocess in worker threads,
+batch, forward.
 
 Decoding of one request overlaps the forward pass of earlier ones: the decode pool and
 the batcher's forward thread are separate, and the event loop only moves futures.
+Every request is admitted (images, then pixels) before its images are decoded, and all
+its work runs under one deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
 from app.config import Settings
-from app.errors import InvalidImage, ServiceError, at_item
+from app.errors import (
+    InvalidImage,
+    RequestTimedOut,
+    ServiceError,
+    ShuttingDown,
+    at_item,
+)
+from app.inference.admission import Admission, AdmissionLimits, Ticket
 from app.inference.batcher import DynamicBatcher
-from app.inference.decode import decode_image
-from app.reid.projection import Projection
+from app.inference.decode import load_rgb, open_image
+from app.inference.encoder import ImageEncoder, ModelInput
+from app.inference.projection import Projection
+from app.inference.readiness import ReadinessMonitor
 
 logger = logging.getLogger(__name__)
 
-FAILING_AFTER = 3  # consecutive failed forward passes before /ready says 503
+T = TypeVar("T")
 
-
-class ImageEncoder(Protocol):
-    """What the service needs of a model; ClipImageEncoder and test fakes provide it."""
-
-    @property
-    def info(self) -> Any: ...
-
-    def preprocess(self, image: Image.Image) -> Any: ...
-
-    def encode(self, batch: Sequence[Any]) -> npt.NDArray[np.float32]: ...
-
-    def warm_up(self) -> None: ...
-
-    @property
-    def logit_scale(self) -> float: ...
-
-    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
-
-    def release_text_tower(self) -> None: ...
+# JPEGs are decoded at reduced scale down to twice the model's input side: enough that
+# the model's own antialiased resize sees the same picture (parity tested), and a 12 Mpx
+# photo decodes at a quarter or an eighth of the cost.
+_DRAFT_FACTOR = 2
 
 
 def default_decode_workers() -> int:
     # Decoding a crop costs ~2 ms against ~60 ms of forward pass per image on CPU, so a
     # couple of threads keep the batcher fed without stealing the model's cores.
     return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+def run_in(executor: Executor, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """`function(*args)` in `executor`, with the caller's context variables (the request
+    id in log lines); cancelling the future drops the job if it has not started."""
+    context = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(executor, context.run, function, *args)
 
 
 class EmbeddingService:
@@ -68,47 +73,46 @@ class EmbeddingService:
         self.projection = projection
         self.settings = settings
         self._preparing = 0  # requests decoding now: they will join the queue shortly
-        self._probe: Any = None  # a preprocessed blank crop for readiness checks
+        self._closing = False
         workers = settings.decode_workers or default_decode_workers()
         self.decode_workers = workers
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-        self.batcher: DynamicBatcher[Any, npt.NDArray[np.float32]] = DynamicBatcher(
+        self._draft_side = _DRAFT_FACTOR * max(encoder.info.image_size)
+        self.admission = Admission(
+            AdmissionLimits(
+                max_images=settings.max_queue,
+                max_pixels=settings.max_pixels_in_flight,
+                max_request_pixels=settings.max_request_pixels,
+            )
+        )
+        self.batcher: DynamicBatcher[ModelInput, npt.NDArray[np.float32]] = DynamicBatcher(
             self._encode_rows,
             max_batch_size=settings.max_batch_size,
+            # Admission bounds what reaches the queue; this bound only guards callers
+            # that bypass it (the readiness probe), so it can never refuse a request.
+            max_queue=settings.max_queue + 1,
             max_wait_s=settings.max_wait_s,
-            max_queue=settings.max_queue,
             name="embed",
             companions_expected=lambda: self._preparing > 0,
             observer=observer,
         )
+        self.readiness = ReadinessMonitor(self.batcher, self._probe_input)
 
     async def start(self) -> None:
         await self.batcher.start()
 
-    async def model_works(self, fresh_s: float = 10.0, timeout_s: float = 5.0) -> bool:
-        """Readiness that exercises the model: recent forward passes that worked count;
-        without traffic a one-image probe goes through the batcher; a run of failed
-        batches means no."""
-        stats = self.batcher.stats
-        if stats.consecutive_failures >= FAILING_AFTER:
-            return False
-        if stats.last_success_at and time.monotonic() - stats.last_success_at < fresh_s:
-            return True
-        if self._probe is None:
-            blank = Image.new("RGB", (64, 128), (127, 127, 127))
-            loop = asyncio.get_running_loop()
-            self._probe = await loop.run_in_executor(
-                self._decode_pool, self.encoder.preprocess, blank
-            )
-        try:
-            await self.batcher.submit([self._probe], timeout_s=timeout_s)
-        except ServiceError:
-            return False
-        return True
-
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        self._closing = True
+        self.readiness.stop()
         await self.batcher.stop(drain_timeout_s)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def model_works(self) -> bool:
+        return await self.readiness.model_works()
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.projection.output_dim if self.projection else self.encoder.info.dim)
 
     async def embed(
         self, images: Sequence[bytes], locations: Sequence[str]
@@ -117,63 +121,121 @@ class EmbeddingService:
 
         `locations` name each image for error messages (`image`, `images[2]`).
         """
-        return self.project(await self.forward(await self.prepare(images, locations)))
+        async with self.admitted(len(images)) as ticket:
+            opened = self.open(images, locations, ticket)
+            rows = await self.forward(await self.prepare(opened, locations))
+        return self.project(rows)
+
+    @asynccontextmanager
+    async def admitted(self, images: int) -> AsyncIterator[Ticket]:
+        """Permits for `images` model inputs (Overloaded when they do not fit), held
+        until the block ends, which must be within CLIP_REQUEST_TIMEOUT_S."""
+        if self._closing or not self.batcher.running:
+            raise ShuttingDown("the service is shutting down; retry on another replica")
+        ticket = self.admission.admit(images)
+        timeout_s = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                yield ticket
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"the request took over {timeout_s:g}s (CLIP_REQUEST_TIMEOUT_S); the service "
+                "is overloaded or the timeout too short"
+            ) from None
+        finally:
+            ticket.release()
+
+    def open(
+        self, images: Sequence[bytes], locations: Sequence[str], ticket: Ticket
+    ) -> list[Image.Image]:
+        """Read every image's header and charge its decoded pixels to the ticket, before
+        any pixel is decoded. Headers are a few hundred bytes: cheap enough for the
+        event loop, and a refusal never waits behind other requests' decoding."""
+        opened: list[Image.Image] = []
+        failures: list[tuple[int, ServiceError]] = []
+        for index, data in enumerate(images):
+            try:
+                opened.append(
+                    open_image(
+                        data, max_pixels=self.settings.max_image_pixels, reduce_to=self._draft_side
+                    )
+                )
+            except ServiceError as error:
+                failures.append((index, error))
+        if failures:
+            raise _located(failures, locations)
+        ticket.add_pixels(sum(image.size[0] * image.size[1] for image in opened))
+        return opened
 
     def project(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The configured projection (CLIP_PROJECTION) of embedding rows, if any."""
         return rows if self.projection is None else self.projection.apply(rows)
 
-    @property
-    def output_dim(self) -> int:
-        return int(self.projection.output_dim if self.projection else self.encoder.info.dim)
-
-    async def forward(self, model_inputs: Sequence[Any]) -> npt.NDArray[np.float32]:
-        """Prepared model inputs through the shared batcher; one row each, in order."""
-        rows = await self.batcher.submit(model_inputs, timeout_s=self.settings.request_timeout_s)
+    async def forward(self, model_inputs: Sequence[ModelInput]) -> npt.NDArray[np.float32]:
+        """Prepared model inputs through the shared batcher; one row each, in order.
+        (The deadline is the caller's: `admitted` holds it for the whole request.)"""
+        try:
+            rows = await self.batcher.submit(model_inputs)
+        except ServiceError:
+            self.readiness.check()
+            raise
         return np.stack(rows)
 
     async def prepare(
         self,
-        images: Sequence[bytes],
+        images: Sequence[Image.Image],
         locations: Sequence[str],
-        transform: Callable[[Image.Image], Any] | None = None,
-    ) -> list[Any]:
-        """Decode each image and apply `transform` (default: the model's preprocessing)
-        in the decode threads, in parallel; the first bad image fails the lot."""
-        loop = asyncio.get_running_loop()
+        transform: Callable[[Image.Image], T] | None = None,
+    ) -> list[T]:
+        """Decode each opened image and apply `transform` (default: the model's
+        preprocessing) in the decode threads, in parallel; the first bad image fails
+        the lot, and the jobs not yet started are dropped."""
         work = partial(self._prepare_one, transform=transform or self.encoder.preprocess)
         self._preparing += 1
+        jobs = [run_in(self._decode_pool, work, image) for image in images]
         try:
-            jobs = [loop.run_in_executor(self._decode_pool, work, data) for data in images]
             outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             self._preparing -= 1
+            for job in jobs:
+                job.cancel()
         failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
         if failures:
-            index, error = failures[0]
-            if not isinstance(error, ServiceError):
-                raise error
-            located = at_item(error, locations[index])
-            if len(failures) > 1:
-                others = ", ".join(locations[i] for i, _ in failures[1:])
-                located.message += f" (also invalid: {others})"
-            raise located
-        return list(outcomes)
+            for _, error in failures:
+                if not isinstance(error, ServiceError):
+                    raise error
+            raise _located(failures, locations)  # type: ignore[arg-type]
+        return outcomes  # type: ignore[return-value]
 
-    def _prepare_one(self, data: bytes, transform: Callable[[Image.Image], Any]) -> Any:
-        image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+    def _prepare_one(self, image: Image.Image, transform: Callable[[Image.Image], T]) -> T:
+        rgb = load_rgb(image)
         try:
-            return transform(image)
+            return transform(rgb)
         except ServiceError:
             raise
         except Exception:
             # A decoded image the transform cannot take is still the client's picture:
             # answer 400 rather than 500, and keep the traceback for us.
-            logger.exception("preprocessing failed for a %dx%d image", *image.size)
+            logger.exception("preprocessing failed for a %dx%d image", *rgb.size)
             raise InvalidImage(
-                f"image of {image.size[0]}x{image.size[1]} pixels could not be prepared for "
+                f"image of {rgb.size[0]}x{rgb.size[1]} pixels could not be prepared for "
                 "the model; send an ordinary person crop"
             ) from None
 
-    def _encode_rows(self, batch: list[Any]) -> list[npt.NDArray[np.float32]]:
+    async def _probe_input(self) -> ModelInput:
+        blank = Image.new("RGB", (64, 128), (127, 127, 127))
+        return await run_in(self._decode_pool, self.encoder.preprocess, blank)
+
+    def _encode_rows(self, batch: list[ModelInput]) -> list[npt.NDArray[np.float32]]:
         return list(self.encoder.encode(batch))
+
+
+def _located(failures: list[tuple[int, ServiceError]], locations: Sequence[str]) -> ServiceError:
+    """The first failure, named by its item, listing the other items that failed too."""
+    index, error = failures[0]
+    located = at_item(error, locations[index])
+    if len(failures) > 1:
+        others = ", ".join(locations[i] for i, _ in failures[1:])
+        located.message += f" (also invalid: {others})"
+        located.args = (located.message,)
+    return located

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from app.config import Settings
+from app.inference.projection import Projection
 from app.reid.embedding import embed_in_process, embed_via_service, image_files
 from app.reid.metrics import ReidScores, evaluate
-from app.reid.projection import Projection
 
 _NAME = re.compile(r"^(-?\d+)_c(\d+)")
 

@@ -17,8 +17,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from app.config import Settings
+from app.inference.projection import Projection, fit_centring, fit_pca
 from app.reid.embedding import embed_in_process, image_files
-from app.reid.projection import Projection, fit_centring, fit_pca
 
 
 def main(argv: list[str] | None = None) -> Projection:

@@ -11,8 +11,8 @@ import pytest
 
 from app.codec import decode_embedding, encode_embedding
 from app.config import Settings
+from app.inference.projection import Projection, ProjectionError, fit_pca
 from app.reid import eval_reid, fit_projection
-from app.reid.projection import Projection, ProjectionError, fit_pca
 from app.tools.synthetic_people import make_person, random_garment
 from tests.conftest import serve
 from tests.helpers import noise_jpeg

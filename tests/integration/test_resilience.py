@@ -1,8 +1,11 @@
-"""Overload, a failing model, and clients that hang up."""
+"""Overload, a failing model, clients that hang up, and what the logs say about them."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,24 +13,47 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+import pytest
+import torch
 from fastapi import FastAPI
+from PIL import Image
 
 from app.config import Settings
+from app.inference.readiness import ReadinessMonitor
+from app.observability import RequestIdFilter
 from tests.conftest import serve
-from tests.helpers import noise_jpeg
+from tests.helpers import image_bytes, noise_jpeg
 from tests.integration.test_batching import CountingEncoder, wrapping
 
 
 class SlowEncoder(CountingEncoder):
-    """The real tiny model, made slow (like a big model on a small CPU) and breakable."""
+    """The real tiny model, made slow (like a big model on a small CPU) and breakable:
+    `broken` fails every pass, `failures_left` the next N passes. It records every
+    image it decodes and every input it runs."""
 
     delay_s = 0.05
     broken = False
 
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.failures_left = 0
+        self.decoded = 0
+        self.seen: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def preprocess(self, image: Image.Image) -> Any:
+        with self._lock:
+            self.decoded += 1
+        return super().preprocess(image)
+
     def encode(self, batch: Sequence[Any]) -> npt.NDArray[np.float32]:
         time.sleep(self.delay_s)
+        self.seen.extend(batch)
         if self.broken:
             raise RuntimeError("device lost")
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().encode(batch)
 
 
@@ -39,7 +65,9 @@ async def test_overload_answers_every_request_fast_with_200_or_503(
     tiny_settings: Callable[..., Settings],
 ) -> None:
     holder: list[SlowEncoder] = []
-    settings = tiny_settings(max_queue=4, max_batch_size=2, max_wait_ms=1, warmup=False)
+    settings = tiny_settings(
+        max_queue=4, max_batch_size=2, max_batch_images=4, max_wait_ms=1, warmup=False
+    )
     async with serve(settings, slow_factory(holder)) as (_, client):
         crop = noise_jpeg(1)
         responses = await asyncio.gather(
@@ -95,7 +123,8 @@ async def test_requests_past_the_timeout_get_504(tiny_settings: Callable[..., Se
 async def test_a_client_that_hangs_up_costs_no_forward_pass(
     tiny_settings: Callable[..., Settings],
 ) -> None:
-    """A raw ASGI call whose client disconnects right after sending the body."""
+    """A raw ASGI call whose client disconnects right after sending the body: its image
+    never reaches the model, and nobody is sent a real answer."""
     holder: list[SlowEncoder] = []
     settings = tiny_settings(max_wait_ms=1, warmup=False)
     async with serve(settings, slow_factory(holder)) as (app, client):
@@ -106,10 +135,15 @@ async def test_a_client_that_hangs_up_costs_no_forward_pass(
         )
         await asyncio.sleep(0.1)  # the blocker is in its forward pass now
         status = await post_and_hang_up(app, noise_jpeg(2))
-        await blocker
-        await asyncio.sleep(0.4)
-    assert status is None  # nobody answered a client that is gone
-    assert sum(encoder.batch_sizes) == 1  # only the blocker's image was computed
+        assert (await blocker).status_code == 200
+        await asyncio.sleep(0.4)  # a forward pass the hung-up image could have joined
+        metrics = (await client.get("/metrics")).text
+        abandoned = encoder.inner.preprocess(Image.open(io.BytesIO(noise_jpeg(2))).convert("RGB"))
+    # The only answer a gone client may get is the 499 nobody reads (nginx's code).
+    assert status in (None, 499)
+    assert len(encoder.seen) == 1  # the blocker's image, nothing else
+    assert not any(torch.equal(seen, abandoned) for seen in encoder.seen)
+    assert 'clip_rejections_total{reason="client_disconnected"} 1.0' in metrics
 
 
 async def post_and_hang_up(app: FastAPI, crop: bytes) -> int | None:
@@ -145,4 +179,134 @@ async def post_and_hang_up(app: FastAPI, crop: bytes) -> int | None:
         "server": ("test", 80),
     }
     await app(scope, receive, send)
-    return status if status != 499 else None
+    return status
+
+
+def flat_png(width: int, height: int) -> bytes:
+    return image_bytes((width, height), color=(90, 120, 160), fmt="PNG")
+
+
+async def test_a_flood_is_refused_before_any_decoding(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """60 concurrent 3000 x 3000 PNGs into room for 8 images: every refusal is a 503
+    that cost no decode, so the decoder ran exactly once per image answered 200."""
+    holder: list[SlowEncoder] = []
+    settings = tiny_settings(max_queue=8, max_batch_images=8, max_batch_size=8, warmup=False)
+    big = flat_png(3000, 3000)
+    async with serve(settings, slow_factory(holder)) as (app, client):
+        encoder = holder[0]
+        responses = await asyncio.gather(
+            *(client.post("/embed", files={"image": ("big.png", big)}) for _ in range(60))
+        )
+        service = app.state.service
+        in_flight = (service.admission.images_in_flight, service.admission.pixels_in_flight)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, set(statuses)
+    assert statuses.count(503) >= 30, statuses.count(503)
+    assert encoder.decoded == statuses.count(200)
+    assert all(r.json()["error"]["code"] == "overloaded" for r in responses if r.status_code == 503)
+    assert in_flight == (0, 0)  # every permit came back
+
+
+async def test_a_request_too_big_to_ever_fit_gets_413_naming_the_pixel_limit(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """64 flat 6000 x 6600 PNGs: 131 kB each, 2.5 Gpx in all. Refused from the headers,
+    nothing decoded."""
+    holder: list[SlowEncoder] = []
+    async with serve(tiny_settings(warmup=False), slow_factory(holder)) as (_, client):
+        started = time.perf_counter()
+        tile = flat_png(6000, 6600)
+        response = await client.post("/embed/batch", files=[("images", ("t.png", tile))] * 64)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert "CLIP_MAX_REQUEST_PIXELS" in response.json()["error"]["message"]
+    assert holder[0].decoded == 0
+    assert elapsed < 10
+
+
+async def test_ready_recovers_by_itself_with_nobody_posting(
+    tiny_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that fails 3 requests and then 2 probes, then works: /ready turns 503,
+    and turns 200 again on its own probes, with no /embed after the failures."""
+    monkeypatch.setattr(ReadinessMonitor, "first_backoff_s", 0.05)
+    monkeypatch.setattr(ReadinessMonitor, "max_backoff_s", 0.2)
+    holder: list[SlowEncoder] = []
+    async with serve(tiny_settings(warmup=False), slow_factory(holder)) as (_, client):
+        encoder = holder[0]
+        encoder.delay_s = 0.0
+        encoder.failures_left = 5
+        for seed in range(3):
+            failed = await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(seed))})
+            assert failed.status_code == 500
+        assert (await client.get("/ready")).json()["error"]["code"] == "model_failing"
+        passes_before = len(encoder.seen)
+        await asyncio.sleep(1.5)  # nobody asks anything: the service probes by itself
+        probes = len(encoder.seen) - passes_before
+        ready = await client.get("/ready")
+    assert encoder.failures_left == 0
+    assert probes >= 3  # two failing probes and the one that passed
+    assert ready.status_code == 200, ready.text
+
+
+async def test_refusals_log_no_traceback_and_a_failed_batch_logs_one(
+    tiny_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(RequestIdFilter())
+    holder: list[SlowEncoder] = []
+    settings = tiny_settings(
+        max_queue=4, max_batch_size=4, max_batch_images=4, max_wait_ms=200, warmup=False
+    )
+    async with serve(settings, slow_factory(holder)) as (_, client):
+        encoder = holder[0]
+        flood = await asyncio.gather(
+            *(client.post("/embed", files={"image": ("c.jpg", noise_jpeg(i))}) for i in range(12))
+        )
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert any(r.status_code == 503 for r in flood)
+        assert refusals
+        assert all(r.exc_info is None and r.levelno == logging.WARNING for r in refusals)
+
+        caplog.clear()
+        encoder.failures_left = 1
+        failed = await asyncio.gather(
+            *(
+                client.post(
+                    "/embed",
+                    files={"image": ("c.jpg", noise_jpeg(i))},
+                    headers={"X-Request-ID": f"req-{i}"},
+                )
+                for i in range(3)
+            )
+        )
+    assert [r.status_code for r in failed] == [500, 500, 500]
+    with_traceback = [r for r in caplog.records if r.exc_info]
+    assert len(with_traceback) == 1, [r.getMessage() for r in with_traceback]
+    per_request = [r for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert sorted(getattr(r, "request_id", None) for r in per_request) == [
+        "req-0",
+        "req-1",
+        "req-2",
+    ]
+
+
+async def test_an_unexpected_error_is_a_json_500_with_the_request_id(
+    tiny_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve(tiny_settings(warmup=False)) as (app, client):
+
+        def broken(rows: Any) -> Any:
+            raise RuntimeError("a bug with secret internals")
+
+        monkeypatch.setattr(app.state.service, "project", broken)
+        response = await client.post(
+            "/embed", files={"image": ("c.jpg", noise_jpeg(1))}, headers={"X-Request-ID": "bug-1"}
+        )
+    assert response.status_code == 500
+    assert response.headers["X-Request-ID"] == "bug-1"
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "secret" not in response.text

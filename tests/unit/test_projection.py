@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.codec import decode_embedding, encode_embedding
-from app.reid.projection import Projection, ProjectionError, fit_centring, fit_pca
+from app.inference.projection import Projection, ProjectionError, fit_centring, fit_pca
 
 
 def embeddings(n: int = 200, dim: int = 32) -> np.ndarray:

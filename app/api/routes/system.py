@@ -78,12 +78,7 @@ async def info(service: ServiceDep) -> InfoResponse:
             batches=service.batcher.stats.batches,
             mean_batch_size=service.batcher.stats.items / max(1, service.batcher.stats.batches),
         ),
-        limits=LimitsInfo(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_batch_images=settings.max_batch_images,
-            request_timeout_s=settings.request_timeout_s,
-        ),
+        limits=LimitsInfo.model_validate(settings.model_dump(include=set(LimitsInfo.model_fields))),
         version=__version__,
     )
 
