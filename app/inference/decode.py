@@ -79,8 +79,10 @@ def load_rgb(image: Image.Image) -> Image.Image:
         # Animations and multi-page files open at their first frame, which is the crop;
         # counting frames (n_frames) would walk the whole file, so it is never asked.
         image.load()
-        upright: Image.Image = ImageOps.exif_transpose(image) or image
-        return to_rgb(upright)
+        # In place: without an orientation tag the default returns a full copy, which
+        # doubled the peak memory of every large image.
+        ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb(image)
     except (InvalidImage, PayloadTooLarge):
         raise
     except Image.DecompressionBombError:

@@ -49,6 +49,10 @@ FILES: list[tuple[str, bytes, int]] = [
     ("16-bit grey", encoded(Image.fromarray(np.full((64, 32), 40_000, np.uint16)), "PNG"), 200),
     ("palette with transparency", palette_with_transparency(), 200),
     ("animated GIF", animated_gif(), 200),
+    # 40 Mpx in 411 kB and 201 kB: once 24 GB and 2 GB of padding (test_hostile_shapes
+    # bounds their memory in a process of their own).
+    ("40x1000000 PNG", image_bytes((40, 1_000_000), fmt="PNG"), 200),
+    ("1000x40000 PNG", image_bytes((1000, 40_000), fmt="PNG"), 200),
 ]
 
 

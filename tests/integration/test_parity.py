@@ -56,3 +56,17 @@ async def test_parity_with_open_clip_on_vit_b_32_for_a_128x256_crop(
     crop.write_bytes(noise_jpeg(12, size=(128, 256)))
     settings = Settings(model=f"local-dir:{vit_b_32_dir}", device="cpu", precision="fp32")
     await check_parity(settings, vit_b_32_dir, crop, dim=512)
+
+
+async def test_a_large_jpeg_decoded_at_reduced_scale_keeps_parity(
+    vit_b_32_dir: Path, tmp_path: Path
+) -> None:
+    """A 1800 x 3000 photo is decoded in JPEG draft mode (here at 1/4 scale, down to
+    twice the model's input) and still embeds as open_clip's full decode does."""
+    from skimage import data
+
+    photo = Image.fromarray(data.chelsea()).resize((1800, 3000), Image.Resampling.LANCZOS)
+    path = tmp_path / "photo.jpg"
+    photo.save(path, "JPEG", quality=92)
+    settings = Settings(model=f"local-dir:{vit_b_32_dir}", device="cpu", precision="fp32")
+    await check_parity(settings, vit_b_32_dir, path, dim=512)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidImage, PayloadTooLarge
-from app.inference.decode import decode_image
+from app.inference.decode import decode_image, load_rgb, open_image
 from tests.helpers import image_bytes
 
 LIMIT = 40_000_000
@@ -110,3 +110,23 @@ def test_decompression_bombs_are_refused_before_decoding() -> None:
         decode_image(bomb, max_pixels=LIMIT)
     with pytest.raises(PayloadTooLarge, match="over the limit of 1000"):
         decode_image(image_bytes((50, 50)), max_pixels=1000)
+
+
+def test_large_jpegs_open_at_reduced_scale_and_other_files_at_full_size() -> None:
+    big = image_bytes((2000, 3000))
+    reduced = open_image(big, max_pixels=10**8, reduce_to=448)
+    assert reduced.size == (500, 750)  # 1/4: the smallest scale keeping both sides >= 448
+    assert load_rgb(reduced).size == (500, 750)
+    assert open_image(big, max_pixels=10**8).size == (2000, 3000)  # not asked to reduce
+    assert open_image(image_bytes((600, 800)), max_pixels=10**8, reduce_to=448).size == (
+        600,
+        800,
+    )  # under twice the target: decoded whole
+    png = image_bytes((2000, 3000), fmt="PNG")
+    assert open_image(png, max_pixels=10**8, reduce_to=448).size == (2000, 3000)
+
+
+def test_the_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
+    bomb = image_bytes((5000, 5000), fmt="PNG")
+    with pytest.raises(PayloadTooLarge, match="CLIP_MAX_IMAGE_PIXELS"):
+        open_image(bomb, max_pixels=1_000_000)
