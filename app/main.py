@@ -36,6 +36,7 @@ from app.inference.projection import Projection, ProjectionError
 from app.inference.service import EmbeddingService
 from app.inference.weights import WeightsUnavailable
 from app.observability import Metrics, RequestObservability, configure_logging
+from app.search import SearchExecutor
 
 logger = logging.getLogger("app")
 
@@ -82,14 +83,15 @@ def create_app(
         )
         analysis = AnalysisService(service, analyzer)
         app.state.analysis = analysis
+        searches = app.state.searches = SearchExecutor()
         logger.info("ready: %s", encoder.info)
         try:
             yield
         finally:
-            app.state.service = None
-            app.state.analysis = None
+            app.state.service = app.state.analysis = app.state.searches = None
             await service.stop(drain_timeout_s=min(settings.request_timeout_s, 10.0))
             analysis.stop()
+            searches.shutdown()
 
     # Swagger UI and ReDoc assets from the fastapi-offline package, not a CDN: CCTV
     # networks are often closed, and /docs must still work there.
@@ -105,6 +107,7 @@ def create_app(
     app.state.api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
     app.state.service = None
     app.state.analysis = None
+    app.state.searches = None
     app.state.draining = False  # set on SIGTERM by `python -m app`
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -145,7 +145,8 @@ def in_process_ceiling(
 
 def start_server(model_dir: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CLIP_MODEL": f"local-dir:{model_dir}", **extra_env}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
+    # The production entry point: its connection limits and graceful SIGTERM included.
+    command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)]
     # A file, not a pipe: nobody reads a pipe during the run, and a full one would block
     # the server on its next access-log line.
     log = Path(tempfile.gettempdir()) / f"clip-service-{port}.log"

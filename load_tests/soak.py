@@ -14,14 +14,40 @@ import argparse
 import asyncio
 import base64
 import collections
+import io
 import json
 import random
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from load_tests.concurrency import make_crops, memory_mb, start_server
+
+
+def flat_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def hostile_mix() -> list[tuple[str, str, dict[str, object]]]:
+    """Inputs that cost far more than their bytes (issue 10): 40 Mpx slivers, a batch of
+    64 flat 40 Mpx PNGs, searches past the product limits."""
+    sliver, tall, tile = flat_png(40, 1_000_000), flat_png(1000, 40_000), flat_png(6000, 6600)
+    unit = base64.b64encode(np.full(512, 512**-0.5, dtype="<f4").tobytes()).decode()
+    return [
+        ("POST", "/analyze", {"files": {"image": ("s.png", sliver)}}),
+        ("POST", "/embed", {"files": {"image": ("s.png", sliver)}}),
+        ("POST", "/analyze", {"files": {"image": ("t.png", tall)}}),
+        ("POST", "/embed/batch", {"files": [("images", ("f.png", tile))] * 64}),  # 413
+        ("POST", "/similarity", {"json": {"queries": [unit] * 1000, "gallery": [unit] * 1000,
+                                          "top_k": 1000}}),  # 413: queries x top_k
+        ("POST", "/similarity", {"json": {"queries": [unit] * 100, "gallery": [unit] * 2000,
+                                          "top_k": 100}}),
+    ]  # fmt: skip
 
 
 def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
@@ -36,6 +62,8 @@ def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
         ("POST", "/embed", {"json": {"image": b64}}),
         ("POST", "/embed/batch", {"files": [("images", ("c.jpg", c)) for c in crops[:4]]}),
         ("POST", "/analyze", {"files": {"image": ("d.jpg", crops[2])}}),
+        ("POST", "/analyze", {"files": {"image": ("d.jpg", crops[3])},
+                              "data": {"include_embedding": "true"}}),
         ("POST", "/similarity", {"json": {"a": vector, "b": vector}}),
         ("POST", "/embed", {"files": {"image": ("e.jpg", good[: len(good) // 3])}}),  # truncated
         ("POST", "/embed", {"files": {"image": ("f.txt", b"not an image at all")}}),
@@ -48,10 +76,13 @@ def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
     ]  # fmt: skip
 
 
-async def soak(url: str, pid: int | None, seconds: float, clients: int, sample_s: float) -> dict:
+async def soak(
+    url: str, pid: int | None, seconds: float, clients: int, sample_s: float, hostile: bool
+) -> dict:
     crops = make_crops(8)
-    mix = request_mix(crops)
+    mix = request_mix(crops) + (hostile_mix() if hostile else [])
     statuses: collections.Counter[str] = collections.Counter()
+    health_ms: list[float] = []
     memory: list[tuple[float, float]] = []
     deadline = time.monotonic() + seconds
     began = time.monotonic()
@@ -61,8 +92,11 @@ async def soak(url: str, pid: int | None, seconds: float, clients: int, sample_s
         while time.monotonic() < deadline:
             method, path, kwargs = rng.choice(mix)
             try:
+                started = time.perf_counter()
                 response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
                 statuses[str(response.status_code)] += 1
+                if path == "/health":
+                    health_ms.append(1000 * (time.perf_counter() - started))
             except httpx.HTTPError as exc:
                 statuses[f"no response ({type(exc).__name__})"] += 1
 
@@ -79,6 +113,10 @@ async def soak(url: str, pid: int | None, seconds: float, clients: int, sample_s
         "requests": sum(statuses.values()),
         "statuses": dict(sorted(statuses.items())),
         "health_after": healthy,
+        "health_ms": {
+            "p50": round(float(np.percentile(health_ms, 50)), 1) if health_ms else None,
+            "max": round(max(health_ms), 1) if health_ms else None,
+        },
         "memory_mb": memory,
     }
 
@@ -94,14 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-hostile", action="store_true", help="leave out the costly-shape inputs"
+    )
     args = parser.parse_args(argv)
 
     server = start_server(args.model_dir, args.port, {}) if args.model_dir else None
     url = args.url or f"http://127.0.0.1:{args.port}"
     pid = server.pid if server is not None else args.pid
     try:
-        asyncio.run(soak(url, None, args.warmup_s, args.clients, 10))
-        report = asyncio.run(soak(url, pid, args.minutes * 60, args.clients, 15))
+        hostile = not args.no_hostile
+        asyncio.run(soak(url, None, args.warmup_s, args.clients, 10, hostile))
+        report = asyncio.run(soak(url, pid, args.minutes * 60, args.clients, 15, hostile))
     finally:
         if server is not None:
             server.terminate()
@@ -110,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     for status, count in report["statuses"].items():
         print(f"  {status}: {count}")
     print(f"/health afterwards: {'200' if report['health_after'] else 'FAILED'}")
+    print(f"/health latency during the soak (ms): {report['health_ms']}")
     if report["memory_mb"]:
         start, end = report["memory_mb"][0][1], report["memory_mb"][-1][1]
         peak = max(m for _, m in report["memory_mb"])

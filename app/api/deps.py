@@ -14,6 +14,7 @@ from app.analysis.service import AnalysisService
 from app.config import Settings
 from app.errors import NotReady, ShuttingDown, UnsupportedMediaType
 from app.inference.service import EmbeddingService
+from app.search import SearchExecutor
 
 
 async def get_settings(request: Request) -> Settings:
@@ -36,6 +37,11 @@ async def get_service(request: Request) -> EmbeddingService:
     return service
 
 
+async def get_search_executor(request: Request) -> SearchExecutor:
+    executor: SearchExecutor = _serving(request, "searches")
+    return executor
+
+
 async def get_analysis(request: Request) -> AnalysisService:
     analysis: AnalysisService = _serving(request, "analysis")
     return analysis
@@ -44,6 +50,7 @@ async def get_analysis(request: Request) -> AnalysisService:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 AnalysisDep = Annotated[AnalysisService, Depends(get_analysis)]
 ServiceDep = Annotated[EmbeddingService, Depends(get_service)]
+SearchExecutorDep = Annotated[SearchExecutor, Depends(get_search_executor)]
 
 
 async def require_json(request: Request) -> None:

@@ -66,15 +66,22 @@ class SimilarityRequest(_Strict):
     a: str | None = Field(None, description="First embedding (base64 float32).")
     b: str | None = Field(None, description="Second embedding (base64 float32).")
     queries: list[str] | None = Field(
-        None, min_length=1, description="Query embeddings (base64 float32)."
+        None,
+        min_length=1,
+        description="Query embeddings (base64 float32). At most CLIP_MAX_QUERIES, and "
+        "queries x gallery at most CLIP_MAX_SEARCH_SCORES.",
     )
     gallery: list[str] | None = Field(
-        None, min_length=1, description="Gallery embeddings to rank for each query."
+        None,
+        min_length=1,
+        description="Gallery embeddings to rank for each query. At most CLIP_MAX_GALLERY.",
     )
     top_k: int = Field(
         5,
         ge=1,
-        description="Matches returned per query, best first; capped at the gallery size.",
+        description="Matches returned per query, best first; capped at the gallery size. "
+        "At most CLIP_MAX_TOP_K, and queries x min(top_k, gallery) at most "
+        "CLIP_MAX_SEARCH_MATCHES.",
     )
     dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
 
@@ -100,7 +107,9 @@ class PairSimilarityResponse(BaseModel):
 
 class SearchSimilarityResponse(BaseModel):
     matches: list[list[Match]] = Field(
-        ..., description="One list per query, in query order; each best first."
+        ...,
+        description="One list per query, in query order; each holds min(top_k, gallery "
+        "size) matches, best first, equal similarities in gallery order.",
     )
 
 
@@ -130,10 +139,21 @@ class BatcherInfo(BaseModel):
 
 
 class LimitsInfo(BaseModel):
+    """Every bound the service enforces, as configured (the CLIP_* variable of each)."""
+
     max_upload_bytes: int
     max_image_pixels: int
+    max_request_pixels: int
+    max_pixels_in_flight: int
     max_batch_images: int
+    max_queue: int
+    max_concurrent_requests: int
     request_timeout_s: float
+    max_queries: int
+    max_gallery: int
+    max_top_k: int
+    max_search_scores: int
+    max_search_matches: int
 
 
 class InfoResponse(BaseModel):

@@ -310,3 +310,25 @@ async def test_an_unexpected_error_is_a_json_500_with_the_request_id(
     assert response.headers["X-Request-ID"] == "bug-1"
     assert response.json()["error"]["code"] == "internal_error"
     assert "secret" not in response.text
+
+
+async def test_health_stays_fast_while_the_largest_request_decodes(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """The biggest work one request may bring (here 2 x 40 Mpx PNGs, at the pixel
+    budget) runs in worker threads: the event loop keeps answering /health."""
+    big = flat_png(6000, 6600)
+    settings = tiny_settings(max_request_pixels=80_000_000, max_pixels_in_flight=80_000_000)
+    async with serve(settings) as (_, client):
+        work = asyncio.create_task(
+            client.post("/embed/batch", files=[("images", ("a.png", big))] * 2)
+        )
+        latencies = []
+        while not work.done():
+            started = time.perf_counter()
+            assert (await client.get("/health")).status_code == 200
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.01)
+        assert (await work).status_code == 200
+    assert len(latencies) >= 5
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+import time
 from collections.abc import Callable
+from functools import partial
 
 import httpx
 import numpy as np
 import pytest
 
+from app.api.schemas import SearchSimilarityResponse
 from app.codec import encode_embedding
 from app.config import Settings
+from app.search import SearchExecutor
 from tests.conftest import serve
 
 
@@ -135,3 +142,196 @@ async def test_search_sizes_are_limited(
     assert setting in response.json()["error"]["message"]
     assert top_k.status_code == 413
     assert "CLIP_MAX_TOP_K" in top_k.json()["error"]["message"]
+
+
+def sparse_unit_rows(rng: np.random.Generator, count: int, dim: int = 32) -> np.ndarray:
+    """Unit rows of sixteen +-0.25 entries: their cosines are multiples of 1/16, exact in
+    float32 whatever the summation order, so equal scores are truly equal (many ties)."""
+    rows = np.zeros((count, dim), dtype=np.float32)
+    for row in rows:
+        row[rng.choice(dim, 16, replace=False)] = rng.choice([-0.25, 0.25], 16)
+    return rows
+
+
+def brute_force(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[list, list]:
+    """Every score, then a full sort by (-score, index): best first, ties by index."""
+    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    columns = np.arange(gallery.shape[0])
+    order = [np.lexsort((columns, -row))[:k] for row in scores]
+    return [o.tolist() for o in order], [
+        row[o].tolist() for row, o in zip(scores, order, strict=True)
+    ]
+
+
+def search_body(queries: np.ndarray, gallery: np.ndarray, top_k: int) -> dict[str, object]:
+    return {
+        "queries": [encode_embedding(q) for q in queries],
+        "gallery": [encode_embedding(g) for g in gallery],
+        "top_k": top_k,
+    }
+
+
+@pytest.mark.parametrize("top_k", [1, 7, 40, 100])
+async def test_search_equals_a_brute_force_reference(client: httpx.AsyncClient, top_k: int) -> None:
+    # 70 queries: more than one chunk of 64; many exactly equal scores.
+    rng = np.random.default_rng(top_k)
+    queries, gallery = sparse_unit_rows(rng, 70), sparse_unit_rows(rng, 40)
+    response = await client.post("/similarity", json=search_body(queries, gallery, top_k))
+    assert response.status_code == 200, response.text
+    matches = response.json()["matches"]
+    indices, similarities = brute_force(queries, gallery, top_k)
+    assert [[m["index"] for m in row] for row in matches] == indices
+    assert [[m["similarity"] for m in row] for row in matches] == similarities
+
+
+async def test_search_response_has_the_documented_shape(client: httpx.AsyncClient) -> None:
+    rng = np.random.default_rng(8)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    gallery = rng.standard_normal((9, 16)).astype(np.float32)
+    response = await client.post("/similarity", json=search_body(queries, gallery, 4))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["matches"]
+    assert len(body["matches"]) == 3
+    for row in body["matches"]:
+        assert len(row) == 4
+        for match in row:
+            assert list(match) == ["index", "similarity"]
+            assert type(match["index"]) is int
+            assert 0 <= match["index"] < 9
+            assert type(match["similarity"]) is float
+            assert -1 <= match["similarity"] <= 1
+    SearchSimilarityResponse.model_validate(body)
+    expected = np.stack([unit(q) for q in queries]) @ np.stack([unit(g) for g in gallery]).T
+    got = [[m["similarity"] for m in row] for row in body["matches"]]
+    np.testing.assert_allclose(got, -np.sort(-expected, axis=1)[:, :4], atol=1e-6)
+
+    schema = (await client.get("/openapi.json")).json()
+    ok = schema["paths"]["/similarity"]["post"]["responses"]["200"]["content"]["application/json"]
+    refs = {option["$ref"].rsplit("/", 1)[-1] for option in ok["schema"]["anyOf"]}
+    assert refs == {"PairSimilarityResponse", "SearchSimilarityResponse"}
+
+
+async def test_a_long_pair_is_compared_too(client: httpx.AsyncClient) -> None:
+    # Past the size decoded inline: this one goes through the search executor.
+    rng = np.random.default_rng(12)
+    a, b = rng.standard_normal(20_000), rng.standard_normal(20_000)
+    response = await client.post(
+        "/similarity", json={"a": encode_embedding(a), "b": encode_embedding(b)}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["similarity"] == pytest.approx(float(unit(a) @ unit(b)), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("queries", "top_k", "expected"),
+    [
+        (3, 1, "queries x gallery is 3 x 5 = 15 scores, over the limit of 12 "),
+        (2, 4, "queries x min(top_k, gallery) is 2 x 4 = 8 matches, over the limit of 6 "),
+        (2, 9, "is 2 x 5 = 10 matches"),
+    ],
+)
+async def test_search_products_are_limited_before_decoding(
+    tiny_settings: Callable[..., Settings], queries: int, top_k: int, expected: str
+) -> None:
+    variable = "CLIP_MAX_SEARCH_SCORES" if "scores" in expected else "CLIP_MAX_SEARCH_MATCHES"
+    vector = encode_embedding([1.0, 0.0])
+    settings = tiny_settings(warmup=False, max_search_scores=12, max_search_matches=6)
+    async with serve(settings) as (_, client):
+        # Garbage embeddings, too: the sizes are refused before anything is decoded.
+        for item in (vector, "!!not base64!!"):
+            body = {"queries": [item] * queries, "gallery": [item] * 5, "top_k": top_k}
+            response = await client.post("/similarity", json=body)
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["code"] == "payload_too_large"
+            assert expected in error["message"]
+            assert variable in error["message"]
+        at_limits = {"queries": [vector] * 2, "gallery": [vector] * 5, "top_k": 3}
+        assert (await client.post("/similarity", json=at_limits)).status_code == 200
+        at_limits["gallery"] = ["!!not base64!!"] * 5
+        refused = await client.post("/similarity", json=at_limits)
+    assert refused.status_code == 400
+    assert "gallery[0]" in refused.json()["error"]["message"]
+
+
+async def test_health_stays_fast_during_a_maximal_search(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    # The search that made /health wait 723 ms when it ran on the event loop: 800 queries
+    # x 2200 gallery, top_k 1000, at this app's limits (800,000 matches).
+    settings = tiny_settings(
+        warmup=False, max_search_scores=800 * 2200, max_search_matches=800 * 1000
+    )
+    rng = np.random.default_rng(6)
+    queries = rng.standard_normal((800, 16)).astype(np.float32)
+    gallery = rng.standard_normal((2200, 16)).astype(np.float32)
+    content = json.dumps(search_body(queries, gallery, 1000)).encode()
+    async with serve(settings) as (_, client):
+
+        async def search() -> tuple[httpx.Response, float]:
+            began = time.perf_counter()
+            response = await client.post(
+                "/similarity", content=content, headers={"content-type": "application/json"}
+            )
+            return response, time.perf_counter() - began
+
+        task = asyncio.create_task(search())
+        latencies = []
+        while not task.done():
+            # From the moment a poll is due: the loop may be blocked while this task sleeps.
+            due = time.perf_counter() + 0.01
+            await asyncio.sleep(0.01)
+            assert (await client.get("/health")).status_code == 200
+            latencies.append(time.perf_counter() - due)
+        response, took = await task
+    assert response.status_code == 200, response.text[:200]
+    assert response.content.count(b'{"index":') == 800 * 1000
+    print(f"search {took:.2f}s; /health max {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    assert len(latencies) >= 5, f"the search took only {took:.2f}s"
+    assert max(latencies) < 0.2, f"/health waited {max(latencies) * 1000:.0f} ms"
+
+
+async def test_a_full_search_queue_answers_503(tiny_settings: Callable[..., Settings]) -> None:
+    vector = encode_embedding([1.0, 0.0])
+    body = {"queries": [vector], "gallery": [vector], "top_k": 1}
+    async with serve(tiny_settings(warmup=False)) as (app, client):
+        executor: SearchExecutor = app.state.searches
+        release = threading.Event()
+        blockers = [
+            asyncio.create_task(executor.run(partial(release.wait, 10), 30))
+            for _ in range(executor.max_pending)
+        ]
+        await asyncio.sleep(0)  # each admitted: one running, the rest queued
+        assert executor.pending == executor.max_pending
+        refused = await client.post("/similarity", json=body)
+        # A small pair needs no thread, so it is still answered.
+        pair = await client.post("/similarity", json={"a": vector, "b": vector})
+        release.set()
+        await asyncio.gather(*blockers)
+        again = await client.post("/similarity", json=body)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert pair.status_code == 200
+    assert again.status_code == 200
+    assert executor.pending == 0
+
+
+async def test_a_search_waiting_past_the_timeout_answers_504(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    vector = encode_embedding([1.0, 0.0])
+    body = {"queries": [vector], "gallery": [vector], "top_k": 1}
+    async with serve(tiny_settings(warmup=False, request_timeout_s=0.2)) as (app, client):
+        executor: SearchExecutor = app.state.searches
+        release = threading.Event()
+        blocker = asyncio.create_task(executor.run(partial(release.wait, 10), 30))
+        await asyncio.sleep(0)
+        response = await client.post("/similarity", json=body)
+        release.set()
+        await blocker
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timeout"
+    assert executor.pending == 0  # the queued search was dropped, not left to run
