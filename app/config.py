@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         description="Decoded pixels one request may bring, all its images together (413).",
     )
     max_pixels_in_flight: int = Field(
-        200_000_000,
+        400_000_000,
         ge=1,
         description="Decoded pixels of admitted requests not yet answered (503 past it).",
     )

@@ -30,7 +30,7 @@ from app.api.routes import analyze, embed, similarity, system
 from app.api.security import require_api_key
 from app.config import Settings, load_settings
 from app.inference.encoder import ImageEncoder
-from app.inference.memory import release_freed_memory
+from app.inference.memory import keep_large_blocks_mmapped, release_freed_memory
 from app.inference.model import ClipImageEncoder
 from app.inference.projection import Projection, ProjectionError
 from app.inference.service import EmbeddingService
@@ -72,10 +72,13 @@ def create_app(
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
+        keep_large_blocks_mmapped()
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )
         metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
+        metrics.images_in_flight.set_function(lambda: service.admission.images_in_flight)
+        metrics.pixels_in_flight.set_function(lambda: service.admission.pixels_in_flight)
         await service.start()
         app.state.service = service
         analyzer = OutfitAnalyzer(

@@ -40,6 +40,8 @@ class Metrics:
     forward_seconds: Histogram
     batch_size: Histogram
     queue_depth: Gauge
+    images_in_flight: Gauge
+    pixels_in_flight: Gauge
     rejections: Counter
 
     @classmethod
@@ -69,6 +71,16 @@ class Metrics:
             ),
             queue_depth=Gauge(
                 "clip_queue_depth", "Images waiting for a forward pass.", registry=registry
+            ),
+            images_in_flight=Gauge(
+                "clip_images_in_flight",
+                "Images admitted and not yet answered (bounded by CLIP_MAX_QUEUE).",
+                registry=registry,
+            ),
+            pixels_in_flight=Gauge(
+                "clip_pixels_in_flight",
+                "Decoded pixels admitted and not yet answered (CLIP_MAX_PIXELS_IN_FLIGHT).",
+                registry=registry,
             ),
             rejections=Counter(
                 "clip_rejections", "Requests refused, by error code.",

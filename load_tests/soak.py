@@ -83,6 +83,7 @@ async def soak(
     mix = request_mix(crops) + (hostile_mix() if hostile else [])
     statuses: collections.Counter[str] = collections.Counter()
     health_ms: list[float] = []
+    retried: collections.Counter[str] = collections.Counter()
     memory: list[tuple[float, float]] = []
     deadline = time.monotonic() + seconds
     began = time.monotonic()
@@ -94,6 +95,14 @@ async def soak(
             try:
                 started = time.perf_counter()
                 response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+                # As app.client does: a 503 with Retry-After is retried, 3 times at most;
+                # one still refused after that counts as a 503.
+                for _ in range(3):
+                    if response.status_code != 503 or "retry-after" not in response.headers:
+                        break
+                    retried["503 retried"] += 1
+                    await asyncio.sleep(min(5.0, float(response.headers["retry-after"])))
+                    response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
                 statuses[str(response.status_code)] += 1
                 if path == "/health":
                     health_ms.append(1000 * (time.perf_counter() - started))
@@ -108,16 +117,22 @@ async def soak(
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         await asyncio.gather(sampler(), *(client_loop(i, client) for i in range(clients)))
         healthy = (await client.get("/health")).status_code == 200
+    # Resident memory once the last requests are answered: what the service keeps, not
+    # the transient peak of a 40 Mpx decode that a sample may happen to catch.
+    await asyncio.sleep(2)
+    idle_mb = memory_mb(pid)[0] if pid is not None else None
     return {
         "seconds": round(time.monotonic() - began, 1),
         "requests": sum(statuses.values()),
         "statuses": dict(sorted(statuses.items())),
+        "retries": dict(retried),
         "health_after": healthy,
         "health_ms": {
             "p50": round(float(np.percentile(health_ms, 50)), 1) if health_ms else None,
             "max": round(max(health_ms), 1) if health_ms else None,
         },
         "memory_mb": memory,
+        "idle_mb": idle_mb,
     }
 
 
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     pid = server.pid if server is not None else args.pid
     try:
         hostile = not args.no_hostile
-        asyncio.run(soak(url, None, args.warmup_s, args.clients, 10, hostile))
+        warmup = asyncio.run(soak(url, pid, args.warmup_s, args.clients, 10, hostile))
         report = asyncio.run(soak(url, pid, args.minutes * 60, args.clients, 15, hostile))
     finally:
         if server is not None:
@@ -151,13 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['requests']} requests in {report['seconds']} s, by status:")
     for status, count in report["statuses"].items():
         print(f"  {status}: {count}")
+    print(f"  (503s retried after Retry-After, not counted above: {report['retries']})")
     print(f"/health afterwards: {'200' if report['health_after'] else 'FAILED'}")
     print(f"/health latency during the soak (ms): {report['health_ms']}")
+    if report["idle_mb"] and warmup["idle_mb"]:
+        start, end = warmup["idle_mb"], report["idle_mb"]
+        print(
+            f"service RSS at rest after warm-up {start:.0f} MB, at rest after the soak "
+            f"{end:.0f} MB ({100 * (end - start) / start:+.1f} %)"
+        )
     if report["memory_mb"]:
         start, end = report["memory_mb"][0][1], report["memory_mb"][-1][1]
         peak = max(m for _, m in report["memory_mb"])
         print(
-            f"service RSS after warm-up {start:.0f} MB, at the end {end:.0f} MB "
+            f"service RSS sampled under load: first {start:.0f} MB, last {end:.0f} MB "
             f"({100 * (end - start) / start:+.1f} %), highest {peak:.0f} MB"
         )
     if args.json:

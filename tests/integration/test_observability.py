@@ -46,6 +46,8 @@ async def test_metrics_count_requests_batches_and_rejections(
     assert sample(text, "clip_forward_seconds_count") >= 1
     assert sample(text, "clip_request_duration_seconds_count", endpoint="/embed") == 4
     assert sample(text, "clip_queue_depth") == 0
+    assert sample(text, "clip_images_in_flight") == 0  # every permit given back
+    assert sample(text, "clip_pixels_in_flight") == 0
 
 
 async def test_request_ids_are_returned_and_logged(

@@ -332,3 +332,44 @@ async def test_health_stays_fast_while_the_largest_request_decodes(
         assert (await work).status_code == 200
     assert len(latencies) >= 5
     assert max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+async def test_posts_past_the_concurrency_bound_are_refused_before_their_body_is_read(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    holder: list[SlowEncoder] = []
+    settings = tiny_settings(max_concurrent_requests=2, max_wait_ms=1, warmup=False)
+    async with serve(settings, slow_factory(holder)) as (app, client):
+        holder[0].delay_s = 0.5
+        busy = [
+            asyncio.create_task(client.post("/embed", files={"image": ("c.jpg", noise_jpeg(i))}))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.2)  # both in their forward pass
+        body_read = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_read
+            body_read = True
+            return {"type": "http.request", "body": b"x" * 100, "more_body": False}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+            "server": ("test", 80), "headers": [(b"content-type", b"image/jpeg")],
+        }  # fmt: skip
+        await app(scope, receive, send)
+        health = await client.get("/health")  # GETs always pass
+        done = await asyncio.gather(*busy)
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert b'"overloaded"' in sent[1]["body"]
+    assert not body_read
+    assert health.status_code == 200
+    assert [r.status_code for r in done] == [200, 200]

@@ -63,3 +63,31 @@ def test_the_queue_must_hold_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIP_MAX_QUEUE", "32")
     with pytest.raises(ValidationError, match="CLIP_MAX_QUEUE"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("environment", "named"),
+    [
+        ({"CLIP_MAX_BATCH_IMAGES": "64", "CLIP_MAX_QUEUE": "48"}, "CLIP_MAX_QUEUE"),
+        (
+            {"CLIP_MAX_BATCH_SIZE": "1", "CLIP_MAX_BATCH_IMAGES": "1", "CLIP_MAX_QUEUE": "2"},
+            "CLIP_MAX_QUEUE",
+        ),  # an /analyze with its embedding is 3 images
+        (
+            {"CLIP_MAX_IMAGE_PIXELS": "50000000", "CLIP_MAX_REQUEST_PIXELS": "40000000"},
+            "CLIP_MAX_REQUEST_PIXELS",
+        ),
+        (
+            {"CLIP_MAX_REQUEST_PIXELS": "300000000", "CLIP_MAX_PIXELS_IN_FLIGHT": "200000000"},
+            "CLIP_MAX_PIXELS_IN_FLIGHT",
+        ),
+    ],
+)
+def test_every_bound_holds_one_largest_valid_request(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], named: str
+) -> None:
+    """Otherwise a valid request would be refused forever."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=named):
+        Settings()
