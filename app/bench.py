@@ -1,8 +1,10 @@
-"""In-process benchmark of the embedding pipeline, per precision.
+"""In-process benchmark of the embedding pipeline, per backend and precision.
 
-    python -m app.bench --model local-dir:models/vit-b-32-random --precisions fp32,int8
+    python -m app.bench --model local-dir:models/vit-b-32-random \
+        --precisions torch:fp32,torch:bf16,openvino:fp32,openvino:bf16,onnxruntime:int8
 
-Reports, for each precision: single-image latency, images/s by batch size, validity
+Each entry is `backend:precision` (a bare precision means torch). Reports, for each:
+single-image latency, images/s by batch size, validity
 (NaN/inf count, largest |norm - 1|), parity with fp32 (cosine), and discriminability
 (mean cosine of same-outfit pairs against different-outfit pairs of synthetic people);
 plus the codec's serialisation cost. Writes result.json, result.md and throughput.png
@@ -27,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from app.codec import decode_embedding, encode_embedding
-from app.config import Precision, Settings
+from app.config import Backend, Precision, Settings
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder
 from app.tools.synthetic_people import make_person, random_garment
@@ -37,6 +39,7 @@ from app.tools.synthetic_people import make_person, random_garment
 class PrecisionResult:
     precision: str
     device: str
+    backend: str
     latency_ms_p50: float
     latency_ms_p95: float
     images_per_s: dict[int, float]
@@ -107,7 +110,8 @@ def bench_precision(
     tensors = inputs(crops)
     single = timed_runs(lambda: encoder.encode(tensors[:1]), seconds)
     rates = {}
-    for size in tqdm(batch_sizes, desc=f"{encoder.info.precision} batches", leave=False):
+    label = f"{encoder.info.backend} {encoder.info.precision}"
+    for size in tqdm(batch_sizes, desc=f"{label} batches", leave=False):
         batch = [tensors[i % len(tensors)] for i in range(size)]
         runs = timed_runs(lambda batch=batch: encoder.encode(batch), seconds)  # type: ignore[misc]
         rates[size] = size / statistics.median(runs)
@@ -117,6 +121,7 @@ def bench_precision(
     result = PrecisionResult(
         precision=encoder.info.precision,
         device=encoder.info.device,
+        backend=encoder.info.backend,
         latency_ms_p50=1000 * statistics.median(single),
         latency_ms_p95=1000 * float(np.percentile(single, 95)),
         images_per_s=rates,
@@ -165,16 +170,17 @@ def markdown(result: BenchResult) -> str:
         f"Codec: {result.codec_encode_us:.1f} us to encode, {result.codec_decode_us:.1f} us to "
         f"decode one embedding. Decoding a JPEG crop: {result.decode_ms:.2f} ms.",
         "",
-        "| precision | device | batch-1 p50 ms | "
+        "| backend | precision | device | batch-1 p50 ms | "
         + " | ".join(f"img/s @{s}" for s in sizes)
         + " | cosine to fp32 (min) | NaN/inf | max norm err | same / different outfit |",
-        "|---|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---|",
+        "|---|---|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---|",
     ]
     for p in result.precisions:
         rates = " | ".join(f"{p.images_per_s.get(s, float('nan')):.1f}" for s in sizes)
         parity = "-" if p.cosine_to_fp32_min is None else f"{p.cosine_to_fp32_min:.6f}"
         lines.append(
-            f"| {p.precision} | {p.device} | {p.latency_ms_p50:.1f} | {rates} | {parity} | "
+            f"| {p.backend} | {p.precision} | {p.device} | {p.latency_ms_p50:.1f} | {rates} | "
+            f"{parity} | "
             f"{p.nan_or_inf} | {p.max_norm_error:.1e} | "
             f"{p.same_outfit_cosine:.3f} / {p.different_outfit_cosine:.3f} "
             f"(gap {p.discriminability_gap:+.3f}) |"
@@ -191,7 +197,8 @@ def plot(result: BenchResult, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     for p in result.precisions:
         sizes = sorted(p.images_per_s)
-        axes.plot(sizes, [p.images_per_s[s] for s in sizes], marker="o", label=p.precision)
+        label = f"{p.backend} {p.precision}"
+        axes.plot(sizes, [p.images_per_s[s] for s in sizes], marker="o", label=label)
     axes.set_xscale("log", base=2)
     axes.set_xlabel("batch size")
     axes.set_ylabel("images / s")
@@ -212,9 +219,10 @@ def run(args: argparse.Namespace) -> BenchResult:
         decode_image(crop, max_pixels=base.max_image_pixels)
     decode_ms = 1000 * (time.perf_counter() - started) / len(crops)
 
-    precisions = [Precision(p) for p in args.precisions.split(",")]
-    if Precision.FP32 in precisions:  # the reference first, for parity
-        precisions = [Precision.FP32] + [p for p in precisions if p != Precision.FP32]
+    reference_config = (Backend.TORCH, Precision.FP32)
+    configs = [parse_config(entry) for entry in args.precisions.split(",")]
+    if reference_config in configs:  # the reference first, for parity
+        configs = [reference_config] + [c for c in configs if c != reference_config]
     result = BenchResult(
         model=args.model,
         machine=cpu_name(),
@@ -226,16 +234,22 @@ def run(args: argparse.Namespace) -> BenchResult:
     )
     reference = None
     embeddings = np.zeros((0, 0), dtype=np.float32)
-    for precision in tqdm(precisions, desc="precisions"):
-        settings = base.model_copy(update={"precision": precision})
+    for backend, precision in tqdm(configs, desc="configurations"):
+        settings = base.model_copy(update={"precision": precision, "backend": backend})
         measured, embeddings = bench_precision(
             settings, args.batch_sizes, args.seconds, crops, pairs, reference
         )
-        if precision == Precision.FP32:
+        if (backend, precision) == reference_config:
             reference = embeddings.astype(np.float64)
         result.precisions.append(measured)
     result.codec_encode_us, result.codec_decode_us = codec_costs(int(embeddings.shape[1]))
     return result
+
+
+def parse_config(entry: str) -> tuple[Backend, Precision]:
+    """`openvino:bf16` -> (openvino, bf16); a bare `int8` -> (torch, int8)."""
+    backend, _, precision = entry.strip().rpartition(":")
+    return Backend(backend or "torch"), Precision(precision)
 
 
 def main(argv: list[str] | None = None) -> BenchResult:
@@ -243,7 +257,9 @@ def main(argv: list[str] | None = None) -> BenchResult:
     parser.add_argument("--model", default="ViT-B-32", help="as CLIP_MODEL")
     parser.add_argument("--pretrained", default="openai", help="as CLIP_PRETRAINED")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precisions", default="fp32", help="comma-separated")
+    parser.add_argument(
+        "--precisions", default="fp32", help="comma-separated [backend:]precision entries"
+    )
     parser.add_argument(
         "--batch-sizes", default="1,2,4,8,16,32", type=lambda t: [int(s) for s in t.split(",")]
     )

@@ -22,6 +22,13 @@ class Precision(StrEnum):
     INT8 = "int8"
 
 
+class Backend(StrEnum):
+    AUTO = "auto"
+    TORCH = "torch"
+    OPENVINO = "openvino"
+    ONNXRUNTIME = "onnxruntime"
+
+
 class ResizeMode(StrEnum):
     MODEL = "model"  # whatever the model's own preprocess config says
     SHORTEST = "shortest"  # CLIP's resize of the short side, then centre crop
@@ -48,6 +55,15 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     precision: Precision = Precision.AUTO
+    backend: Backend = Field(
+        Backend.AUTO,
+        description="auto, torch, openvino, onnxruntime: where the image tower runs.",
+    )
+    cache_dir: str = Field(
+        "",
+        description="Folder for converted towers (OpenVINO IR, ONNX); empty: "
+        "$XDG_CACHE_HOME/clip-reid or ~/.cache/clip-reid.",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(

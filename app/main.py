@@ -76,6 +76,8 @@ def create_app(
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )
+        info = encoder.info
+        metrics.model_info.labels(info.model, info.backend, info.precision, info.device).set(1)
         metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
         metrics.images_in_flight.set_function(lambda: service.admission.images_in_flight)
         metrics.pixels_in_flight.set_function(lambda: service.admission.pixels_in_flight)

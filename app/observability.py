@@ -41,6 +41,7 @@ class Metrics:
     batch_size: Histogram
     queue_depth: Gauge
     images_in_flight: Gauge
+    model_info: Gauge
     pixels_in_flight: Gauge
     rejections: Counter
 
@@ -76,6 +77,10 @@ class Metrics:
                 "clip_images_in_flight",
                 "Images admitted and not yet answered (bounded by CLIP_MAX_QUEUE).",
                 registry=registry,
+            ),
+            model_info=Gauge(
+                "clip_model_info", "The model being served: 1, with what runs it as labels.",
+                ["model", "backend", "precision", "device"], registry=registry,
             ),
             pixels_in_flight=Gauge(
                 "clip_pixels_in_flight",

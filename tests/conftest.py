@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,15 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.main import EncoderFactory, create_app
 from app.tools.random_model import write_random_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of converted towers (OpenVINO IR, ONNX) for the whole run, never the
+    user's own: set in the environment, so servers started by e2e tests share it."""
+    folder = tmp_path_factory.mktemp("conversion-cache")
+    os.environ["CLIP_CACHE_DIR"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +44,9 @@ def tiny_settings(tiny_model_dir: Path) -> Callable[..., Settings]:
             "model": f"local-dir:{tiny_model_dir}",
             "device": "cpu",
             "precision": "fp32",
+            # HTTP behaviour is what these apps test; test_precisions and test_backends
+            # cover the other runtimes (and `auto`, which picks OpenVINO on CPUs).
+            "backend": "torch",
         }
         values.update(overrides)
         return Settings(**values)

@@ -161,6 +161,11 @@ class InfoResponse(BaseModel):
     dim: int = Field(..., examples=[512])
     device: str = Field(..., examples=["cpu"])
     precision: str = Field(..., examples=["fp32"])
+    backend: str = Field(
+        ...,
+        description="Runtime of the image tower: torch, openvino or onnxruntime.",
+        examples=["openvino"],
+    )
     projection: str | None = Field(
         None, description="Kind of CLIP_PROJECTION applied (pca, pca-whiten, centre, linear)."
     )

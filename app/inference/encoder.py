@@ -26,6 +26,7 @@ class EncoderInfo:
     dim: int
     device: str
     precision: str
+    backend: str
     image_size: tuple[int, int]
     resize_mode: str
     mean: tuple[float, ...]

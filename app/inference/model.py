@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose, Normalize
 
-from app.config import Precision, ResizeMode, Settings
+from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.encoder import EncoderInfo, ModelInput
+from app.inference.runtimes import Tower, build_tower, default_cache_dir, pick_backend
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -110,27 +111,26 @@ class SplitPreprocess:
 
 
 class ClipImageEncoder:
-    """An open_clip image tower ready for batched, inference-only use."""
+    """An open_clip image tower ready for batched, inference-only use, on whichever
+    runtime (torch, OpenVINO, ONNX Runtime) the settings pick."""
 
     def __init__(
         self,
-        visual: torch.nn.Module,
+        tower: Tower,
         preprocess: Callable[[Image.Image], torch.Tensor],
         info: EncoderInfo,
         device: torch.device,
-        dtype: torch.dtype,
         text_model: Any = None,
         tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None,
         logit_scale: float = 100.0,
     ) -> None:
-        self._visual = visual
+        self._tower = tower
         self._text_model = text_model
         self._tokenizer = tokenizer
         self.logit_scale = logit_scale
         self._preprocess = preprocess
         self._split = SplitPreprocess.from_transform(preprocess)
         self._device = device
-        self._dtype = dtype
         self.info = info
 
     @classmethod
@@ -138,48 +138,50 @@ class ClipImageEncoder:
         started = time.perf_counter()
         device = pick_device(settings.device)
         precision = pick_precision(settings.precision, device)
+        backend = pick_backend(settings.backend, device, precision)
         source = resolve_model_source(settings.model, settings.pretrained)
         model, preprocess = _build(source, settings.resize_mode, device)
         model.eval().requires_grad_(False)
         visual: torch.nn.Module = model.visual  # type: ignore[assignment]
         logit_scale = float(model.logit_scale.exp().item())  # type: ignore[operator]
-        dtype = torch.float32
-        if precision == Precision.FP16:
-            dtype = torch.float16
-        elif precision == Precision.BF16:
-            dtype = torch.bfloat16
-        # Casting weights (not autocast) is what measured fastest on CPU and GPU alike.
-        visual = visual.to(device=device, dtype=dtype)
-        if precision == Precision.INT8:
-            with warnings.catch_warnings():
-                # Deprecated in favour of torchao, which is not a dependency (yet).
-                warnings.simplefilter("ignore", DeprecationWarning)
-                visual = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-                    visual, {torch.nn.Linear}, dtype=torch.qint8
-                )
         cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
         image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
-        dim = _output_dim(visual, image_size, device, dtype)
+        tower = build_tower(
+            visual,
+            backend,
+            precision,
+            device,
+            image_size,
+            Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
+            settings.torch_threads,
+        )
+        if backend != Backend.TORCH:
+            # The runtime holds its own copy of the weights; the text tower still needs
+            # `model` until the garment prompts are embedded, then all of it goes.
+            model.visual = torch.nn.Identity()
+        dim = _output_dim(tower, visual, image_size, device)
         info = EncoderInfo(
             model=source.display_name,
             dim=dim,
             device=str(device),
             precision=precision.value,
+            backend=backend.value,
             image_size=image_size,
             resize_mode=str(cfg.get("resize_mode", "shortest")),
             mean=tuple(cfg.get("mean", ())),
             std=tuple(cfg.get("std", ())),
         )
         logger.info(
-            "loaded %s on %s (%s, %d dims) in %.1fs",
+            "loaded %s on %s (%s, %s, %d dims) in %.1fs",
             info.model,
             info.device,
+            info.backend,
             info.precision,
             info.dim,
             time.perf_counter() - started,
         )
         tokenizer = open_clip.get_tokenizer(source.model_name)
-        return cls(visual, preprocess, info, device, dtype, model, tokenizer, logit_scale)
+        return cls(tower, preprocess, info, device, model, tokenizer, logit_scale)
 
     def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """L2-normalised text embeddings, for zero-shot labels at startup. Runs the text
@@ -216,8 +218,7 @@ class ClipImageEncoder:
             stacked = torch.stack(list(batch)).to(self._device, non_blocking=True)
             if stacked.dtype == torch.uint8 and self._split is not None:
                 stacked = self._split.normalize(stacked)
-            features: torch.Tensor = self._visual(stacked.to(self._dtype))
-            return features
+            return self._tower(stacked.to(torch.float32))
 
     def postprocess(self, features: torch.Tensor) -> npt.NDArray[np.float32]:
         """Features to L2-normalised float32 rows, computed in float32 whatever the precision."""
@@ -257,14 +258,14 @@ def _build(
 
 
 def _output_dim(
-    visual: torch.nn.Module, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype
+    tower: Tower, visual: torch.nn.Module, image_size: tuple[int, int], device: torch.device
 ) -> int:
     declared = getattr(visual, "output_dim", None)
     if isinstance(declared, int):
         return declared
     with torch.inference_mode():
-        probe = torch.zeros((1, 3, *image_size), device=device, dtype=dtype)
-        return int(visual(probe).shape[-1])
+        probe = torch.zeros((1, 3, *image_size), device=device, dtype=torch.float32)
+        return int(tower(probe).shape[-1])
 
 
 def _as_pair(size: object) -> tuple[int, int]:

@@ -16,7 +16,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Pat
         [
             "--model", f"local-dir:{tiny_model_dir}",
             "--device", "cpu",
-            "--precisions", "int8,fp32",
+            "--precisions", "int8,openvino:fp32,fp32",
             "--batch-sizes", "1,4",
             "--seconds", "0.05",
             "--pairs", "3",
@@ -24,8 +24,10 @@ def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Pat
         ]
     )  # fmt: skip
     result = json.loads((out / "result.json").read_text())
-    assert [p["precision"] for p in result["precisions"]] == ["fp32", "int8"]  # reference first
-    fp32, int8 = result["precisions"]
+    configs = [(p["backend"], p["precision"]) for p in result["precisions"]]
+    assert configs == [("torch", "fp32"), ("torch", "int8"), ("openvino", "fp32")]  # ref first
+    fp32, int8, openvino = result["precisions"]
+    assert openvino["cosine_to_fp32_min"] > 0.99999
     assert set(fp32["images_per_s"]) == {"1", "4"}
     assert all(rate > 0 for rate in fp32["images_per_s"].values())
     assert fp32["nan_or_inf"] == 0
@@ -35,6 +37,6 @@ def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Pat
     assert -1 <= fp32["different_outfit_cosine"] <= fp32["same_outfit_cosine"] + 1
     assert result["codec_encode_us"] > 0
     assert result["codec_decode_us"] > 0
-    assert "| int8 | cpu |" in (out / "result.md").read_text()
+    assert "| torch | int8 | cpu |" in (out / "result.md").read_text()
     with Image.open(out / "throughput.png") as plot:
         assert plot.size[0] > 100

@@ -6,12 +6,12 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 from pydantic import SecretStr
 

@@ -67,6 +67,7 @@ async def info(service: ServiceDep) -> InfoResponse:
         projection=service.projection.kind if service.projection else None,
         device=model.device,
         precision=model.precision,
+        backend=model.backend,
         image_size=list(model.image_size),
         resize_mode=model.resize_mode,
         batcher=BatcherInfo(

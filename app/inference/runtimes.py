@@ -1,0 +1,290 @@
+"""Where the image tower runs: torch, OpenVINO or ONNX Runtime, behind one call.
+
+Every runtime takes the same normalised float32 batch (N, 3, H, W) and returns raw
+features; preprocessing and the L2 normalisation around it stay in model.py, so every
+backend sees the same pixels. OpenVINO and ONNX Runtime run a graph exported from the
+loaded open_clip tower itself (same weights, nothing extra to ship), converted once and
+cached on disk under a key made of the weights' hash, the backend, the precision and the
+library versions: a restart, or a second replica on the same volume, loads it in about a
+second instead of converting again.
+
+    backend       precisions      how
+    torch         fp32 fp16 bf16  weights cast; int8 = torch dynamic quantisation
+    openvino      fp32 bf16       IR from ov.convert_model; bf16 as an inference hint
+    onnxruntime   fp32 int8       torch.onnx export; int8 = dynamic quantisation (QInt8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from app.config import Backend, Precision
+from app.inference.weights import WeightsUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+SUPPORTED: dict[Backend, set[Precision]] = {
+    Backend.TORCH: {Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8},
+    Backend.OPENVINO: {Precision.FP32, Precision.BF16},
+    Backend.ONNXRUNTIME: {Precision.FP32, Precision.INT8},
+}
+
+
+class BackendUnavailable(WeightsUnavailable):
+    """The requested backend cannot run this device or precision; says what to change."""
+
+
+class Tower(Protocol):
+    backend: Backend
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 (N, 3, H, W) on the tower's device -> raw features."""
+        ...
+
+
+def pick_backend(requested: Backend, device: torch.device, precision: Precision) -> Backend:
+    """`auto`: the fastest runtime measured to keep parity for this device and precision
+    (README, Performance): on CPU OpenVINO for fp32 and bf16, ONNX Runtime for int8;
+    torch on GPUs."""
+    if requested == Backend.AUTO:
+        if device.type != "cpu":
+            return Backend.TORCH
+        return Backend.ONNXRUNTIME if precision == Precision.INT8 else Backend.OPENVINO
+    if requested != Backend.TORCH and device.type != "cpu":
+        raise BackendUnavailable(
+            f"CLIP_BACKEND={requested} runs on the CPU only; use torch (or auto) on {device}."
+        )
+    if precision not in SUPPORTED[requested]:
+        choices = ", ".join(sorted(p.value for p in SUPPORTED[requested]))
+        raise BackendUnavailable(
+            f"CLIP_BACKEND={requested} does not run CLIP_PRECISION={precision}; it runs "
+            f"{choices} (or use CLIP_BACKEND=auto)."
+        )
+    return requested
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clip-reid"
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+class TorchTower:
+    backend = Backend.TORCH
+
+    def __init__(self, visual: torch.nn.Module, dtype: torch.dtype) -> None:
+        self._visual = visual
+        self._dtype = dtype
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self._visual(pixels.to(self._dtype))
+        return features
+
+
+class OpenVinoTower:
+    backend = Backend.OPENVINO
+
+    def __init__(self, compiled: Any) -> None:
+        self._request = compiled.create_infer_request()
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._request.infer({0: pixels.numpy()}, share_inputs=True)
+        return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+
+
+class OnnxRuntimeTower:
+    backend = Backend.ONNXRUNTIME
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._input = session.get_inputs()[0].name
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        (features,) = self._session.run(None, {self._input: pixels.numpy()})
+        return torch.from_numpy(np.asarray(features, dtype=np.float32))
+
+
+def build_tower(
+    visual: torch.nn.Module,
+    backend: Backend,
+    precision: Precision,
+    device: torch.device,
+    image_size: tuple[int, int],
+    cache_dir: Path,
+    threads: int,
+) -> Tower:
+    """The tower ready to run. `visual` is the fp32 open_clip tower on the CPU; for the
+    torch backend it is cast (or quantised) in place and moved to `device`."""
+    if backend == Backend.TORCH:
+        return _torch_tower(visual, precision, device)
+    key = _cache_key(visual, backend, precision, image_size)
+    if backend == Backend.OPENVINO:
+        return _openvino_tower(visual, precision, image_size, cache_dir / key, threads)
+    return _onnxruntime_tower(visual, precision, image_size, cache_dir / key, threads)
+
+
+def _torch_tower(visual: torch.nn.Module, precision: Precision, device: torch.device) -> Tower:
+    dtype = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}.get(
+        precision, torch.float32
+    )
+    # Casting weights (not autocast) is what measured fastest on CPU and GPU alike.
+    visual = visual.to(device=device, dtype=dtype)
+    if precision == Precision.INT8:
+        with warnings.catch_warnings():
+            # Deprecated in favour of torchao, which is not a dependency.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            visual = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+                visual, {torch.nn.Linear}, dtype=torch.qint8
+            )
+    return TorchTower(visual, dtype)
+
+
+def _cache_key(
+    visual: torch.nn.Module, backend: Backend, precision: Precision, image_size: tuple[int, int]
+) -> str:
+    # OpenVINO's bf16 is a compile-time hint on the fp32 graph: one artefact for both.
+    artefact = "int8" if precision == Precision.INT8 else "fp32"
+    version = _library_version(backend)
+    height, width = image_size
+    return f"{weights_digest(visual)[:24]}-{backend}-{version}-{artefact}-{height}x{width}"
+
+
+def _library_version(backend: Backend) -> str:
+    if backend == Backend.OPENVINO:
+        import openvino
+
+        return str(openvino.__version__).split("-")[0]
+    import onnxruntime
+
+    return f"ort{onnxruntime.__version__}-torch{torch.__version__.split('+')[0]}"
+
+
+def _cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Path:
+    """folder/filename, made by `make(tmp_folder)` on a miss. Written to a temporary
+    folder and renamed into place, so a crash or a concurrent replica never leaves half
+    an artefact; if the cache is not writable the artefact lives in a temporary folder
+    for this process only."""
+    target = folder / filename
+    if target.exists():
+        logger.info("conversion cache hit: %s", folder)
+        return target
+    started = time.perf_counter()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    except OSError as exc:
+        logger.warning("conversion cache %s not writable (%s); converting for this run only",
+                       folder.parent, exc)  # fmt: skip
+        staging = Path(tempfile.mkdtemp(prefix="clip-reid-"))
+        make(staging)
+        return staging / filename
+    try:
+        make(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another replica finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("converted the image tower in %.1fs into %s", time.perf_counter() - started, folder)
+    return target
+
+
+def _example(image_size: tuple[int, int]) -> torch.Tensor:
+    return torch.zeros((1, 3, *image_size), dtype=torch.float32)
+
+
+def _openvino_tower(
+    visual: torch.nn.Module,
+    precision: Precision,
+    image_size: tuple[int, int],
+    folder: Path,
+    threads: int,
+) -> Tower:
+    import openvino as ov
+
+    def convert(staging: Path) -> None:
+        model = ov.convert_model(
+            visual,
+            example_input=_example(image_size),
+            input=[ov.PartialShape([-1, 3, *image_size])],
+        )
+        ov.save_model(model, staging / "tower.xml", compress_to_fp16=False)
+
+    path = _cached(folder, "tower.xml", convert)
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == Precision.BF16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all threads on it
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    core = ov.Core()
+    return OpenVinoTower(core.compile_model(core.read_model(path), "CPU", config))
+
+
+def _onnxruntime_tower(
+    visual: torch.nn.Module,
+    precision: Precision,
+    image_size: tuple[int, int],
+    folder: Path,
+    threads: int,
+) -> Tower:
+    import onnxruntime as ort
+
+    def export(staging: Path) -> None:
+        fp32 = staging / "tower.onnx"
+        # The fused attention kernel torch picks for inference has no ONNX symbol.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    visual,
+                    (_example(image_size),),
+                    str(fp32),
+                    input_names=["pixels"],
+                    output_names=["features"],
+                    dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        if precision == Precision.INT8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(fp32, staging / "tower.int8.onnx", weight_type=QuantType.QInt8)
+            fp32.unlink()
+
+    filename = "tower.int8.onnx" if precision == Precision.INT8 else "tower.onnx"
+    path = _cached(folder, filename, export)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OnnxRuntimeTower(session)
