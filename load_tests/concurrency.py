@@ -122,13 +122,15 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 def in_process_ceiling(
-    model_dir: str, batch_sizes: list[int], seconds: float, precision: str
+    model_dir: str, batch_sizes: list[int], seconds: float, precision: str, backend: str = "auto"
 ) -> dict[int, float]:
     """Images/s of the bare forward pass (no HTTP, no decode) at each batch size."""
     from app.config import Settings
     from app.inference.model import ClipImageEncoder
 
-    settings = Settings(model=f"local-dir:{model_dir}", precision=precision, warmup=False)
+    settings = Settings(
+        model=f"local-dir:{model_dir}", precision=precision, backend=backend, warmup=False
+    )
     encoder = ClipImageEncoder.load(settings)
     tensor = encoder.preprocess(Image.open(io.BytesIO(make_crops(1)[0])).convert("RGB"))
     rates = {}

@@ -40,7 +40,10 @@ def free_port() -> int:
 def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subprocess.Popen[str]:
     """uvicorn in its own process, its output in `log`: a pipe nobody reads would fill
     with access-log lines and block the server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    # The run's conversion cache (conftest) is kept; every other setting is the test's.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("CLIP_") or k == "CLIP_CACHE_DIR"
+    }
     env.update(env_overrides)
     return subprocess.Popen(
         [
@@ -173,7 +176,10 @@ def test_sigterm_shuts_down_cleanly(server: RunningServer) -> None:
 
 def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
     log, port = tmp_path / "server.log", free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    # The run's conversion cache (conftest) is kept; every other setting is the test's.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("CLIP_") or k == "CLIP_CACHE_DIR"
+    }
     env["CLIP_MODEL"] = f"local-dir:{tiny_model_dir}"
     command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -1,0 +1,62 @@
+"""The comparison tool's parts against real servers: wrk drives ours, and the LitServe
+peer serves the same model (so a ratio compares servers, not models). wrk and litserve
+are installed by .ci/run and `make install`; elsewhere their absence skips."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.codec import decode_embedding
+from load_tests.compare import multipart, run_wrk, start_peer, stop, tree_cpu_seconds
+from tests.e2e.test_server import RunningServer, free_port, server  # noqa: F401 - fixture
+from tests.helpers import cosine, noise_jpeg
+
+pytestmark = pytest.mark.e2e
+
+
+def require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have wrk (.ci/run installs it)")
+        pytest.skip("wrk not installed (apt-get install wrk)")
+
+
+def test_wrk_drives_the_service_and_the_costs_are_counted(server: RunningServer) -> None:  # noqa: F811
+    require_wrk()
+    body, content_type = multipart(noise_jpeg(3))
+    run = run_wrk("ours", f"{server.url}/embed", body, content_type, 2, 2, server.process.pid)
+    assert run.requests > 0
+    assert run.non_200 == 0
+    assert run.crops_per_s > 0
+    assert 0 < run.p50_ms <= run.p99_ms
+    assert run.server_cpu_ms_per_request > 0
+    assert tree_cpu_seconds(server.process.pid) > 0
+
+
+def test_the_litserve_peer_serves_the_same_model(
+    server: RunningServer,  # noqa: F811
+    tiny_model_dir: Path,
+) -> None:
+    pytest.importorskip("litserve")
+    crop = noise_jpeg(4)
+    ours = httpx.post(f"{server.url}/embed", files={"image": ("c.jpg", crop)}).json()
+    port = free_port()
+    peer = start_peer(str(tiny_model_dir), port)
+    try:
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            json={"image": base64.b64encode(crop).decode()},
+            timeout=30,
+        )
+    finally:
+        stop(peer)
+    assert reply.status_code == 200, reply.text
+    theirs = np.frombuffer(base64.b64decode(reply.json()["embedding"]), dtype="<f4")
+    assert cosine(decode_embedding(ours["embedding"]), theirs) >= 0.9999
