@@ -27,13 +27,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-from load_tests.concurrency import in_process_ceiling, make_crops, memory_mb, start_server
+from load_tests.concurrency import (
+    in_process_ceiling,
+    make_crops,
+    memory_mb,
+    start_server,
+    wait_until_ready,
+)
 
 _LUA = """
 local file = io.open(os.getenv("WRK_BODY_FILE"), "rb")
@@ -146,18 +151,7 @@ def start_peer(model_dir: str, port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"LitServe peer exited at startup:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("LitServe peer not ready after 180 s")
+    return wait_until_ready(process, f"http://127.0.0.1:{port}/health", log, "LitServe peer")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

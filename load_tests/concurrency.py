@@ -153,18 +153,25 @@ def start_server(model_dir: str, port: int, extra_env: dict[str, str]) -> subpro
     # the server on its next access-log line.
     log = Path(tempfile.gettempdir()) / f"clip-service-{port}.log"
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
+    return wait_until_ready(process, f"http://127.0.0.1:{port}/ready", log, "service")
+
+
+def wait_until_ready(
+    process: subprocess.Popen[bytes], url: str, log: Path, what: str, timeout_s: float = 180
+) -> subprocess.Popen[bytes]:
+    """`process` once `url` answers 200; SystemExit with its log if it dies or stalls."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"service exited at startup:\n{log.read_text()}")
+            raise SystemExit(f"{what} exited at startup:\n{log.read_text()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     process.kill()
-    raise SystemExit("service not ready after 180 s")
+    raise SystemExit(f"{what} not ready after {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
