@@ -21,7 +21,13 @@ from torchvision.transforms import Compose, Normalize
 
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.encoder import EncoderInfo, ModelInput
-from app.inference.runtimes import Tower, build_tower, default_cache_dir, pick_backend
+from app.inference.runtimes import (
+    BackendUnavailable,
+    Tower,
+    build_tower,
+    default_cache_dir,
+    pick_backend,
+)
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -146,15 +152,25 @@ class ClipImageEncoder:
         logit_scale = float(model.logit_scale.exp().item())  # type: ignore[operator]
         cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
         image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
-        tower = build_tower(
-            visual,
-            backend,
-            precision,
-            device,
-            image_size,
-            Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
-            settings.torch_threads,
-        )
+        cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        try:
+            tower = build_tower(
+                visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
+            )
+        except Exception as exc:
+            if backend == Backend.TORCH:
+                raise
+            if settings.backend != Backend.AUTO:
+                raise BackendUnavailable(
+                    f"CLIP_BACKEND={backend} could not convert or load this model ({exc}); "
+                    "use CLIP_BACKEND=torch or auto"
+                ) from exc
+            # auto promised the fastest path that works: torch always runs the model.
+            logger.warning("%s could not run this model (%s); serving with torch", backend, exc)
+            backend = Backend.TORCH
+            tower = build_tower(
+                visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
+            )
         if backend != Backend.TORCH:
             # The runtime holds its own copy of the weights; the text tower still needs
             # `model` until the garment prompts are embedded, then all of it goes.

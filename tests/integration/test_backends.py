@@ -14,6 +14,7 @@ from PIL import Image
 from app.codec import decode_embedding
 from app.config import Settings
 from app.inference.model import ClipImageEncoder
+from app.inference.runtimes import BackendUnavailable
 from tests.conftest import serve
 from tests.helpers import cosine, noise_jpeg
 
@@ -60,3 +61,17 @@ def test_a_warm_cache_skips_the_conversion(tiny_model_dir: Path, tmp_path: Path)
     batch = [cold.preprocess(Image.new("RGB", (64, 128), "red"))]
     np.testing.assert_allclose(cold.encode(batch), warm.encode(batch), atol=1e-6)
     print(f"tiny model, onnxruntime: cold start {cold_s:.2f}s, warm {warm_s:.2f}s")
+
+
+def test_auto_falls_back_to_torch_when_a_runtime_cannot_take_the_model(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unconvertible(*args: object) -> None:
+        raise RuntimeError("operator not supported")
+
+    monkeypatch.setattr("app.inference.runtimes._openvino_tower", unconvertible)
+    base = {"model": f"local-dir:{tiny_model_dir}", "device": "cpu", "precision": "fp32"}
+    encoder = ClipImageEncoder.load(Settings(**base, backend="auto"))
+    assert encoder.info.backend == "torch"
+    with pytest.raises(BackendUnavailable, match="CLIP_BACKEND=openvino"):
+        ClipImageEncoder.load(Settings(**base, backend="openvino"))
