@@ -14,6 +14,7 @@ through one pydantic object per match.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -289,7 +290,8 @@ class SearchExecutor:
                 )
             self._pending += 1
         try:
-            future = self._pool.submit(work)
+            # With the caller's context: log lines from the search carry its request id.
+            future = self._pool.submit(contextvars.copy_context().run, work)
         except BaseException:
             self._release(None)
             raise
