@@ -2,10 +2,13 @@
 # CPU image by default; `--build-arg VARIANT=cuda` for NVIDIA GPUs.
 # `--build-arg BAKE_WEIGHTS=1` downloads the default model's weights into the image at
 # build time (air-gapped sites); otherwise they download once into the /models volume.
-ARG PYTHON_VERSION=3.11
+# PYTHON_IMAGE and TORCH_INDEX_URL let sites without Docker Hub or PyTorch's index build
+# the same file from a local base image and PyPI.
+ARG PYTHON_IMAGE=python:3.11-slim
 ARG VARIANT=cpu
 
-FROM python:${PYTHON_VERSION}-slim AS base
+# hadolint ignore=DL3006
+FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -18,8 +21,9 @@ WORKDIR /srv
 
 # torch first, its own layer: the biggest download changes least often.
 FROM base AS torch-cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY requirements-torch.txt .
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu -r requirements-torch.txt
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r requirements-torch.txt
 
 FROM base AS torch-cuda
 COPY requirements-torch.txt .

@@ -129,7 +129,8 @@ def test_the_image_installs_what_the_project_declares() -> None:
     # torch: the same pinned file in both, CPU wheels for the default image
     assert "-r requirements-torch.txt" in makefile
     assert (
-        "--index-url https://download.pytorch.org/whl/cpu -r requirements-torch.txt" in dockerfile
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+        and '--index-url "${TORCH_INDEX_URL}" -r requirements-torch.txt' in dockerfile
     )
     # everything else: read from pyproject.toml's dependency list, the one pip installs
     assert "tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']" in dockerfile
