@@ -128,10 +128,8 @@ def test_the_image_installs_what_the_project_declares() -> None:
     makefile = (ROOT / "Makefile").read_text()
     # torch: the same pinned file in both, CPU wheels for the default image
     assert "-r requirements-torch.txt" in makefile
-    assert (
-        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
-        and '--index-url "${TORCH_INDEX_URL}" -r requirements-torch.txt' in dockerfile
-    )
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert '--index-url "${TORCH_INDEX_URL}" -r requirements-torch.txt' in dockerfile
     # everything else: read from pyproject.toml's dependency list, the one pip installs
     assert "tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']" in dockerfile
     assert "install --quiet -e '.[dev]'" in makefile
