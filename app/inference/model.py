@@ -17,10 +17,14 @@ import numpy.typing as npt
 import open_clip
 import torch
 from PIL import Image
-from torchvision.transforms import Compose, Normalize
 
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.encoder import EncoderInfo, ModelInput
+from app.inference.preprocessing import (
+    SplitPreprocess,
+    precrop_extreme_aspect,
+    shrink_extreme_aspect,
+)
 from app.inference.runtimes import (
     BackendUnavailable,
     Tower,
@@ -31,11 +35,6 @@ from app.inference.runtimes import (
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
 logger = logging.getLogger(__name__)
-
-# Beyond this aspect ratio a CLIP "shortest side" resize of a sliver (a 10000x2 strip)
-# would allocate hundreds of megabytes for pixels the centre crop throws away. Ordinary
-# person crops (1:2, 1:3) stay far below it, so they go through the exact reference path.
-_MAX_ASPECT_BEFORE_PRECROP = 4.0
 
 
 def pick_device(requested: str) -> torch.device:
@@ -75,45 +74,6 @@ def pick_precision(requested: Precision, device: torch.device) -> Precision:
     if device.type == "cuda":
         return Precision.FP16
     return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
-
-
-class SplitPreprocess:
-    """open_clip's transform cut in two at its ToTensor step.
-
-    The geometric part (resize, crop or pad, mode) runs per image in the decode threads
-    and yields uint8 pixels; ToTensor's scaling and Normalize run once per batch in the
-    forward thread (on the GPU when there is one). Same arithmetic as open_clip's, but no
-    torch kernels in the decode threads: on a 2-core CPU their thread pools otherwise spin
-    against the forward pass's, which measured as a doubling of single-request latency.
-    Also sends 4x fewer bytes to the device.
-    """
-
-    def __init__(self, geometry: Callable[[Image.Image], Image.Image], normalize: Normalize):
-        self.geometry = geometry
-        self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    @classmethod
-    def from_transform(cls, transform: Callable[[Image.Image], Any]) -> SplitPreprocess | None:
-        steps = list(getattr(transform, "transforms", []))
-        names = [type(step).__name__ for step in steps]
-        if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor"):
-            return None
-        if not isinstance(steps[-1], Normalize):
-            return None
-        return cls(Compose(steps[:-2]), steps[-1])
-
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """Geometry only: a (C, H, W) uint8 view of the resized image."""
-        resized = self.geometry(image)
-        # np.array copies (224x224x3 bytes): torch wants a writable buffer it can own.
-        array = np.array(resized.convert("RGB") if resized.mode != "RGB" else resized)
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) on any device to normalised float32, as ToTensor + Normalize."""
-        values = batch.to(torch.float32).div_(255)
-        return values.sub_(self.mean.to(values.device)).div_(self.std.to(values.device))
 
 
 class ClipImageEncoder:
@@ -221,9 +181,9 @@ class ClipImageEncoder:
         """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()
         normalises, or (for transforms of unknown shape) open_clip's float tensor."""
         if self.info.resize_mode == "shortest":
-            image = _precrop_extreme_aspect(image)
+            image = precrop_extreme_aspect(image)
         elif self.info.resize_mode == "longest":
-            image = _shrink_extreme_aspect(image, max(self.info.image_size))
+            image = shrink_extreme_aspect(image, max(self.info.image_size))
         if self._split is not None:
             return self._split.pixels(image)
         return self._preprocess(image)
@@ -288,29 +248,3 @@ def _as_pair(size: object) -> tuple[int, int]:
     if isinstance(size, (list, tuple)):
         return int(size[-2]), int(size[-1])
     return int(size), int(size)  # type: ignore[call-overload]
-
-
-def _precrop_extreme_aspect(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    limit = max(1, int(short * _MAX_ASPECT_BEFORE_PRECROP))
-    if long <= limit:
-        return image
-    if width > height:
-        left = (width - limit) // 2
-        return image.crop((left, 0, left + limit, height))
-    top = (height - limit) // 2
-    return image.crop((0, top, width, top + limit))
-
-
-def _shrink_extreme_aspect(image: Image.Image, target: int) -> Image.Image:
-    """A sliver whose short side would round to nothing when its long side is fitted to
-    `target` is resized here first, keeping one pixel across; open_clip's resize then
-    leaves it as it is and pads it. Resizing before padding keeps the memory of a
-    40 x 1,000,000 strip at target x 1, where padding first needs gigabytes."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if short * target >= long:
-        return image
-    fitted = (target, 1) if width > height else (1, target)
-    return image.resize(fitted, Image.Resampling.BICUBIC)
