@@ -21,7 +21,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from app.config import load_settings
+from app.config import Settings, load_settings
 from app.main import create_app
 from app.observability import configure_logging
 
@@ -48,18 +48,12 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve the CLIP re-ID embedding service.")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    configure_logging()
-    settings = load_settings()
-    app = create_app(settings)
+def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
+    """Run `app` under uvicorn with the production limits until SIGTERM; the exit status."""
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         log_config=None,  # configure_logging's JSON lines
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         # The service's own JSON 503 refuses work past CLIP_MAX_CONCURRENT_REQUESTS;
@@ -72,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     server = GracefulServer(config, app)
     server.run()
     return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the CLIP re-ID embedding service.")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    configure_logging()
+    settings = load_settings()
+    return serve(create_app(settings), settings, args.host, args.port)
 
 
 if __name__ == "__main__":
