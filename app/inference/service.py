@@ -189,23 +189,42 @@ class EmbeddingService:
     ) -> list[T]:
         """Decode each opened image and apply `transform` (default: the model's
         preprocessing) in the decode threads, in parallel; the first bad image fails
-        the lot, and the jobs not yet started are dropped."""
-        work = partial(self._prepare_one, transform=transform or self.encoder.preprocess)
+        the lot, and the jobs not yet started are dropped.
+
+        One job per decode thread, each taking a contiguous share of the images, not one
+        per image: every job costs the event loop a future and two callbacks under the
+        GIL, which profiling put at a third of the loop's time on 32-image requests."""
+        if not images:
+            return []
+        work = partial(self._prepare_share, transform=transform or self.encoder.preprocess)
+        shares = _split(list(images), self.decode_workers)
         self._preparing += 1
-        jobs = [run_in(self._decode_pool, work, image) for image in images]
+        jobs = [run_in(self._decode_pool, work, share) for share in shares]
         try:
-            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            done = await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             self._preparing -= 1
             for job in jobs:
                 job.cancel()
-        failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+        for share in done:
+            if isinstance(share, BaseException):
+                raise share  # not an image's fault (ServiceErrors are caught per image)
+        outcomes = [outcome for share in done for outcome in share]  # type: ignore[union-attr]
+        failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, ServiceError)]
         if failures:
-            for _, error in failures:
-                if not isinstance(error, ServiceError):
-                    raise error
-            raise _located(failures, locations)  # type: ignore[arg-type]
+            raise _located(failures, locations)
         return outcomes  # type: ignore[return-value]
+
+    def _prepare_share(
+        self, images: list[Image.Image], transform: Callable[[Image.Image], T]
+    ) -> list[T | ServiceError]:
+        outcomes: list[T | ServiceError] = []
+        for image in images:
+            try:
+                outcomes.append(self._prepare_one(image, transform))
+            except ServiceError as error:
+                outcomes.append(error)
+        return outcomes
 
     def _prepare_one(self, image: Image.Image, transform: Callable[[Image.Image], T]) -> T:
         rgb = load_rgb(image)
@@ -228,6 +247,18 @@ class EmbeddingService:
 
     def _encode_rows(self, batch: list[ModelInput]) -> list[npt.NDArray[np.float32]]:
         return list(self.encoder.encode(batch))
+
+
+def _split(items: list[T], parts: int) -> list[list[T]]:
+    """`items` in at most `parts` contiguous shares of near-equal length, in order."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    shares, start = [], 0
+    for part in range(parts):
+        end = start + size + (part < extra)
+        shares.append(items[start:end])
+        start = end
+    return shares
 
 
 def _located(failures: list[tuple[int, ServiceError]], locations: Sequence[str]) -> ServiceError:

@@ -134,6 +134,20 @@ async def test_a_bad_crop_in_a_batch_fails_the_request_naming_the_item(
     assert (await client.post("/embed", json={"image": crops[0]})).status_code == 200
 
 
+async def test_crops_that_fail_while_decoding_are_all_named_in_order(
+    client: httpx.AsyncClient,
+) -> None:
+    """Headers pass, pixels don't: the failures surface from the decode threads, whichever
+    share of the batch each one was decoded in."""
+    good = [noise_jpeg(seed) for seed in range(6)]
+    truncated = noise_jpeg(9)[:1500]  # a whole header, half the scan
+    crops = [b64(c) for c in (*good[:1], truncated, *good[1:4], truncated, *good[4:])]
+    text = await error_of(await client.post("/embed/batch", json={"images": crops}), 400)
+    assert "images[1]" in text
+    assert "also invalid: images[5]" in text
+    assert "images[0]" not in text
+
+
 @pytest.mark.parametrize(
     ("body", "status", "expected"),
     [
