@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         0, ge=0, le=64, description="Threads decoding images; 0 picks from the core count."
     )
+    decode_processes: int = Field(
+        -1,
+        ge=-1,
+        le=64,
+        description="Processes decoding and preprocessing /embed images (one GIL each; "
+        "threads share one): for many cores and a fast model. -1 picks: half the cores, "
+        "at most 16, when the model is on a GPU and there are 8+ cores; else 0 (threads).",
+    )
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."
     )

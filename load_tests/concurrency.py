@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"service: {info['model']} on {info['device']} ({info['precision']}), "
             f"max batch {info['batcher']['max_batch_size']}, "
-            f"wait {info['batcher']['max_wait_ms']} ms"
+            f"wait {info['batcher']['max_wait_ms']} ms, decoding in "
+            f"{info['batcher']['decode_workers']} threads and "
+            f"{info['batcher'].get('decode_processes', 0)} processes"
         )
         results: list[LoadResult] = []
         for endpoint in endpoints:

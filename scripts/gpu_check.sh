@@ -7,6 +7,7 @@
 #
 #   scripts/gpu_check.sh                 # uses a random ViT-B-32 in /tmp
 #   MODEL_DIR=/models/vit-b-32 OUT=gpu LOAD_SECONDS=20 scripts/gpu_check.sh
+#   STEPS=load scripts/gpu_check.sh      # any of: parity bench load
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -14,6 +15,7 @@ PY=${PY:-python3}
 MODEL_DIR=${MODEL_DIR:-/tmp/vit-b-32-random}
 OUT=${OUT:-bench-results/gpu}
 LOAD_SECONDS=${LOAD_SECONDS:-8}
+STEPS=${STEPS:-parity bench load}
 mkdir -p "$OUT"
 failed=0
 
@@ -22,15 +24,28 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 [ -f "$MODEL_DIR/open_clip_config.json" ] || "$PY" -m app.tools.random_model "$MODEL_DIR" || exit 1
 
 # Each step runs even if one before it failed, so one call on a borrowed GPU reports all.
-echo "== parity against fp32 on the CPU (cuda fp32 >= 0.99999, cuda fp16 >= 0.999)"
-"$PY" -m pytest tests/integration/test_precisions.py -m cuda -q -s -p no:cacheprovider || failed=1
+if [[ " $STEPS " == *" parity "* ]]; then
+    echo "== parity against fp32 on the CPU (cuda fp32 >= 0.99999, cuda fp16 >= 0.999)"
+    "$PY" -m pytest tests/integration/test_precisions.py -m cuda -q -s -p no:cacheprovider || failed=1
+fi
 
-echo "== benchmark (in-process, no HTTP)"
-"$PY" -m app.bench --model "local-dir:$MODEL_DIR" --device cuda --precisions fp32,fp16 \
-    --batch-sizes 1,8,32,64,128 --seconds 3 --out "$OUT" || failed=1
+if [[ " $STEPS " == *" bench "* ]]; then
+    echo "== benchmark (in-process, no HTTP)"
+    "$PY" -m app.bench --model "local-dir:$MODEL_DIR" --device cuda --precisions fp32,fp16 \
+        --batch-sizes 1,8,32,64,128 --seconds 3 --out "$OUT" || failed=1
+fi
 
-echo "== the service under load: /embed/batch (32 crops) and /embed, fp16, against the ceiling"
-"$PY" -m load_tests.concurrency --model-dir "$MODEL_DIR" --precision fp16 \
-    --endpoints batch,embed --clients 1,16,32 --batch-images 32 --seconds "$LOAD_SECONDS" \
-    --json "$OUT/load.json" | tee "$OUT/load.md" || failed=1
+if [[ " $STEPS " == *" load "* ]]; then
+    # Twice: images prepared in decode processes (the default on a GPU host with 8+
+    # cores), then in the decode threads alone, against the same in-process ceiling.
+    echo "== the service under load: /embed/batch (32 crops) and /embed, fp16, vs the ceiling"
+    "$PY" -m load_tests.concurrency --model-dir "$MODEL_DIR" --precision fp16 \
+        --endpoints batch,embed --clients 1,16,32 --batch-images 32 --seconds "$LOAD_SECONDS" \
+        --json "$OUT/load.json" | tee "$OUT/load.md" || failed=1
+    echo "== the same with threads only (CLIP_DECODE_PROCESSES=0), no ceiling"
+    CLIP_DECODE_PROCESSES=0 "$PY" -m load_tests.concurrency --model-dir "$MODEL_DIR" \
+        --precision fp16 --endpoints batch,embed --clients 1,16,32 --batch-images 32 \
+        --seconds "$LOAD_SECONDS" --no-ceiling --json "$OUT/load-threads.json" \
+        | tee "$OUT/load-threads.md" || failed=1
+fi
 exit $failed

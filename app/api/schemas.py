@@ -133,7 +133,10 @@ class BatcherInfo(BaseModel):
     max_wait_ms: float
     max_queue: int
     queue_depth: int
-    decode_workers: int
+    decode_workers: int = Field(..., description="Threads decoding and preprocessing images.")
+    decode_processes: int = Field(
+        ..., description="Processes preparing /embed images beside the threads (0: none)."
+    )
     batches: int = Field(..., description="Forward passes run since startup.")
     mean_batch_size: float = Field(..., description="Images per forward pass, on average.")
 

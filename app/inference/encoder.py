@@ -6,7 +6,7 @@ above this seam sees PIL images in, `ModelInput`s through the batcher, float32 r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -41,6 +41,11 @@ class ImageEncoder(Protocol):
     def info(self) -> EncoderInfo: ...
 
     def preprocess(self, image: Image.Image) -> ModelInput: ...
+
+    @property
+    def preprocessor(self) -> Callable[[Image.Image], ModelInput]:
+        """What preprocess() does, as a picklable object: decode processes run it."""
+        ...
 
     def encode(self, batch: Sequence[ModelInput]) -> npt.NDArray[np.float32]: ...
 

@@ -20,11 +20,7 @@ from PIL import Image
 
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.encoder import EncoderInfo, ModelInput
-from app.inference.preprocessing import (
-    SplitPreprocess,
-    precrop_extreme_aspect,
-    shrink_extreme_aspect,
-)
+from app.inference.preprocessing import ImagePreprocessor
 from app.inference.runtimes import (
     BackendUnavailable,
     Tower,
@@ -94,8 +90,8 @@ class ClipImageEncoder:
         self._text_model = text_model
         self._tokenizer = tokenizer
         self.logit_scale = logit_scale
-        self._preprocess = preprocess
-        self._split = SplitPreprocess.from_transform(preprocess)
+        self.preprocessor = ImagePreprocessor(preprocess, info.resize_mode, info.image_size)
+        self._split = self.preprocessor.split
         self._device = device
         self.info = info
 
@@ -180,13 +176,7 @@ class ClipImageEncoder:
     def preprocess(self, image: Image.Image) -> ModelInput:
         """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()
         normalises, or (for transforms of unknown shape) open_clip's float tensor."""
-        if self.info.resize_mode == "shortest":
-            image = precrop_extreme_aspect(image)
-        elif self.info.resize_mode == "longest":
-            image = shrink_extreme_aspect(image, max(self.info.image_size))
-        if self._split is not None:
-            return self._split.pixels(image)
-        return self._preprocess(image)
+        return self.preprocessor(image)
 
     def forward(self, batch: Sequence[ModelInput]) -> torch.Tensor:
         """Stacked inputs through the image tower; raw (unnormalised) features."""

@@ -209,6 +209,34 @@ class SplitPreprocess:
         return values.sub_(self.mean.to(values.device)).div_(self.std.to(values.device))
 
 
+class ImagePreprocessor:
+    """RGB image -> one model input (C, H, W) on the CPU: uint8 pixels that the forward
+    pass normalises (SplitPreprocess.normalize), or, for transforms of unknown shape,
+    open_clip's float tensor.
+
+    Picklable and free of model weights: decode processes each hold a copy."""
+
+    def __init__(
+        self,
+        transform: Callable[[Image.Image], torch.Tensor],
+        resize_mode: str,
+        image_size: tuple[int, int],
+    ) -> None:
+        self.transform = transform
+        self.resize_mode = resize_mode
+        self.side = max(image_size)
+        self.split = SplitPreprocess.from_transform(transform)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.resize_mode == "shortest":
+            image = precrop_extreme_aspect(image)
+        elif self.resize_mode == "longest":
+            image = shrink_extreme_aspect(image, self.side)
+        if self.split is not None:
+            return self.split.pixels(image)
+        return self.transform(image)
+
+
 def precrop_extreme_aspect(image: Image.Image) -> Image.Image:
     width, height = image.size
     short, long = min(width, height), max(width, height)

@@ -25,7 +25,6 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import (
-    InvalidImage,
     RequestTimedOut,
     ServiceError,
     ShuttingDown,
@@ -33,7 +32,13 @@ from app.errors import (
 )
 from app.inference.admission import Admission, AdmissionLimits, Ticket
 from app.inference.batcher import DynamicBatcher
-from app.inference.decode import load_rgb, open_image
+from app.inference.decode import open_image
+from app.inference.decode_workers import (
+    DecodeProcesses,
+    default_decode_processes,
+    prepare_image,
+    split,
+)
 from app.inference.encoder import ImageEncoder, ModelInput
 from app.inference.projection import Projection
 from app.inference.readiness import ReadinessMonitor
@@ -97,8 +102,22 @@ class EmbeddingService:
             observer=observer,
         )
         self.readiness = ReadinessMonitor(self.batcher, self._probe_input)
+        processes = settings.decode_processes
+        if processes < 0:
+            processes = default_decode_processes(encoder.info.device)
+        self.decode_processes = processes
+        self._processes = (
+            DecodeProcesses(
+                processes, encoder.preprocessor, settings.max_image_pixels, self._draft_side
+            )
+            if processes
+            else None
+        )
 
     async def start(self) -> None:
+        if self._processes is not None:
+            pids = await self._processes.start()
+            logger.info("%d decode processes started: %s", len(pids), pids)
         await self.batcher.start()
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -106,6 +125,8 @@ class EmbeddingService:
         self.readiness.stop()
         await self.batcher.stop(drain_timeout_s)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown()
 
     async def model_works(self) -> bool:
         return await self.readiness.model_works()
@@ -123,8 +144,27 @@ class EmbeddingService:
         """
         async with self.admitted(len(images)) as ticket:
             opened = self.open(images, locations, ticket)
-            rows = await self.forward(await self.prepare(opened, locations))
+            if self._processes is not None:
+                inputs = await self._prepare_files(images, locations)
+            else:
+                inputs = await self.prepare(opened, locations)
+            rows = await self.forward(inputs)
         return self.project(rows)
+
+    async def _prepare_files(
+        self, images: Sequence[bytes], locations: Sequence[str]
+    ) -> list[ModelInput]:
+        """The model's inputs for image files, prepared in the decode processes."""
+        assert self._processes is not None
+        self._preparing += 1
+        try:
+            outcomes = await self._processes.prepare(images)
+        finally:
+            self._preparing -= 1
+        failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, ServiceError)]
+        if failures:
+            raise _located(failures, locations)
+        return outcomes  # type: ignore[return-value]
 
     @asynccontextmanager
     async def admitted(self, images: int) -> AsyncIterator[Ticket]:
@@ -197,7 +237,7 @@ class EmbeddingService:
         if not images:
             return []
         work = partial(self._prepare_share, transform=transform or self.encoder.preprocess)
-        shares = _split(list(images), self.decode_workers)
+        shares = split(list(images), self.decode_workers)
         self._preparing += 1
         jobs = [run_in(self._decode_pool, work, share) for share in shares]
         try:
@@ -221,25 +261,10 @@ class EmbeddingService:
         outcomes: list[T | ServiceError] = []
         for image in images:
             try:
-                outcomes.append(self._prepare_one(image, transform))
+                outcomes.append(prepare_image(image, transform))
             except ServiceError as error:
                 outcomes.append(error)
         return outcomes
-
-    def _prepare_one(self, image: Image.Image, transform: Callable[[Image.Image], T]) -> T:
-        rgb = load_rgb(image)
-        try:
-            return transform(rgb)
-        except ServiceError:
-            raise
-        except Exception:
-            # A decoded image the transform cannot take is still the client's picture:
-            # answer 400 rather than 500, and keep the traceback for us.
-            logger.exception("preprocessing failed for a %dx%d image", *rgb.size)
-            raise InvalidImage(
-                f"image of {rgb.size[0]}x{rgb.size[1]} pixels could not be prepared for "
-                "the model; send an ordinary person crop"
-            ) from None
 
     async def _probe_input(self) -> ModelInput:
         blank = Image.new("RGB", (64, 128), (127, 127, 127))
@@ -247,18 +272,6 @@ class EmbeddingService:
 
     def _encode_rows(self, batch: list[ModelInput]) -> list[npt.NDArray[np.float32]]:
         return list(self.encoder.encode(batch))
-
-
-def _split(items: list[T], parts: int) -> list[list[T]]:
-    """`items` in at most `parts` contiguous shares of near-equal length, in order."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    shares, start = [], 0
-    for part in range(parts):
-        end = start + size + (part < extra)
-        shares.append(items[start:end])
-        start = end
-    return shares
 
 
 def _located(failures: list[tuple[int, ServiceError]], locations: Sequence[str]) -> ServiceError:
