@@ -16,6 +16,7 @@ MODEL_DIR=${MODEL_DIR:-/tmp/vit-b-32-random}
 OUT=${OUT:-bench-results/gpu}
 LOAD_SECONDS=${LOAD_SECONDS:-8}
 STEPS=${STEPS:-parity bench load}
+CLIENT_PROCESSES=${CLIENT_PROCESSES:-4}
 mkdir -p "$OUT"
 failed=0
 
@@ -41,11 +42,13 @@ if [[ " $STEPS " == *" load "* ]]; then
     echo "== the service under load: /embed/batch (32 crops) and /embed, fp16, vs the ceiling"
     "$PY" -m load_tests.concurrency --model-dir "$MODEL_DIR" --precision fp16 \
         --endpoints batch,embed --clients 1,16,32 --batch-images 32 --seconds "$LOAD_SECONDS" \
+        --client-processes "$CLIENT_PROCESSES" \
         --json "$OUT/load.json" | tee "$OUT/load.md" || failed=1
     echo "== the same with threads only (CLIP_DECODE_PROCESSES=0), no ceiling"
     CLIP_DECODE_PROCESSES=0 "$PY" -m load_tests.concurrency --model-dir "$MODEL_DIR" \
         --precision fp16 --endpoints batch,embed --clients 1,16,32 --batch-images 32 \
-        --seconds "$LOAD_SECONDS" --no-ceiling --json "$OUT/load-threads.json" \
+        --seconds "$LOAD_SECONDS" --no-ceiling --client-processes "$CLIENT_PROCESSES" \
+        --json "$OUT/load-threads.json" \
         | tee "$OUT/load-threads.md" || failed=1
 fi
 exit $failed
