@@ -116,8 +116,13 @@ class EmbeddingService:
 
     async def start(self) -> None:
         if self._processes is not None:
-            pids = await self._processes.start()
-            logger.info("%d decode processes started: %s", len(pids), pids)
+            try:
+                pids = await self._processes.start()
+                logger.info("%d decode processes started: %s", len(pids), pids)
+            except Exception as exc:  # e.g. no /dev/shm for its semaphores in a sandbox
+                logger.warning("decode processes could not start (%r); threads decode", exc)
+                self._processes.shutdown()
+                self._processes, self.decode_processes = None, 0
         await self.batcher.start()
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -144,7 +149,7 @@ class EmbeddingService:
         """
         async with self.admitted(len(images)) as ticket:
             opened = self.open(images, locations, ticket)
-            if self._processes is not None:
+            if self._processes is not None:  # they re-read the headers: bytes travel, not images
                 inputs = await self._prepare_files(images, locations)
             else:
                 inputs = await self.prepare(opened, locations)

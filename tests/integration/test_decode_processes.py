@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from app.codec import decode_embedding
 from app.config import Settings
-from app.inference.decode_workers import default_decode_processes, split
+from app.inference.decode_workers import DecodeProcesses, default_decode_processes, split
 from tests.conftest import serve
 from tests.helpers import noise_jpeg
 
@@ -114,3 +114,17 @@ def test_shares_keep_order_and_balance() -> None:
     assert [len(share) for share in shares] == [3, 3, 2, 2]
     assert [item for share in shares for item in share] == items
     assert split(items[:2], 8) == [[0], [1]]
+
+
+async def test_processes_that_cannot_start_leave_the_threads_decoding(
+    tiny_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(self: DecodeProcesses) -> list[int]:
+        raise OSError("no /dev/shm here")
+
+    monkeypatch.setattr(DecodeProcesses, "start", refuse)
+    async with serve(tiny_settings(decode_processes=2)) as (_, client):
+        info = (await client.get("/info")).json()
+        assert info["batcher"]["decode_processes"] == 0
+        response = await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(3))})
+        assert response.status_code == 200
