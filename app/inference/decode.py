@@ -7,12 +7,19 @@ model code sees it. It runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from app.errors import InvalidImage, PayloadTooLarge
+from app.errors import InvalidImage, PayloadTooLarge, ServiceError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Formats of the contract. (Pillow's JPEG opener also takes the MPO files cameras write.)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -89,6 +96,22 @@ def load_rgb(image: Image.Image) -> Image.Image:
         raise PayloadTooLarge("image decodes to far more pixels than its header says") from None
     except Exception as exc:
         raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+
+
+def prepare_image(image: Image.Image, transform: Callable[[Image.Image], T]) -> T:
+    """Decode an opened image and apply `transform`; a picture the transform cannot take
+    is still the client's picture: InvalidImage (400), not a 500."""
+    rgb = load_rgb(image)
+    try:
+        return transform(rgb)
+    except ServiceError:
+        raise
+    except Exception:
+        logger.exception("preprocessing failed for a %dx%d image", *rgb.size)
+        raise InvalidImage(
+            f"image of {rgb.size[0]}x{rgb.size[1]} pixels could not be prepared for "
+            "the model; send an ordinary person crop"
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

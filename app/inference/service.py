@@ -32,11 +32,10 @@ from app.errors import (
 )
 from app.inference.admission import Admission, AdmissionLimits, Ticket
 from app.inference.batcher import DynamicBatcher
-from app.inference.decode import open_image
+from app.inference.decode import open_image, prepare_image
 from app.inference.decode_workers import (
     DecodeProcesses,
     default_decode_processes,
-    prepare_image,
     split,
 )
 from app.inference.encoder import ImageEncoder, ModelInput

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,17 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+from torchvision.transforms import (
+    CenterCrop,
+    Compose,
+    InterpolationMode,
+    Normalize,
+    Resize,
+    ToTensor,
+)
 
-from app.inference.preprocessing import ResizeCenterCrop, SplitPreprocess
+from app.inference.geometry import PixelPreprocessor
+from app.inference.preprocessing import ImagePreprocessor, SplitPreprocess, fast_resize_center_crop
 from app.tools.synthetic_people import make_person
 
 
@@ -58,7 +67,7 @@ def test_resizing_only_the_kept_region_matches_resize_then_centre_crop(mode: str
     differently for the strip than for the whole image)."""
     interpolation = InterpolationMode(mode)
     reference = Compose([Resize(224, interpolation=interpolation), CenterCrop(224)])
-    fast = ResizeCenterCrop.matching(list(reference.transforms))
+    fast = fast_resize_center_crop(list(reference.transforms))
     assert fast is not None
     rng = np.random.default_rng(7)
     shapes = [(128, 256), (96, 288), (300, 90), (224, 224), (224, 500), (225, 449), (47, 131)]
@@ -71,7 +80,8 @@ def test_resizing_only_the_kept_region_matches_resize_then_centre_crop(mode: str
         else:
             person = Image.open(io.BytesIO(make_person(rng).jpeg)).convert("RGB")
             image = person.resize((width, height), Image.Resampling.BILINEAR)
-        ours = np.asarray(fast(image, reference)).astype(np.int16)
+        resized = fast(image)
+        ours = np.asarray(resized if resized is not None else reference(image)).astype(np.int16)
         theirs = np.asarray(reference(image)).astype(np.int16)
         assert ours.shape == theirs.shape, (width, height)
         difference = np.abs(ours - theirs)
@@ -82,6 +92,48 @@ def test_resizing_only_the_kept_region_matches_resize_then_centre_crop(mode: str
 
 
 def test_transforms_that_are_not_resize_then_crop_keep_their_own_path() -> None:
-    assert ResizeCenterCrop.matching([CenterCrop(224), Resize(224)]) is None
-    assert ResizeCenterCrop.matching([Resize((224, 224)), CenterCrop(224)]) is None
-    assert ResizeCenterCrop.matching([Resize(224, max_size=300), CenterCrop(224)]) is None
+    assert fast_resize_center_crop([CenterCrop(224), Resize(224)]) is None
+    assert fast_resize_center_crop([Resize((224, 224)), CenterCrop(224)]) is None
+    assert fast_resize_center_crop([Resize(224, max_size=300), CenterCrop(224)]) is None
+
+
+def test_decode_processes_get_a_torch_free_preprocessor_with_the_same_pixels(
+    tiny_model_dir: Path,
+) -> None:
+    _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    size = transform.transforms[1].size
+    full = ImagePreprocessor(transform, "shortest", tuple(size))
+    lean = full.for_processes()
+    assert isinstance(lean, PixelPreprocessor)
+    lean = pickle.loads(pickle.dumps(lean))  # as a spawned process receives it
+    rng = np.random.default_rng(5)
+    # a person crop, a sliver (pre-cropped first), a tiny one (upscaled)
+    for width, height in [(128, 256), (40, 900), (10, 20)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = lean(image)
+        assert ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, full(image).numpy())
+
+
+def test_other_resize_modes_send_the_full_preprocessor(tiny_model_dir: Path) -> None:
+    _, _, transform = open_clip.create_model_and_transforms(
+        f"local-dir:{tiny_model_dir}", image_resize_mode="longest"
+    )
+    full = ImagePreprocessor(transform, "longest", (64, 64))
+    assert full.for_processes() is full
+
+
+def test_shapes_the_fast_path_does_not_cover_fall_back_to_the_full_transform() -> None:
+    """A centre crop larger than the resized image pads (torchvision's rule): the
+    process-side preprocessor loads the full transform for it."""
+    transform = Compose(
+        [Resize(32), CenterCrop(40), ToTensor(), Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))]
+    )
+    full = ImagePreprocessor(transform, "shortest", (40, 40))
+    lean = pickle.loads(pickle.dumps(full.for_processes()))
+    assert isinstance(lean, PixelPreprocessor)
+    image = Image.fromarray(np.full((64, 48, 3), 200, dtype=np.uint8))
+    ours = lean(image)
+    assert ours.shape == (3, 40, 40)
+    np.testing.assert_array_equal(ours, full(image).numpy())
+    assert (ours[:, :, :4] == 0).all()  # the padding, left and right of a 32-wide resize
