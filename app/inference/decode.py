@@ -1,7 +1,8 @@
 """Turn uploaded bytes into an RGB PIL image, or a clear client error.
 
 This is the trust boundary: everything a client sends passes through here before any
-model code sees it. It runs in worker threads, never on the event loop.
+model code sees it. Pixels are decoded in the decode threads or processes; the event
+loop only reads headers (open_image), to charge pixels before any decoding.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Decoding and resizing release the GIL, but what surrounds them (PIL's Python layers,
 numpy and torch wrappers) does not: measured on a 16-core GPU host, eight decode threads
 fed the model about 850 crops/s, a seventh of its fp16 ceiling. Processes have a GIL
-each. They take the /embed path's model preprocessing (a picklable ImagePreprocessor);
-other transforms (/analyze's regions) stay on the threads.
+each. They take the /embed path's model preprocessing (ImagePreprocessor.for_processes:
+Pillow and numpy alone for CLIP's resize and crop, so a process costs ~50 MB); other
+transforms (/analyze's regions) stay on the threads.
 """
 
 from __future__ import annotations
