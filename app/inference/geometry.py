@@ -30,10 +30,9 @@ class ResizeCenterCrop:
     read; its output is cut to the crop; the second pass computes only the crop's pixels
     (Image.resize's `box`). Each output pixel has the full resize's source centre and
     filter support; the box's float32 coordinates move a rare pixel by 1/255 (tested: at
-    most 1, in well under 1% of pixels). A 1:2
-    person crop resized to 224 x 448 and cut to 224 x 224 spent about half its time on
-    rows the crop threw away; resizing is the largest cost the service has around the
-    model.
+    most 1, in well under 1% of pixels). A 1:2 person crop resized to 224 x 448 and cut
+    to 224 x 224 spent about half its time on rows the crop threw away; resizing is the
+    largest cost the service has around the model.
     """
 
     # PIL's filter supports (Resample.c), in source pixels at scale 1.
