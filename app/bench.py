@@ -9,6 +9,13 @@ single-image latency, images/s by batch size, validity
 (mean cosine of same-outfit pairs against different-outfit pairs of synthetic people);
 plus the codec's serialisation cost. Writes result.json, result.md and throughput.png
 to --out. Every measurement is time-boxed, so a run's length is predictable.
+
+Before opting into int8 (or any precision), measure its agreement with fp32 on your own
+weights and crops: `--images DIR` times and compares on every image in DIR instead of
+synthetic people, and the cosine columns are then about your cameras:
+
+    python -m app.bench --model ViT-B-32 --pretrained openai --images my-crops/ \
+        --precisions torch:fp32,onnxruntime:int8,openvino:bf16 --batch-sizes 1,16
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tqdm import tqdm
 
 from app.codec import decode_embedding, encode_embedding
 from app.config import Backend, Precision, Settings
+from app.errors import ServiceError
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder
 from app.tools.synthetic_people import make_person, random_garment
@@ -61,6 +69,7 @@ class BenchResult:
     codec_encode_us: float
     codec_decode_us: float
     decode_ms: float
+    images: str = "16 synthetic people"
     precisions: list[PrecisionResult] = field(default_factory=list)
 
 
@@ -116,7 +125,9 @@ def bench_precision(
         runs = timed_runs(lambda batch=batch: encoder.encode(batch), seconds)  # type: ignore[misc]
         rates[size] = size / statistics.median(runs)
 
-    embeddings = encoder.encode(tensors)
+    embeddings = np.concatenate(
+        [encoder.encode(tensors[i : i + 64]) for i in range(0, len(tensors), 64)]
+    )
     anchors, same, different = (encoder.encode(inputs(files)) for files in pairs)
     result = PrecisionResult(
         precision=encoder.info.precision,
@@ -169,6 +180,7 @@ def markdown(result: BenchResult) -> str:
         f"{result.machine}; torch {result.torch}, {result.threads} threads.",
         f"Codec: {result.codec_encode_us:.1f} us to encode, {result.codec_decode_us:.1f} us to "
         f"decode one embedding. Decoding a JPEG crop: {result.decode_ms:.2f} ms.",
+        f"Images timed and compared with fp32: {result.images}.",
         "",
         "| backend | precision | device | batch-1 p50 ms | "
         + " | ".join(f"img/s @{s}" for s in sizes)
@@ -212,7 +224,11 @@ def plot(result: BenchResult, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> BenchResult:
     base = Settings(model=args.model, pretrained=args.pretrained, device=args.device, warmup=False)
-    crops = [make_person(np.random.default_rng(i)).jpeg for i in range(16)]
+    crops = (
+        read_images(args.images, base.max_image_pixels)
+        if args.images
+        else [make_person(np.random.default_rng(i)).jpeg for i in range(16)]
+    )
     pairs = outfit_pairs(args.pairs)
     started = time.perf_counter()
     for crop in crops:
@@ -231,6 +247,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         codec_encode_us=0.0,
         codec_decode_us=0.0,
         decode_ms=decode_ms,
+        images=f"{len(crops)} from {args.images}" if args.images else "16 synthetic people",
     )
     reference = None
     embeddings = np.zeros((0, 0), dtype=np.float32)
@@ -244,6 +261,29 @@ def run(args: argparse.Namespace) -> BenchResult:
         result.precisions.append(measured)
     result.codec_encode_us, result.codec_decode_us = codec_costs(int(embeddings.shape[1]))
     return result
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def read_images(folder: Path, max_pixels: int) -> list[bytes]:
+    """Every image file directly in `folder`, in name order; SystemExit naming the first
+    one the service would refuse."""
+    if not folder.is_dir():
+        raise SystemExit(f"--images {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise SystemExit(f"--images {folder}: no image files ({suffixes})")
+    images = []
+    for path in files:
+        data = path.read_bytes()
+        try:
+            decode_image(data, max_pixels=max_pixels)
+        except ServiceError as error:
+            raise SystemExit(f"--images: {path}: {error.message}") from None
+        images.append(data)
+    return images
 
 
 def parse_config(entry: str) -> tuple[Backend, Precision]:
@@ -265,6 +305,11 @@ def main(argv: list[str] | None = None) -> BenchResult:
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement point")
     parser.add_argument("--pairs", type=int, default=16, help="outfit pairs for discriminability")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="a folder of your own crops: timings and the cosine to torch fp32 use them",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     result = run(args)

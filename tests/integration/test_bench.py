@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from app.bench import main
+from tests.helpers import noise_jpeg
 
 
 def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -40,3 +42,37 @@ def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Pat
     assert "| torch | int8 | cpu |" in (out / "result.md").read_text()
     with Image.open(out / "throughput.png") as plot:
         assert plot.size[0] > 100
+
+
+def test_bench_measures_agreement_on_your_own_crops(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--images DIR`: what a user runs on their crops before opting into int8."""
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for seed in range(5):
+        (crops / f"cam1-{seed}.jpg").write_bytes(noise_jpeg(seed))
+    (crops / "notes.txt").write_text("not an image: skipped by its suffix")
+    out = tmp_path / "bench"
+    arguments = ["--model", f"local-dir:{tiny_model_dir}", "--device", "cpu",
+                 "--precisions", "fp32,int8", "--batch-sizes", "1", "--seconds", "0.05",
+                 "--pairs", "2", "--out", str(out), "--images", str(crops)]  # fmt: skip
+    result = main(arguments)
+    assert result.images == f"5 from {crops}"
+    int8 = result.precisions[1]
+    assert int8.precision == "int8"
+    assert int8.cosine_to_fp32_min is not None
+    assert 0.99 <= int8.cosine_to_fp32_min <= int8.cosine_to_fp32_mean <= 1.0 + 1e-6
+    assert f"5 from {crops}" in (out / "result.md").read_text()
+
+
+def test_bench_names_the_crop_it_cannot_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "a.jpg").write_bytes(noise_jpeg(1))
+    (crops / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"b\.jpg"):
+        main(["--model", f"local-dir:{tiny_model_dir}", "--images", str(crops)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files"):
+        main(["--model", f"local-dir:{tiny_model_dir}", "--images", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="not a folder"):
+        main(["--model", f"local-dir:{tiny_model_dir}", "--images", str(tmp_path / "missing")])
