@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidImage, PayloadTooLarge, ServiceError
+from app.inference.headers import draft_size, header_size
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,22 @@ def open_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None) ->
         except Exception as exc:
             raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
     return image
+
+
+def decoded_pixels(data: bytes, *, max_pixels: int, reduce_to: int | None = None) -> int:
+    """The pixels open_image(data, ...) then load_rgb will decode, with open_image's
+    refusals, but read from the header without Pillow where headers.py can (JPEG, PNG):
+    admission charges every image on the event loop before any is decoded."""
+    header = header_size(data)
+    if header is None:
+        width, height = open_image(data, max_pixels=max_pixels, reduce_to=reduce_to).size
+        return width * height
+    kind, width, height = header
+    if width * height > max_pixels:
+        raise PayloadTooLarge(_too_many_pixels(f"{width}x{height} = {width * height}", max_pixels))
+    if reduce_to and kind == "JPEG" and min(width, height) >= 2 * reduce_to:
+        width, height = draft_size((width, height), reduce_to)
+    return width * height
 
 
 def load_rgb(image: Image.Image) -> Image.Image:

@@ -32,7 +32,7 @@ from app.errors import (
 )
 from app.inference.admission import Admission, AdmissionLimits, Ticket
 from app.inference.batcher import DynamicBatcher
-from app.inference.decode import open_image, prepare_image
+from app.inference.decode import decoded_pixels, open_image, prepare_image
 from app.inference.decode_workers import (
     DecodeProcesses,
     default_decode_processes,
@@ -147,11 +147,11 @@ class EmbeddingService:
         `locations` name each image for error messages (`image`, `images[2]`).
         """
         async with self.admitted(len(images)) as ticket:
-            opened = self.open(images, locations, ticket)
-            if self._processes is not None:  # they re-read the headers: bytes travel, not images
+            if self._processes is not None:  # bytes travel to them, not opened images
+                self.charge(images, locations, ticket)
                 inputs = await self._prepare_files(images, locations)
             else:
-                inputs = await self.prepare(opened, locations)
+                inputs = await self.prepare(self.open(images, locations, ticket), locations)
             rows = await self.forward(inputs)
         return self.project(rows)
 
@@ -210,6 +210,23 @@ class EmbeddingService:
             raise _located(failures, locations)
         ticket.add_pixels(sum(image.size[0] * image.size[1] for image in opened))
         return opened
+
+    def charge(self, images: Sequence[bytes], locations: Sequence[str], ticket: Ticket) -> None:
+        """open()'s admission for images decoded elsewhere (the decode processes): every
+        image's decoded pixels charged to the ticket before any is decoded, from headers
+        read without Pillow where possible."""
+        total = 0
+        failures: list[tuple[int, ServiceError]] = []
+        for index, data in enumerate(images):
+            try:
+                total += decoded_pixels(
+                    data, max_pixels=self.settings.max_image_pixels, reduce_to=self._draft_side
+                )
+            except ServiceError as error:
+                failures.append((index, error))
+        if failures:
+            raise _located(failures, locations)
+        ticket.add_pixels(total)
 
     def project(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The configured projection (CLIP_PROJECTION) of embedding rows, if any."""

@@ -4,6 +4,7 @@ same per-item errors, and a pool that survives a worker's death."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from PIL import Image
 
 from app.codec import decode_embedding
 from app.config import Settings
@@ -128,3 +130,21 @@ async def test_processes_that_cannot_start_leave_the_threads_decoding(
         assert info["batcher"]["decode_processes"] == 0
         response = await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(3))})
         assert response.status_code == 200
+
+
+async def test_admission_reads_headers_before_the_processes_decode(
+    process_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """Over CLIP_MAX_IMAGE_PIXELS: 413 from the header alone, naming the item, and the
+    pixel charge released afterwards."""
+    app, client = process_app
+    huge = io.BytesIO()
+    Image.new("L", (7000, 6000)).save(huge, "PNG")  # 42 Mpx in a few kB
+    files = [
+        ("images", ("0.jpg", noise_jpeg(0), "image/jpeg")),
+        ("images", ("1.png", huge.getvalue(), "image/png")),
+    ]
+    response = await client.post("/embed/batch", files=files)
+    assert response.status_code == 413
+    assert response.json()["error"]["message"].startswith("images[1]")
+    assert app.state.service.admission.pixels_in_flight == 0
