@@ -52,9 +52,6 @@ def default_decode_processes(device: str) -> int:
     return min(16, cores // 2)
 
 
-# --- in the service ----------------------------------------------------------------
-
-
 class DecodeProcesses:
     """A pool of processes preparing image files for the model, in shares.
 
@@ -88,8 +85,7 @@ class DecodeProcesses:
         )
 
     async def start(self) -> list[int]:
-        """Start every worker now (each imports torch: seconds), not on the first
-        requests; their pids."""
+        """Start every worker now, not on the first requests; their pids."""
         jobs = [self._pool.submit(worker_pid) for _ in range(self.processes)]
         return list(await asyncio.gather(*(asyncio.wrap_future(job) for job in jobs)))
 
