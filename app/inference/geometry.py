@@ -4,7 +4,6 @@ decode processes run, so each of them costs tens of megabytes rather than a torc
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any
 
@@ -162,8 +161,7 @@ class PixelPreprocessor:
     def __call__(self, image: Image.Image) -> npt.NDArray[np.uint8]:
         resized = self.fast(precrop_extreme_aspect(image))
         if resized is None:
-            if self._fallback is None:
-                os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
+            if self._fallback is None:  # (start_worker has capped torch's threads)
                 self._fallback = pickle.loads(self._fallback_blob)
             return np.asarray(self._fallback(image).numpy())
         return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))

@@ -1,7 +1,8 @@
 """open_clip's image transform, cut for serving: geometry per image in the decode threads,
 normalisation per batch in the forward thread.
 
-Same arithmetic as the model's own transform (tested to the pixel), built from that
+Same arithmetic as the model's own transform (tested: identical, or one 1/255 step in a
+rare pixel where ResizeCenterCrop computes only the kept region), built from that
 transform rather than restated, so a model with other sizes or statistics keeps its own.
 """
 
