@@ -4,7 +4,10 @@ Requests put their items in one queue and await a future per item. A single loop
 event loop takes up to `max_batch_size` items, waiting at most `max_wait_s` after the
 oldest one arrived for companions, and hands the batch to `process` in a dedicated
 thread, so the event loop never runs the model. While one batch is in the forward pass
-the next one gathers, so the model is never idle when there is work.
+the next one gathers, so the model is never idle when there is work. A runtime that
+runs several forward passes at once (OpenVINO's CPU streams: one thread each, so a
+thread preempted by the HTTP side stalls only its own pass) gets `concurrency` > 1:
+up to that many batches run at the same time, each in its own thread.
 
 A failure of `process` fails exactly the items of that batch (every waiting request gets
 it) and the loop goes on. Items whose requester gave up (timeout, disconnect) are skipped
@@ -66,9 +69,12 @@ class DynamicBatcher(Generic[In, Out]):
         name: str = "batcher",
         companions_expected: Callable[[], bool] | None = None,
         observer: Callable[[int, list[float], float], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._process = process
         # Waiting for companions only pays when some are on their way (e.g. requests
         # still decoding); a lone client should not pay max_wait on every request.
@@ -79,15 +85,20 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._owns_executor = executor is None
-        # One thread: forward passes run one after another, which is what a single
-        # device does anyway, and keeps torch's own threads from fighting each other.
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
+        # One thread per concurrent pass; with one, passes run one after another, which
+        # is what a single device does anyway, and torch's own threads do not fight.
+        self.concurrency = concurrency
+        self._executor = executor or ThreadPoolExecutor(
+            concurrency, thread_name_prefix=f"{name}-forward"
+        )
         self._name = name
         self._queue: deque[_Pending[In, Out]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._in_forward: list[_Pending[In, Out]] = []
+        self._slots = asyncio.Semaphore(concurrency)
+        self._passes: set[asyncio.Task[None]] = set()
+        self._in_forward: dict[int, list[_Pending[In, Out]]] = {}
         self.stats = BatcherStats()
 
     @property
@@ -153,7 +164,7 @@ class DynamicBatcher(Generic[In, Out]):
                     await self._task
         # Whatever is still unanswered (queued, or in a forward pass that overran the
         # bound) gets an answer now: nobody waits on a batcher that is gone.
-        unanswered = [*self._in_forward, *self._queue]
+        unanswered = [*(p for batch in self._in_forward.values() for p in batch), *self._queue]
         self._queue.clear()
         for waiting in unanswered:
             if not waiting.future.done():
@@ -162,53 +173,68 @@ class DynamicBatcher(Generic[In, Out]):
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _loop(self) -> None:
+        try:
+            while True:
+                # A free slot first, then the batch: items keep gathering while every
+                # slot is busy, so each pass takes all that waited.
+                await self._slots.acquire()
+                batch = await self._next_batch()
+                if not batch:
+                    self._slots.release()
+                    if batch is None:
+                        break
+                    continue
+                number = self.stats.batches
+                self._in_forward[number] = batch
+                task = asyncio.create_task(self._run(number, batch))
+                self._passes.add(task)
+                task.add_done_callback(self._passes.discard)
+            if self._passes:  # closing: the passes under way still answer their items
+                await asyncio.gather(*self._passes, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in self._passes:
+                task.cancel()
+            raise
+
+    async def _run(self, number: int, batch: list[_Pending[In, Out]]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            if not batch:
-                continue
-            self._in_forward = batch
-            started = time.monotonic()
-            waits = [started - p.enqueued_at for p in batch]
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._process, [p.item for p in batch]
+        started = time.monotonic()
+        waits = [started - p.enqueued_at for p in batch]
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._process, [p.item for p in batch]
+            )
+            if self._observer is not None:
+                self._observer(len(batch), waits, time.monotonic() - started)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"process returned {len(results)} results for {len(batch)} items"
                 )
-                if self._observer is not None:
-                    self._observer(len(batch), waits, time.monotonic() - started)
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"process returned {len(results)} results for {len(batch)} items"
+        except asyncio.CancelledError:
+            raise  # stop() gave up on the drain: it answers this batch
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            self.stats.consecutive_failures += 1
+            # The one traceback of this failure: requests log their refusal without it.
+            logger.exception(
+                "%s: forward pass %d (%d items) failed", self._name, number, len(batch)
+            )
+            for waiting in batch:
+                if not waiting.future.done():
+                    failure = BatchFailed(
+                        f"the forward pass (number {number}, {len(batch)} images) "
+                        "failed; the service log has the cause"
                     )
-            except Exception as exc:
-                self.stats.failed_batches += 1
-                self.stats.consecutive_failures += 1
-                # The one traceback of this failure: requests log their refusal without it.
-                batch_number = self.stats.batches
-                logger.exception(
-                    "%s: forward pass %d (%d items) failed",
-                    self._name,
-                    batch_number,
-                    len(batch),
-                )
-                for waiting in batch:
-                    if not waiting.future.done():
-                        failure = BatchFailed(
-                            f"the forward pass (number {batch_number}, {len(batch)} images) "
-                            "failed; the service log has the cause"
-                        )
-                        failure.__cause__ = exc
-                        waiting.future.set_exception(failure)
-            else:
-                self.stats.consecutive_failures = 0
-                self.stats.last_success_at = time.monotonic()
-                for waiting, result in zip(batch, results, strict=True):
-                    if not waiting.future.done():
-                        waiting.future.set_result(result)
-            # Not in a `finally`: if stop() cancels us mid-pass, it answers this batch.
-            self._in_forward = []
+                    failure.__cause__ = exc
+                    waiting.future.set_exception(failure)
+        else:
+            self.stats.consecutive_failures = 0
+            self.stats.last_success_at = time.monotonic()
+            for waiting, result in zip(batch, results, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(result)
+        self._in_forward.pop(number, None)
+        self._slots.release()
 
     async def _next_batch(self) -> list[_Pending[In, Out]] | None:
         """The next batch to run; None when closing with nothing left; [] to loop again."""
@@ -231,8 +257,12 @@ class DynamicBatcher(Generic[In, Out]):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
+        # Free slots share what waits: with every client in one batch the other streams
+        # would idle until it returns, and closed-loop clients would never spread out.
+        idle_slots = self.concurrency - len(self._in_forward)
+        limit = min(self.max_batch_size, max(1, -(-len(self._queue) // max(1, idle_slots))))
         batch: list[_Pending[In, Out]] = []
-        while self._queue and len(batch) < self.max_batch_size:
+        while self._queue and len(batch) < limit:
             waiting = self._queue.popleft()
             if waiting.future.done():  # cancelled: its requester is gone
                 self.stats.skipped_items += 1

@@ -174,3 +174,88 @@ async def test_no_wait_for_companions_when_none_are_on_their_way() -> None:
     assert await joined == [6]
     await batcher.stop()
     assert sorted(process.batches[-1]) == [2, 3, 4]
+
+
+class Overlap:
+    """Counts how many calls run at once; each call holds until `release` is set."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        self.release.wait(timeout=10)
+        with self.lock:
+            self.running -= 1
+        if self.fail_on in items:
+            raise RuntimeError("one stream failed")
+        return [item + 100 for item in items]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+async def test_concurrent_passes_never_exceed_the_slots(concurrency: int) -> None:
+    process = Overlap()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process, max_batch_size=2, max_wait_s=0.0, max_queue=64, concurrency=concurrency
+    )
+    await batcher.start()
+    requests = [asyncio.create_task(batcher.submit([i])) for i in range(12)]
+    await asyncio.sleep(0.2)  # every slot takes a batch and blocks in it
+    running_while_blocked = process.running
+    process.release.set()
+    results = await asyncio.gather(*requests)
+    await batcher.stop()
+    assert running_while_blocked == process.most_at_once == concurrency
+    assert results == [[i + 100] for i in range(12)]
+    assert batcher.stats.items == 12
+
+
+async def test_a_failed_pass_fails_only_its_items_while_another_runs() -> None:
+    process = Overlap(fail_on=0)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process, max_batch_size=1, max_wait_s=0.0, max_queue=8, concurrency=2
+    )
+    await batcher.start()
+    first, second = (asyncio.create_task(batcher.submit([i])) for i in range(2))
+    await asyncio.sleep(0.1)
+    assert process.running == 2
+    process.release.set()
+    with pytest.raises(BatchFailed):
+        await first
+    assert await second == [101]
+    await batcher.stop()
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_stop_answers_every_pass_still_running_when_the_drain_times_out() -> None:
+    process = Overlap()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process, max_batch_size=1, max_wait_s=0.0, max_queue=8, concurrency=2
+    )
+    await batcher.start()
+    requests = [asyncio.create_task(batcher.submit([i])) for i in range(3)]
+    await asyncio.sleep(0.1)
+    await batcher.stop(drain_timeout_s=0.1)
+    outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    process.release.set()
+    assert all(isinstance(outcome, ShuttingDown) for outcome in outcomes)
+
+
+async def test_free_slots_share_the_waiting_items() -> None:
+    process = Overlap()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process, max_batch_size=32, max_wait_s=0.2, max_queue=64, concurrency=2
+    )
+    await batcher.start()
+    requests = asyncio.create_task(batcher.submit(list(range(16))))
+    await asyncio.sleep(0.3)
+    process.release.set()
+    assert await requests == [i + 100 for i in range(16)]
+    await batcher.stop()
+    assert batcher.stats.batch_sizes == {8: 2}  # not one pass of 16 and an idle stream
