@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="Folder for converted towers (OpenVINO IR, ONNX); empty: "
         "$XDG_CACHE_HOME/clip-reid or ~/.cache/clip-reid.",
     )
+    int8_calibration_dir: str = Field(
+        "",
+        description="Folder of your own person crops (JPEG/PNG) that OpenVINO's int8 "
+        "calibrates on (up to 128 used); empty: 64 synthetic people.",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(
@@ -114,6 +119,14 @@ class Settings(BaseSettings):
         description="Processes decoding and preprocessing /embed images (one GIL each; "
         "threads share one): for many cores and a fast model. -1 picks: half the cores, "
         "at most 16, when the model is on a GPU and there are 8+ cores; else 0 (threads).",
+    )
+    forward_streams: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="OpenVINO: forward passes run at once, each on its share of the cores "
+        "(one batch each). 1: one pass over all cores (measured best on 2 cores); 0: "
+        "OpenVINO's throughput choice, for many cores. torch and ONNX Runtime run 1.",
     )
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."

@@ -137,6 +137,11 @@ class BatcherInfo(BaseModel):
     decode_processes: int = Field(
         ..., description="Processes preparing /embed images beside the threads (0: none)."
     )
+    forward_streams: int = Field(
+        ...,
+        description="Forward passes run at once (OpenVINO CPU streams, one batch each; 1 on "
+        "torch and ONNX Runtime).",
+    )
     batches: int = Field(..., description="Forward passes run since startup.")
     mean_batch_size: float = Field(..., description="Images per forward pass, on average.")
 

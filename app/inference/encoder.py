@@ -31,6 +31,9 @@ class EncoderInfo:
     resize_mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Forward passes the runtime takes at once (OpenVINO CPU streams); encode() may be
+    # called from that many threads together.
+    streams: int = 1
 
 
 class ImageEncoder(Protocol):

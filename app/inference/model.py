@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from app.config import Backend, Precision, ResizeMode, Settings
+from app.inference.calibration import calibration_for
 from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.preprocessing import ImagePreprocessor
 from app.inference.runtimes import (
@@ -109,10 +110,25 @@ class ClipImageEncoder:
         cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
         image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        calibration = (
+            calibration_for(settings.int8_calibration_dir, preprocess)
+            if precision == Precision.INT8
+            else None
+        )
         try:
             tower = build_tower(
-                visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
+                visual,
+                backend,
+                precision,
+                device,
+                image_size,
+                cache_dir,
+                settings.torch_threads,
+                calibration,
+                settings.forward_streams,
             )
+        except WeightsUnavailable:
+            raise  # a setting to fix (a bad calibration folder): torch would hide it
         except Exception as exc:
             if backend == Backend.TORCH:
                 raise
@@ -124,7 +140,7 @@ class ClipImageEncoder:
             # auto promised the fastest path that works: torch always runs the model.
             logger.warning("%s could not run this model (%s); serving with torch", backend, exc)
             backend = Backend.TORCH
-            tower = build_tower(
+            tower = build_tower(  # torch needs no calibration
                 visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
             )
         if backend != Backend.TORCH:
@@ -142,6 +158,7 @@ class ClipImageEncoder:
             resize_mode=str(cfg.get("resize_mode", "shortest")),
             mean=tuple(cfg.get("mean", ())),
             std=tuple(cfg.get("std", ())),
+            streams=tower.concurrency,
         )
         logger.info(
             "loaded %s on %s (%s, %s, %d dims) in %.1fs",

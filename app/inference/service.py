@@ -99,6 +99,7 @@ class EmbeddingService:
             name="embed",
             companions_expected=lambda: self._preparing > 0,
             observer=observer,
+            concurrency=encoder.info.streams,
         )
         self.readiness = ReadinessMonitor(self.batcher, self._probe_input)
         processes = settings.decode_processes

@@ -3,6 +3,7 @@ makes the second start cheap."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from app.codec import decode_embedding
 from app.config import Settings
 from app.inference.model import ClipImageEncoder
 from app.inference.runtimes import BackendUnavailable
+from app.inference.weights import WeightsUnavailable
 from tests.conftest import serve
 from tests.helpers import cosine, noise_jpeg
 
@@ -75,3 +77,73 @@ def test_auto_falls_back_to_torch_when_a_runtime_cannot_take_the_model(
     assert encoder.info.backend == "torch"
     with pytest.raises(BackendUnavailable, match="CLIP_BACKEND=openvino"):
         ClipImageEncoder.load(Settings(**base, backend="openvino"))
+
+
+def test_openvino_int8_calibrates_on_the_operators_own_crops(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for index, colour in enumerate(["red", "navy", "olive"]):
+        Image.new("RGB", (64, 160), colour).save(crops / f"person-{index}.png")
+    (crops / "notes.txt").write_text("not an image, not read")
+    cache = tmp_path / "cache"
+    settings = Settings(
+        model=f"local-dir:{tiny_model_dir}", device="cpu", precision="int8",
+        backend="auto", cache_dir=str(cache), int8_calibration_dir=str(crops),
+    )  # fmt: skip
+    encoder = ClipImageEncoder.load(settings)
+    assert (encoder.info.backend, encoder.info.precision) == ("openvino", "int8")
+    (artefact,) = [p.name for p in cache.iterdir()]
+    assert "-int8-own3-" in artefact
+    reference = ClipImageEncoder.load(
+        Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", precision="fp32")
+    )
+    batch = [encoder.preprocess(Image.new("RGB", (64, 160), "maroon"))]
+    assert cosine(encoder.encode(batch)[0], reference.encode(batch)[0]) >= 0.99
+
+    # Other crops are another calibration: a new artefact, not the cached one.
+    Image.new("RGB", (64, 160), "teal").save(crops / "person-3.png")
+    ClipImageEncoder.load(settings)
+    assert len(list(cache.iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [("missing", "is not a folder"), ("empty", "holds no"), ("corrupt", "not a readable image")],
+)
+def test_a_bad_calibration_folder_stops_the_start_with_its_reason(
+    tiny_model_dir: Path, tmp_path: Path, setup: str, message: str
+) -> None:
+    crops = tmp_path / "crops"
+    if setup != "missing":
+        crops.mkdir()
+    if setup == "corrupt":
+        (crops / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    settings = Settings(
+        model=f"local-dir:{tiny_model_dir}", device="cpu", precision="int8",
+        backend="openvino", cache_dir=str(tmp_path / "cache"), int8_calibration_dir=str(crops),
+    )  # fmt: skip
+    with pytest.raises(WeightsUnavailable, match=f"CLIP_INT8_CALIBRATION_DIR.*{message}"):
+        ClipImageEncoder.load(settings)
+
+
+async def test_openvino_streams_serve_concurrent_requests_alike(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    crops = [noise_jpeg(seed) for seed in range(12)]
+
+    async def embed_all(settings: Settings) -> tuple[int, list[np.ndarray]]:
+        async with serve(settings) as (_, client):
+            streams = (await client.get("/info")).json()["batcher"]["forward_streams"]
+            responses = await asyncio.gather(
+                *(client.post("/embed", files={"image": ("c.jpg", c)}) for c in crops)
+            )
+        assert all(r.status_code == 200 for r in responses)
+        return streams, [decode_embedding(r.json()["embedding"]) for r in responses]
+
+    one, alone = await embed_all(tiny_settings(backend="openvino"))
+    two, together = await embed_all(tiny_settings(backend="openvino", forward_streams=2))
+    assert (one, two) == (1, 2)
+    for a, b in zip(alone, together, strict=True):
+        assert cosine(a, b) >= 0.99999

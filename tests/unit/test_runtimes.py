@@ -18,7 +18,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     [
         (CPU, Precision.FP32, Backend.OPENVINO),
         (CPU, Precision.BF16, Backend.OPENVINO),
-        (CPU, Precision.INT8, Backend.ONNXRUNTIME),
+        (CPU, Precision.INT8, Backend.OPENVINO),
         (CUDA, Precision.FP16, Backend.TORCH),
         (CUDA, Precision.FP32, Backend.TORCH),
     ],
@@ -32,7 +32,7 @@ def test_auto_picks_the_measured_fastest_runtime(
 @pytest.mark.parametrize(
     ("backend", "device", "precision", "says"),
     [
-        (Backend.OPENVINO, CPU, Precision.INT8, "bf16, fp32"),
+        (Backend.OPENVINO, CPU, Precision.FP16, "bf16, fp32, int8"),
         (Backend.ONNXRUNTIME, CPU, Precision.BF16, "fp32, int8"),
         (Backend.OPENVINO, CUDA, Precision.FP16, "CPU only"),
     ],
@@ -48,6 +48,8 @@ def test_a_combination_that_cannot_run_fails_at_startup_naming_the_setting(
 def test_explicit_choices_that_run_are_kept() -> None:
     assert pick_backend(Backend.TORCH, CPU, Precision.INT8) == Backend.TORCH
     assert pick_backend(Backend.ONNXRUNTIME, CPU, Precision.FP32) == Backend.ONNXRUNTIME
+    assert pick_backend(Backend.ONNXRUNTIME, CPU, Precision.INT8) == Backend.ONNXRUNTIME
+    assert pick_backend(Backend.OPENVINO, CPU, Precision.INT8) == Backend.OPENVINO
 
 
 def test_the_weights_hash_follows_the_weights_and_nothing_else() -> None:

@@ -77,6 +77,7 @@ async def info(service: ServiceDep) -> InfoResponse:
             queue_depth=service.batcher.queue_depth,
             decode_workers=service.decode_workers,
             decode_processes=service.decode_processes,
+            forward_streams=service.batcher.concurrency,
             batches=service.batcher.stats.batches,
             mean_batch_size=service.batcher.stats.items / max(1, service.batcher.stats.batches),
         ),
