@@ -1,4 +1,4 @@
-"""Embeddings on the wire: standard base64 (with padding) of little-endian float32 bytes.
+"""Embeddings on the wire: standard base64 of little-endian float32 (or float16) bytes.
 
 The same functions serve the server, the client and the tests, so the three can never
 disagree about byte order or padding.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,46 @@ WIRE_DTYPES: dict[str, np.dtype[np.floating]] = {
 
 class EmbeddingDecodeError(ValueError):
     """A base64 embedding that cannot be turned into a finite float32 vector."""
+
+
+class Base64Error(ValueError):
+    """Text that is not standard base64, even read as leniently as RFC 2045 allows."""
+
+
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard base64 as MIME decoders read it: whitespace and line breaks anywhere are
+    ignored (`base64` prints 76-column lines), and missing `=` padding is restored.
+    What is refused, each with its own message: characters outside A-Z a-z 0-9 + /
+    (URL-safe `-` and `_` included), `=` before the end, and a length no encoder makes.
+    """
+    try:  # the common case, at C speed: one line, padded
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(text.split())
+    stray = _NOT_BASE64.search(compact)
+    if stray is not None:
+        character = stray.group()
+        hint = " (URL-safe base64: send + and / instead of - and _)" if character in "-_" else ""
+        raise Base64Error(
+            f"character {character!r} at position {stray.start()} (whitespace not counted) is "
+            f"not standard base64, which uses only A-Z, a-z, 0-9, +, / and = padding{hint}"
+        )
+    data = compact.rstrip("=")
+    if "=" in data:
+        raise Base64Error("'=' padding appears before the end of the base64 text")
+    if len(compact) - len(data) > 2 or len(data) % 4 == 1:
+        raise Base64Error(
+            f"{len(data)} base64 characters cannot be whole bytes: the text is cut short "
+            "or has extra characters"
+        )
+    try:
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Base64Error(f"base64 could not be decoded: {exc}") from None
 
 
 def _wire(dtype: str) -> np.dtype[np.floating]:
@@ -58,9 +99,9 @@ def decode_embedding(text: str, dtype: str = "float32") -> npt.NDArray[np.float3
     if not isinstance(text, str):
         raise EmbeddingDecodeError("embedding must be a base64 string")
     try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise EmbeddingDecodeError(f"embedding is not valid standard base64: {exc}") from None
+        raw = decode_base64(text)
+    except Base64Error as exc:
+        raise EmbeddingDecodeError(f"embedding is not valid base64: {exc}") from None
     if not raw:
         raise EmbeddingDecodeError("embedding is empty")
     if len(raw) % wire.itemsize:

@@ -26,6 +26,7 @@ from app.analysis.service import AnalysisService
 from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
+from app.api.openapi import install_openapi
 from app.api.routes import analyze, embed, similarity, system
 from app.api.security import require_api_key
 from app.config import Settings, load_settings
@@ -115,6 +116,7 @@ def create_app(
     app.state.searches = None
     app.state.draining = False  # set on SIGTERM by `python -m app`
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Before the body limit reads anything: a refusal costs no body bytes at all.
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)

@@ -98,9 +98,14 @@ def check_search_size(queries: int, gallery: int, top_k: int, limits: SearchLimi
 
 
 def unit_rows(
-    texts: Sequence[str], name: str, dtype: str = "float32", *, indexed: bool = True
+    texts: Sequence[str],
+    name: str,
+    dtype: str = "float32",
+    *,
+    indexed: bool = True,
+    dim: int | None = None,
 ) -> FloatRows:
-    """Base64 embeddings to a 2-D float32 array of unit rows.
+    """Base64 embeddings to a 2-D float32 array of unit rows, each `dim` long if given.
 
     Errors name the item (`gallery[3]: ...`, or just `name` when not `indexed`) and come
     in item order: the first bad item is the one reported, whatever is wrong with it.
@@ -116,6 +121,8 @@ def unit_rows(
             _normalise(matrix, i, name, indexed)  # an earlier item's fault comes first
             raise InvalidEmbedding(f"{where}: {exc}") from None
         if matrix is None:
+            if dim is not None and vector.shape[0] != dim:
+                raise ValidationFailed(wrong_dim_message(where, vector.shape[0], dim, dtype))
             matrix = np.empty((len(texts), vector.shape[0]), dtype=np.float32)
         elif vector.shape[0] != matrix.shape[1]:
             _normalise(matrix, i, name, indexed)
@@ -127,6 +134,17 @@ def unit_rows(
     assert matrix is not None
     _normalise(matrix, len(texts), name, indexed)
     return matrix
+
+
+def wrong_dim_message(where: str, got: int, dim: int, dtype: str) -> str:
+    """Why an embedding of the wrong length was refused, and the likely fix: the same
+    bytes read as float32 give half as many values as float16 would."""
+    message = f"{where} has {got} values read as {dtype}, but this service's embeddings have {dim}"
+    if dtype == "float32" and got * 2 == dim:
+        return message + '; it looks like float16: send "dtype": "float16" with it'
+    if dtype == "float16" and got == dim * 2:
+        return message + '; it looks like float32: send "dtype": "float32" (the default)'
+    return message + "; compare embeddings from this service's model (and projection) only"
 
 
 def _normalise(matrix: FloatRows | None, count: int, name: str, indexed: bool) -> None:
@@ -153,10 +171,10 @@ def same_dim(left: FloatRows, right: FloatRows, a: str, b: str) -> None:
         )
 
 
-def pair_similarity(a: str, b: str, dtype: str = "float32") -> float:
+def pair_similarity(a: str, b: str, dtype: str = "float32", dim: int | None = None) -> float:
     """Cosine similarity of two base64 embeddings, clipped to [-1, 1]."""
-    left = unit_rows([a], "a", dtype, indexed=False)
-    right = unit_rows([b], "b", dtype, indexed=False)
+    left = unit_rows([a], "a", dtype, indexed=False, dim=dim)
+    right = unit_rows([b], "b", dtype, indexed=False, dim=dim)
     same_dim(left, right, "a", "b")
     return max(-1.0, min(1.0, float(left[0] @ right[0])))
 
@@ -241,14 +259,18 @@ def matches_json(indices: IndexRows, similarities: FloatRows) -> bytes:
 
 
 def search_json(
-    queries: Sequence[str], gallery: Sequence[str], k: int, dtype: str = "float32"
+    queries: Sequence[str],
+    gallery: Sequence[str],
+    k: int,
+    dtype: str = "float32",
+    dim: int | None = None,
 ) -> bytes:
     """Decode, rank and render a whole search: the JSON text of its response.
 
     The caller checks the sizes first (`check_search_size`).
     """
-    query_rows = unit_rows(queries, "queries", dtype)
-    gallery_rows = unit_rows(gallery, "gallery", dtype)
+    query_rows = unit_rows(queries, "queries", dtype, dim=dim)
+    gallery_rows = unit_rows(gallery, "gallery", dtype, dim=dim)
     same_dim(query_rows, gallery_rows, "queries", "gallery")
     indices, similarities = top_k(query_rows, gallery_rows, k)
     return matches_json(indices, similarities)

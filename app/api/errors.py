@@ -10,7 +10,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.schemas import ErrorResponse
 from app.errors import (
     ClientDisconnected,
     InferenceFailed,
@@ -148,10 +147,29 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
+# What each status's answer looks like, for the schema and /docs: a real code and message.
+_EXAMPLES: dict[int, tuple[str, str]] = {
+    400: ("invalid_image", "images[2]: image data is truncated or corrupt"),
+    401: ("unauthorized", "missing API key: send Authorization: Bearer <key> or X-API-Key"),
+    413: ("payload_too_large", "70 images in one request, over the limit of 64 "
+          "(CLIP_MAX_BATCH_IMAGES); split the batch"),
+    415: ("unsupported_media_type", "content type text/plain is not taken here; send "
+          "multipart/form-data with file field `image`, or application/json"),
+    422: ("validation_error", "top_k: Input should be greater than or equal to 1"),
+    500: ("inference_failed", "the forward pass (number 12, 8 images) failed; the service "
+          "log has the cause"),
+    503: ("overloaded", "the service holds 1024 of 1024 images in flight; retry shortly"),
+    504: ("timeout", "the request waited over 30s for the model; the service is overloaded "
+          "or the timeout too short"),
+}  # fmt: skip
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the given error statuses."""
+    """OpenAPI `responses` entries for the given error statuses: always JSON, whatever
+    the route's own media type (/metrics answers text, its 401 does not)."""
     descriptions = {
-        400: "Undecodable image, bad base64 or a bad embedding; the message names the item.",
+        400: "Undecodable image, bad base64, a bad embedding or a malformed body; the "
+        "message names the item.",
         401: "API keys are configured and the request has none or a wrong one.",
         413: "Upload bytes, image pixels or images per request over the limit.",
         415: "Content type not taken by this endpoint.",
@@ -160,6 +178,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         504: "The request waited past the request timeout.",
         500: "A fault on the server's side; never caused by what a client sent.",
     }
-    return {
-        status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses
-    }
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        code, message = _EXAMPLES[status]
+        responses[status] = {
+            "description": descriptions[status],
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                    "example": error_body(code, message),
+                }
+            },
+        }
+    return responses

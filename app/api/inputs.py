@@ -7,8 +7,6 @@ request and call `read_images`; the OpenAPI schema for both forms comes from
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,9 +15,11 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from app.api.errors import describe_validation_errors
+from app.codec import Base64Error, decode_base64
 from app.config import Settings
 from app.errors import (
     InvalidBase64,
@@ -92,13 +92,25 @@ def _from_json(
 async def _from_multipart(
     request: Request, settings: Settings, field_name: str, many: bool, options: dict[str, type]
 ) -> ImageInput:
+    # One file over the limit still parses, so that _check_count names the setting;
+    # the parser stops at the next one, and that refusal is turned into the same 413.
+    max_files = settings.max_batch_images + 1
     try:
-        form = await request.form(
-            max_files=settings.max_batch_images + 1, max_fields=len(options) + 8
-        )
-    except MultiPartException as exc:
+        form = await request.form(max_files=max_files, max_fields=len(options) + 8)
+    except (MultiPartException, HTTPException) as exc:
+        # Inside an app Starlette turns the parser's MultiPartException into a plain 400.
+        reason = exc.detail if isinstance(exc, HTTPException) else exc.message
+        if isinstance(exc, HTTPException) and exc.status_code != 400:
+            raise
+        if str(reason).startswith("Too many files"):
+            raise PayloadTooLarge(
+                f"more than {max_files} file parts in one request, over the limit of "
+                f"{settings.max_batch_images} images (CLIP_MAX_BATCH_IMAGES); split the batch"
+            ) from None
         raise InvalidRequest(
-            f"multipart body could not be parsed: {exc}", code="invalid_multipart"
+            f"multipart body could not be parsed: {reason}; send multipart/form-data with "
+            f"its boundary (curl -F {field_name}=@crop.jpg sets both)",
+            code="invalid_multipart",
         ) from None
     try:
         unexpected = sorted(set(form.keys()) - {field_name, *options})
@@ -168,11 +180,9 @@ def _locations(field_name: str, count: int, many: bool) -> list[str]:
 def _b64decode(text: str, where: str) -> bytes:
     text = _DATA_URL_PREFIX.sub("", text.strip(), count=1)
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBase64(
-            f"{where} is not valid standard base64 (A-Z, a-z, 0-9, +, /, with = padding)"
-        ) from None
+        return decode_base64(text)
+    except Base64Error as exc:
+        raise InvalidBase64(f"{where} is not valid base64: {exc}") from None
 
 
 def image_request_body(
@@ -181,7 +191,12 @@ def image_request_body(
     """`openapi_extra` documenting both accepted request forms."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     image_property: dict[str, Any] = (
-        {"type": "array", "items": file_schema, "description": "Image files, repeated field."}
+        {
+            "type": "array",
+            "items": file_schema,
+            "minItems": 1,
+            "description": "Image files, repeated field (at most CLIP_MAX_BATCH_IMAGES).",
+        }
         if many
         else {**file_schema, "description": "The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)."}
     )
@@ -195,6 +210,7 @@ def image_request_body(
                         "type": "object",
                         "properties": form_properties,
                         "required": [field_name],
+                        "additionalProperties": False,  # other fields get 422
                     }
                 },
                 "application/json": {"schema": json_model.model_json_schema()},

@@ -10,7 +10,12 @@ from app.codec import encode_embedding
 
 # A real 512-dim example would fill the page; a 4-dim one shows the format.
 _EXAMPLE_EMBEDDING = encode_embedding([0.5, -0.5, 0.5, -0.5])
-_EXAMPLE_IMAGE = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8U..."
+# A whole, valid image (an 8x16 PNG: red top, blue bottom), so "Try it out" in /docs and
+# schema-driven clients get a 200 from the examples as they stand.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAQCAIAAACk6KkqAAAAHElEQVR42mM8YWPEgA0wMeAAg1OCJYErajj4AwCW"
+    "ZgIck9HrmwAAAABJRU5ErkJggg=="
+)
 
 WireDtype = Literal["float32", "float16"]
 
@@ -29,7 +34,7 @@ class EmbedJSONRequest(_Strict):
         ...,
         description="Base64 of the image file (JPEG, PNG, WebP, BMP, GIF, TIFF). "
         "A `data:image/...;base64,` prefix is accepted.",
-        examples=[_EXAMPLE_IMAGE],
+        examples=[EXAMPLE_IMAGE],
     )
 
 
@@ -38,7 +43,7 @@ class EmbedBatchJSONRequest(_Strict):
         ...,
         min_length=1,
         description="Base64 of each image file; results come back in this order.",
-        examples=[[_EXAMPLE_IMAGE, _EXAMPLE_IMAGE]],
+        examples=[[EXAMPLE_IMAGE, EXAMPLE_IMAGE]],
     )
 
 
@@ -79,21 +84,32 @@ class SimilarityRequest(_Strict):
     top_k: int = Field(
         5,
         ge=1,
+        strict=True,  # 5, not "5" or true: a client sending those has a bug to hear about
         description="Matches returned per query, best first; capped at the gallery size. "
         "At most CLIP_MAX_TOP_K, and queries x min(top_k, gallery) at most "
         "CLIP_MAX_SEARCH_MATCHES.",
     )
     dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"a": _EXAMPLE_EMBEDDING, "b": _EXAMPLE_EMBEDDING},
-                {"queries": [_EXAMPLE_EMBEDDING], "gallery": [_EXAMPLE_EMBEDDING], "top_k": 1},
-            ]
-        },
-    )
+    # Examples of the model's own dimension are added to the schema at startup (openapi.py).
+    model_config = ConfigDict(extra="forbid")
+
+
+class PairSimilarityRequest(_Strict):
+    """The pair form of /similarity (documentation: the route reads SimilarityRequest)."""
+
+    a: str = Field(..., description="First embedding (base64).")
+    b: str = Field(..., description="Second embedding (base64).")
+    dtype: WireDtype = Field("float32", description="Encoding of both embeddings.")
+
+
+class SearchSimilarityRequest(_Strict):
+    """The search form of /similarity (documentation: the route reads SimilarityRequest)."""
+
+    queries: list[str] = Field(..., min_length=1, description="Query embeddings (base64).")
+    gallery: list[str] = Field(..., min_length=1, description="Gallery embeddings (base64).")
+    top_k: int = Field(5, ge=1, strict=True, description="Matches returned per query.")
+    dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
 
 
 class Match(BaseModel):
@@ -192,10 +208,12 @@ class AnalyzeJSONRequest(_Strict):
     image: str = Field(
         ...,
         description="Base64 of one person crop (JPEG, PNG, WebP, BMP, GIF, TIFF).",
-        examples=[_EXAMPLE_IMAGE],
+        examples=[EXAMPLE_IMAGE],
     )
     include_embedding: bool = Field(
-        False, description="Also return the crop's embedding (one more image in the forward pass)."
+        False,
+        strict=True,  # true or false, not 0 or "yes": JSON has booleans
+        description="Also return the crop's embedding (one more image in the forward pass).",
     )
 
 

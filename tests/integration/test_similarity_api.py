@@ -17,22 +17,31 @@ from app.config import Settings
 from app.search import SearchExecutor
 from tests.conftest import serve
 
+# The tiny test model's dimension: /similarity takes embeddings of exactly that length.
+DIM = 64
+
+
+def emb(values: object) -> str:
+    """base64 of `values`, zero-padded to the service's dimension (a shorter vector is
+    the same direction in the first axes)."""
+    vector = np.zeros(DIM, dtype=np.float32)
+    given = np.asarray(values, dtype=np.float32)
+    vector[: given.shape[0]] = given
+    return encode_embedding(vector)
+
 
 def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
 async def test_pair_similarity_is_the_cosine(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/info")).json()["dim"] == DIM
     rng = np.random.default_rng(3)
-    a, b = rng.standard_normal(512), rng.standard_normal(512)
-    response = await client.post(
-        "/similarity", json={"a": encode_embedding(a * 7), "b": encode_embedding(b)}
-    )
+    a, b = rng.standard_normal(DIM), rng.standard_normal(DIM)
+    response = await client.post("/similarity", json={"a": emb(a * 7), "b": emb(b)})
     assert response.status_code == 200, response.text
     assert response.json()["similarity"] == pytest.approx(float(unit(a) @ unit(b)), abs=1e-5)
-    same = await client.post(
-        "/similarity", json={"a": encode_embedding(a), "b": encode_embedding(a)}
-    )
+    same = await client.post("/similarity", json={"a": emb(a), "b": emb(a)})
     assert same.json()["similarity"] == pytest.approx(1.0, abs=1e-6)
 
 
@@ -43,8 +52,8 @@ async def test_search_ranks_each_querys_gallery_best_first(client: httpx.AsyncCl
     response = await client.post(
         "/similarity",
         json={
-            "queries": [encode_embedding(q) for q in queries],
-            "gallery": [encode_embedding(g) for g in gallery],
+            "queries": [emb(q) for q in queries],
+            "gallery": [emb(g) for g in gallery],
             "top_k": 4,
         },
     )
@@ -61,7 +70,7 @@ async def test_search_ranks_each_querys_gallery_best_first(client: httpx.AsyncCl
 
 
 async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) -> None:
-    vectors = [encode_embedding(np.eye(4)[i]) for i in range(3)]
+    vectors = [emb(np.eye(4)[i]) for i in range(3)]
     response = await client.post(
         "/similarity", json={"queries": vectors[:1], "gallery": vectors, "top_k": 50}
     )
@@ -71,22 +80,23 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
 @pytest.mark.parametrize(
     ("body", "status", "expected"),
     [
-        ({"a": encode_embedding([1.0, 0.0])}, 422, "both `a` and `b`"),
-        ({}, 422, "either"),
+        ({"a": emb([1.0, 0.0])}, 422, "both `a` and `b`"),
+        ({}, 422, "or `queries` and `gallery` for a search"),
         (
-            {"a": encode_embedding([1.0]), "queries": [encode_embedding([1.0])]},
+            {"a": emb([1.0]), "queries": [emb([1.0])]},
             422,
             "not both",
         ),
-        ({"a": encode_embedding([1.0, 0.0]), "b": encode_embedding([1.0, 0.0, 0.0])}, 422, "dims"),
-        ({"a": "@@", "b": encode_embedding([1.0])}, 400, "a: embedding is not valid"),
-        ({"a": "AAAAAAA=", "b": encode_embedding([1.0, 0.0])}, 400, "multiple of 4"),
-        ({"a": encode_embedding([float("nan"), 1.0]), "b": encode_embedding([1.0, 0])}, 400, "NaN"),
-        ({"a": encode_embedding([0.0, 0.0]), "b": encode_embedding([1.0, 0.0])}, 400, "zero"),
+        ({"a": emb([1.0, 0.0]), "b": encode_embedding([1.0, 0.0, 0.0])}, 422, "b has 3 values"),
+        ({"a": "@@", "b": emb([1.0])}, 400, "a: embedding is not valid"),
+        ({"a": "AAAAAAA=", "b": emb([1.0, 0.0])}, 400, "multiple of 4"),
+        ({"a": encode_embedding(np.ones(DIM // 2)), "b": emb([1.0])}, 422, "looks like float16"),
+        ({"a": emb([float("nan"), 1.0]), "b": emb([1.0, 0])}, 400, "NaN"),
+        ({"a": emb([0.0, 0.0]), "b": emb([1.0, 0.0])}, 400, "zero"),
         (
             {
-                "queries": [encode_embedding([1.0, 0])],
-                "gallery": [encode_embedding([1.0, 0])],
+                "queries": [emb([1.0, 0])],
+                "gallery": [emb([1.0, 0])],
                 "top_k": 0,
             },
             422,
@@ -94,14 +104,14 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
         ),
         (
             {
-                "queries": [encode_embedding([1.0, 0])],
-                "gallery": [encode_embedding([1.0, 0]), encode_embedding([1.0])],
+                "queries": [emb([1.0, 0])],
+                "gallery": [emb([1.0, 0]), encode_embedding([1.0])],
             },
             422,
             "gallery[1] has 1 dims",
         ),
-        ({"queries": [], "gallery": [encode_embedding([1.0])]}, 422, "queries"),
-        ({"queries": [encode_embedding([1.0])], "gallery": ["!!"]}, 400, "gallery[0]"),
+        ({"queries": [], "gallery": [emb([1.0])]}, 422, "queries"),
+        ({"queries": [emb([1.0])], "gallery": ["!!"]}, 400, "gallery[0]"),
     ],
 )
 async def test_bad_similarity_requests(
@@ -127,7 +137,7 @@ async def test_similarity_takes_only_json(client: httpx.AsyncClient) -> None:
 async def test_search_sizes_are_limited(
     tiny_settings: Callable[..., Settings], field: str, count: int, setting: str
 ) -> None:
-    vector = encode_embedding([1.0, 0.0])
+    vector = emb([1.0, 0.0])
     body = {"queries": [vector], "gallery": [vector], "top_k": 1}
     body[field] = [vector] * count
     async with serve(tiny_settings(max_queries=3, max_gallery=5, max_top_k=2, warmup=False)) as (
@@ -165,8 +175,8 @@ def brute_force(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[list,
 
 def search_body(queries: np.ndarray, gallery: np.ndarray, top_k: int) -> dict[str, object]:
     return {
-        "queries": [encode_embedding(q) for q in queries],
-        "gallery": [encode_embedding(g) for g in gallery],
+        "queries": [emb(q) for q in queries],
+        "gallery": [emb(g) for g in gallery],
         "top_k": top_k,
     }
 
@@ -213,15 +223,21 @@ async def test_search_response_has_the_documented_shape(client: httpx.AsyncClien
     assert refs == {"PairSimilarityResponse", "SearchSimilarityResponse"}
 
 
-async def test_a_long_pair_is_compared_too(client: httpx.AsyncClient) -> None:
-    # Past the size decoded inline: this one goes through the search executor.
+async def test_a_long_pair_is_decoded_off_the_loop_and_refused_by_its_dimension(
+    client: httpx.AsyncClient,
+) -> None:
+    # Past the size decoded inline, so it goes through the search executor; no valid
+    # pair is this long, and the answer says why.
     rng = np.random.default_rng(12)
     a, b = rng.standard_normal(20_000), rng.standard_normal(20_000)
     response = await client.post(
         "/similarity", json={"a": encode_embedding(a), "b": encode_embedding(b)}
     )
-    assert response.status_code == 200, response.text
-    assert response.json()["similarity"] == pytest.approx(float(unit(a) @ unit(b)), abs=1e-5)
+    assert response.status_code == 422, response.text
+    assert (
+        f"a has 20000 values read as float32, but this service's embeddings have {DIM}"
+        in (response.json()["error"]["message"])
+    )
 
 
 @pytest.mark.parametrize(
@@ -236,7 +252,7 @@ async def test_search_products_are_limited_before_decoding(
     tiny_settings: Callable[..., Settings], queries: int, top_k: int, expected: str
 ) -> None:
     variable = "CLIP_MAX_SEARCH_SCORES" if "scores" in expected else "CLIP_MAX_SEARCH_MATCHES"
-    vector = encode_embedding([1.0, 0.0])
+    vector = emb([1.0, 0.0])
     settings = tiny_settings(warmup=False, max_search_scores=12, max_search_matches=6)
     async with serve(settings) as (_, client):
         # Garbage embeddings, too: the sizes are refused before anything is decoded.
@@ -294,7 +310,7 @@ async def test_health_stays_fast_during_a_maximal_search(
 
 
 async def test_a_full_search_queue_answers_503(tiny_settings: Callable[..., Settings]) -> None:
-    vector = encode_embedding([1.0, 0.0])
+    vector = emb([1.0, 0.0])
     body = {"queries": [vector], "gallery": [vector], "top_k": 1}
     async with serve(tiny_settings(warmup=False)) as (app, client):
         executor: SearchExecutor = app.state.searches
@@ -322,7 +338,7 @@ async def test_a_full_search_queue_answers_503(tiny_settings: Callable[..., Sett
 async def test_a_search_waiting_past_the_timeout_answers_504(
     tiny_settings: Callable[..., Settings],
 ) -> None:
-    vector = encode_embedding([1.0, 0.0])
+    vector = emb([1.0, 0.0])
     body = {"queries": [vector], "gallery": [vector], "top_k": 1}
     async with serve(tiny_settings(warmup=False, request_timeout_s=0.2)) as (app, client):
         executor: SearchExecutor = app.state.searches

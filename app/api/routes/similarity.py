@@ -8,14 +8,20 @@ and writing the JSON of a search never run on the event loop.
 from __future__ import annotations
 
 from functools import partial
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from app.api.deps import SearchExecutorDep, SettingsDep, require_json
+from app.api.deps import SearchExecutorDep, ServiceDep, SettingsDep, require_json
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
-from app.api.schemas import PairSimilarityResponse, SearchSimilarityResponse, SimilarityRequest
+from app.api.schemas import (
+    PairSimilarityResponse,
+    SearchSimilarityResponse,
+    SimilarityRequest,
+    WireDtype,
+)
 from app.errors import ValidationFailed
 from app.search import SearchLimits, check_search_size, pair_similarity, search_json
 
@@ -32,7 +38,8 @@ INLINE_PAIR_CHARS = 64 * 1024
     summary="Compare embeddings",
     description="Send `a` and `b` for the cosine similarity of a pair, or `queries`, "
     "`gallery` and `top_k` for each query's best gallery matches. Embeddings need not be "
-    "normalised; all must have the same dimension. A search is bounded by its counts "
+    "normalised; all must have this service's dimension (`dim` in /info). A search is "
+    "bounded by its counts "
     "(CLIP_MAX_QUERIES, CLIP_MAX_GALLERY, CLIP_MAX_TOP_K) and by the work they imply: "
     "queries x gallery scores (CLIP_MAX_SEARCH_SCORES) and queries x min(top_k, gallery) "
     "matches (CLIP_MAX_SEARCH_MATCHES); past any of them the answer is 413.",
@@ -44,15 +51,36 @@ async def similarity(
     body: SimilarityRequest,
     settings: SettingsDep,
     executor: SearchExecutorDep,
+    service: ServiceDep,
+    dtype: Annotated[
+        WireDtype | None,
+        Query(
+            description="Encoding of all the embeddings sent, as the body's `dtype` (which "
+            "it must not contradict): for clients that pass /embed's `?dtype=` along."
+        ),
+    ] = None,
 ) -> PairSimilarityResponse | Response:
+    wire_dtype = body.dtype
+    if dtype is not None:
+        if "dtype" in body.model_fields_set and body.dtype != dtype:
+            raise ValidationFailed(
+                f'?dtype={dtype} contradicts the body\'s "dtype": "{body.dtype}"; send one'
+            )
+        wire_dtype = dtype
+    # Lengths alone cannot tell float16 from float32: the model's dimension can.
+    dim = service.output_dim
     pair = body.a is not None or body.b is not None
     search = body.queries is not None or body.gallery is not None
-    if pair == search:
+    if pair and search:
         raise ValidationFailed("send either `a` and `b`, or `queries` and `gallery`, not both")
+    if not pair and not search:
+        raise ValidationFailed(
+            "send `a` and `b` for the similarity of a pair, or `queries` and `gallery` for a search"
+        )
     if pair:
         if body.a is None or body.b is None:
             raise ValidationFailed("a pair needs both `a` and `b`")
-        work = partial(pair_similarity, body.a, body.b, body.dtype)
+        work = partial(pair_similarity, body.a, body.b, wire_dtype, dim)
         if len(body.a) + len(body.b) <= INLINE_PAIR_CHARS:
             return PairSimilarityResponse(similarity=work())
         similarity = await unless_disconnected(
@@ -64,7 +92,7 @@ async def similarity(
     check_search_size(
         len(body.queries), len(body.gallery), body.top_k, SearchLimits.from_settings(settings)
     )
-    job = partial(search_json, body.queries, body.gallery, body.top_k, body.dtype)
+    job = partial(search_json, body.queries, body.gallery, body.top_k, wire_dtype, dim)
     content = await unless_disconnected(request, executor.run(job, settings.request_timeout_s))
     # Already JSON text: a Response skips FastAPI's validation and encoding of the model.
     return Response(content=content, media_type="application/json")

@@ -1,0 +1,206 @@
+"""What the README and the schema promise, checked against what the service answers
+(issue 12): error codes, limits, examples, base64 leniency and schema strictness."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from app.codec import decode_embedding, encode_embedding
+from app.config import Settings
+from tests.conftest import serve
+from tests.helpers import cosine, noise_jpeg
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    body = response.json()["error"]
+    return response.status_code, body["code"], body["message"]
+
+
+# 1. A multipart body the parser cannot read is invalid_multipart, not a bare 400.
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"x"),  # no boundary at all
+        ("multipart/form-data; charset=utf-8", b"--zzz\r\n"),
+    ],
+)
+async def test_a_malformed_multipart_body_is_invalid_multipart(
+    client: httpx.AsyncClient, content_type: str, body: bytes
+) -> None:
+    response = await client.post("/embed", content=body, headers={"content-type": content_type})
+    status, code, message = error_of(response)
+    assert (status, code) == (400, "invalid_multipart")
+    assert "multipart" in message
+
+
+# 2. Past the parser's file limit the answer is the same 413 as one file over the limit.
+@pytest.mark.parametrize("extra", [1, 2, 30])
+async def test_too_many_files_is_413_naming_the_setting(
+    client: httpx.AsyncClient, extra: int
+) -> None:
+    crop = noise_jpeg(1, (16, 32))
+    files = [("images", (f"{i}.jpg", crop, "image/jpeg")) for i in range(8 + extra)]
+    status, code, message = error_of(await client.post("/embed/batch", files=files))
+    assert (status, code) == (413, "payload_too_large")
+    assert "CLIP_MAX_BATCH_IMAGES" in message
+
+
+# 3. float16 bytes read as float32 are refused with the fix, not scored.
+async def test_similarity_refuses_a_dimension_that_is_not_the_models(
+    client: httpx.AsyncClient,
+) -> None:
+    halves = []
+    for seed in (1, 2):
+        reply = await client.post(
+            "/embed?dtype=float16", files={"image": ("c.jpg", noise_jpeg(seed))}
+        )
+        halves.append(reply.json()["embedding"])
+    dim = (await client.get("/info")).json()["dim"]
+    status, code, message = error_of(
+        await client.post("/similarity", json={"a": halves[0], "b": halves[1]})
+    )
+    assert (status, code) == (422, "validation_error")
+    assert f"{dim // 2} values" in message
+    assert str(dim) in message
+    assert "float16" in message
+
+    truth = cosine(decode_embedding(halves[0], "float16"), decode_embedding(halves[1], "float16"))
+    in_body = await client.post(
+        "/similarity", json={"a": halves[0], "b": halves[1], "dtype": "float16"}
+    )
+    in_query = await client.post("/similarity?dtype=float16", json={"a": halves[0], "b": halves[1]})
+    assert in_body.json()["similarity"] == pytest.approx(truth, abs=1e-4)
+    assert in_query.json()["similarity"] == pytest.approx(truth, abs=1e-4)
+    contradiction = await client.post(
+        "/similarity?dtype=float16", json={"a": halves[0], "b": halves[1], "dtype": "float32"}
+    )
+    assert error_of(contradiction)[:2] == (422, "validation_error")
+    search = await client.post("/similarity", json={"queries": [halves[0]], "gallery": [halves[1]]})
+    assert error_of(search)[:2] == (422, "validation_error")
+
+
+# 4. Every request example in the schema is a request the service answers with 200.
+async def test_the_schemas_request_examples_are_served(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    tried = 0
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            content = operation.get("requestBody", {}).get("content", {})
+            schema = content.get("application/json", {}).get("schema")
+            if schema is None:
+                continue
+            for example in _examples(schema, schemas):
+                response = await client.request(method, path, json=example)
+                assert response.status_code == 200, (path, example, response.text)
+                tried += 1
+    assert tried >= 5  # /embed, /embed/batch, /analyze, both /similarity forms
+
+
+def _examples(schema: dict[str, Any], schemas: dict[str, Any]) -> list[dict[str, Any]]:
+    if "$ref" in schema:
+        return _examples(schemas[schema["$ref"].rsplit("/", 1)[-1]], schemas)
+    if "oneOf" in schema:
+        return [e for option in schema["oneOf"] for e in _examples(option, schemas)]
+    if "examples" in schema:
+        return list(schema["examples"])
+    example = {
+        name: prop["examples"][0]
+        for name, prop in schema.get("properties", {}).items()
+        if "examples" in prop
+    }
+    return [example] if example else []
+
+
+# 5. /metrics' 401 is JSON, and the schema says so.
+async def test_metrics_401_is_json_as_documented(tiny_settings: Callable[..., Settings]) -> None:
+    async with serve(tiny_settings(api_keys="secret-key")) as (_, client):
+        response = await client.get("/metrics")
+        document = (await client.get("/openapi.json", headers={"X-API-Key": "secret-key"})).json()
+    assert response.status_code == 401
+    assert response.headers["content-type"].startswith("application/json")
+    declared = document["paths"]["/metrics"]["get"]["responses"]["401"]["content"]
+    assert list(declared) == ["application/json"]
+
+
+# 6. MIME base64 (76-column lines) is read as RFC 2045 decoders read it.
+async def test_base64_with_line_breaks_is_accepted(client: httpx.AsyncClient) -> None:
+    crop = noise_jpeg(3)
+    plain = await client.post("/embed", json={"image": base64.b64encode(crop).decode()})
+    wrapped = await client.post("/embed", json={"image": base64.encodebytes(crop).decode()})
+    unpadded = await client.post(
+        "/embed", json={"image": base64.b64encode(crop).decode().rstrip("=")}
+    )
+    assert plain.status_code == wrapped.status_code == unpadded.status_code == 200
+    assert wrapped.json()["embedding"] == plain.json()["embedding"]
+    vector = decode_embedding(plain.json()["embedding"])
+    lines = base64.encodebytes(vector.astype("<f4").tobytes()).decode()
+    pair = await client.post("/similarity", json={"a": lines, "b": plain.json()["embedding"]})
+    assert pair.json()["similarity"] == pytest.approx(1.0, abs=1e-6)
+
+
+async def test_url_safe_base64_is_refused_saying_so(client: httpx.AsyncClient) -> None:
+    crop = bytes(range(250, 256)) * 50  # bytes whose base64 has - and _ when URL-safe
+    text = base64.urlsafe_b64encode(crop).decode()
+    status, code, message = error_of(await client.post("/embed", json={"image": text}))
+    assert (status, code) == (400, "invalid_base64")
+    assert "URL-safe" in message
+
+
+# 7. The schema says what the service enforces.
+async def test_the_schema_states_the_enforced_shapes(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    info = (await client.get("/info")).json()
+    batch = document["paths"]["/embed/batch"]["post"]["requestBody"]["content"]
+    form = batch["multipart/form-data"]["schema"]
+    assert form["additionalProperties"] is False
+    assert form["properties"]["images"]["minItems"] == 1
+    assert form["properties"]["images"]["maxItems"] == info["limits"]["max_batch_images"]
+    assert batch["application/json"]["schema"]["properties"]["images"]["maxItems"] == 8
+    similarity = document["paths"]["/similarity"]["post"]["requestBody"]["content"]
+    forms = similarity["application/json"]["schema"]["oneOf"]
+    assert len(forms) == 2
+    search = document["components"]["schemas"]["SearchSimilarityRequest"]["properties"]
+    assert search["top_k"]["maximum"] == info["limits"]["max_top_k"]
+    assert search["queries"]["maxItems"] == info["limits"]["max_queries"]
+    assert search["gallery"]["maxItems"] == info["limits"]["max_gallery"]
+
+
+@pytest.mark.parametrize("top_k", ["3", True, 2.5])
+async def test_top_k_must_be_an_integer(client: httpx.AsyncClient, top_k: object) -> None:
+    unit = encode_embedding(np.eye(1, (await client.get("/info")).json()["dim"])[0])
+    response = await client.post(
+        "/similarity", json={"queries": [unit], "gallery": [unit], "top_k": top_k}
+    )
+    assert error_of(response)[:2] == (422, "validation_error")
+
+
+async def test_an_empty_similarity_body_says_what_to_send(client: httpx.AsyncClient) -> None:
+    status, code, message = error_of(await client.post("/similarity", json={}))
+    assert (status, code) == (422, "validation_error")
+    assert "not both" not in message
+    assert "`a` and `b`" in message
+
+
+async def test_each_error_status_shows_its_own_example(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    expected = {"400": "invalid_image", "413": "payload_too_large", "415":
+                "unsupported_media_type", "422": "validation_error", "503": "overloaded",
+                "504": "timeout", "500": "inference_failed"}  # fmt: skip
+    responses = document["paths"]["/embed"]["post"]["responses"]
+    for status, code in expected.items():
+        example = responses[status]["content"]["application/json"]["example"]
+        assert example["error"]["code"] == code
+
+
+# 8. A client can discover every search limit.
+async def test_info_lists_the_search_limits(client: httpx.AsyncClient) -> None:
+    limits = (await client.get("/info")).json()["limits"]
+    for name in ("max_queries", "max_gallery", "max_top_k", "max_search_scores"):
+        assert isinstance(limits[name], int)
