@@ -7,9 +7,26 @@
         score = client.similarity(vector, vectors[0])
         outfit = client.analyze("crop.jpg")               # dict: top, bottom, embedding
 
-`AsyncClipClient` has the same methods as coroutines. Images may be paths, bytes, PIL
-images or numpy arrays (H, W, 3 uint8). 429/503 answers are retried after the server's
-Retry-After; errors raise ClipServiceError with the server's error code.
+`AsyncClipClient` has the same methods as coroutines.
+
+Images may be paths, bytes (an encoded file), PIL images or numpy arrays. Arrays must be
+(H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, and are sent as PNG:
+
+- uint8: used as is;
+- float (any width): NaN and inf are refused. If every value lies in [0, 1] the array is
+  read as a 0..1 image and scaled by 255; otherwise values must lie in [0, 255] and are
+  rounded. (So an all-dark 0..255 float image whose maximum is <= 1 reads as 0..1.)
+- other integer types: values must lie in [0, 255];
+- anything else (bool, complex, negative or > 255 values, other shapes) raises ValueError.
+
+`embed_batch` needs at least one image (ValueError otherwise, before any request).
+
+Errors: every error the client raises about the service is a `ClipClientError`:
+`ClipServiceError` when the service answered with an error (`.status`, `.code`,
+`.message`), `ClipConnectionError` when it could not be reached or did not answer in time
+(the httpx error is its `__cause__`). 429/503 answers are retried after the server's
+Retry-After, and refused connections (a service still starting) after a short backoff,
+`retries` times at most.
 """
 
 from __future__ import annotations
@@ -18,9 +35,10 @@ import asyncio
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import numpy as np
@@ -29,11 +47,17 @@ from PIL import Image
 
 from app.codec import decode_embedding, encode_embedding
 
-ImageInput = str | os.PathLike[str] | bytes | Image.Image | npt.NDArray[np.uint8]
+ImageInput = str | os.PathLike[str] | bytes | Image.Image | npt.NDArray[Any]
 RETRIED_STATUSES = (429, 503)
 
+T = TypeVar("T")
 
-class ClipServiceError(Exception):
+
+class ClipClientError(Exception):
+    """Base of the client's errors: catch this for "the call did not give an answer"."""
+
+
+class ClipServiceError(ClipClientError):
     """An error answer from the service: HTTP status, the error code and its message."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -43,6 +67,50 @@ class ClipServiceError(Exception):
         self.message = message
 
 
+class ClipConnectionError(ClipClientError):
+    """The service could not be reached, or did not answer within the timeout."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+# --- images -------------------------------------------------------------------------
+
+
+def _array_to_uint8(array: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """A numpy image as uint8 pixels, by the rules in the module docstring."""
+    accepted = (
+        "numpy images must be (H, W), (H, W, 3) or (H, W, 4) arrays of uint8, of integers "
+        "in 0..255, or of finite floats in 0..1 (scaled by 255) or 0..255"
+    )
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if not shape_ok or array.size == 0:
+        raise ValueError(f"{accepted}; got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    kind = array.dtype.kind
+    if kind not in "uif":  # bool, complex, object...: no reading of them is obviously right
+        raise ValueError(f"{accepted}; got dtype {array.dtype}")
+    if kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{accepted}; got NaN or infinite values")
+        # float64 so that x / 255 * 255 rounds back to x exactly for every uint8 value.
+        values = array.astype(np.float64)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            # The usual float convention (PIL/torchvision/skimage); a plain uint8 cast
+            # would turn every pixel into 0 or 1.
+            values = values * 255.0
+        elif low < 0.0 or high > 255.0:
+            raise ValueError(f"{accepted}; got {array.dtype} values in [{low:g}, {high:g}]")
+        return np.rint(values).astype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(f"{accepted}; got {array.dtype} values in [{low}, {high}]")
+    return array.astype(np.uint8)
+
+
 def image_bytes(image: ImageInput) -> bytes:
     """Any accepted image form to encoded file bytes (numpy and PIL become PNG)."""
     if isinstance(image, bytes):
@@ -50,7 +118,7 @@ def image_bytes(image: ImageInput) -> bytes:
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        image = Image.fromarray(_array_to_uint8(image))
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
@@ -58,8 +126,95 @@ def image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"cannot send {type(image).__name__} as an image")
 
 
-def _vector(embedding: npt.ArrayLike | str) -> str:
-    return embedding if isinstance(embedding, str) else encode_embedding(np.asarray(embedding))
+# --- calls: each request built, and its answer parsed, once for both clients ----------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request to make and how to read its (successful) JSON answer.
+
+    The clients differ only in how they send (sync or async); everything about a call
+    that could drift between the two lives here.
+    """
+
+    path: str
+    kwargs: dict[str, Any]  # files / data / json / params for httpx's request()
+    parse: Callable[[Any], T]
+    method: str = "POST"
+
+
+def _files(field: str, images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
+    return [(field, (f"image{i}", image_bytes(image))) for i, image in enumerate(images)]
+
+
+def _vector(embedding: npt.ArrayLike | str, dtype: str) -> str:
+    """Arrays are encoded in `dtype`; strings are sent as they are and must be in it
+    (the service refuses, 422, a length that is not its dimension in that dtype)."""
+    if isinstance(embedding, str):
+        return embedding
+    return encode_embedding(np.asarray(embedding), dtype)
+
+
+def _embed_call(image: ImageInput, dtype: str) -> _Call[npt.NDArray[np.float32]]:
+    def parse(body: Any) -> npt.NDArray[np.float32]:
+        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
+
+    return _Call("/embed", {"files": _files("image", [image]), "params": {"dtype": dtype}}, parse)
+
+
+def _embed_batch_call(images: Sequence[ImageInput], dtype: str) -> _Call[npt.NDArray[np.float32]]:
+    if len(images) == 0:
+        # The server can only answer an empty multipart body with a puzzling 415.
+        raise ValueError("embed_batch needs at least one image")
+
+    def parse(body: Any) -> npt.NDArray[np.float32]:
+        wire = body.get("dtype", "float32")
+        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
+
+    files = _files("images", images)
+    return _Call("/embed/batch", {"files": files, "params": {"dtype": dtype}}, parse)
+
+
+def _similarity_call(a: npt.ArrayLike | str, b: npt.ArrayLike | str, dtype: str) -> _Call[float]:
+    def parse(body: Any) -> float:
+        return float(body["similarity"])
+
+    payload = {"a": _vector(a, dtype), "b": _vector(b, dtype), "dtype": dtype}
+    return _Call("/similarity", {"json": payload}, parse)
+
+
+def _search_call(
+    queries: Sequence[npt.ArrayLike | str],
+    gallery: Sequence[npt.ArrayLike | str],
+    top_k: int,
+    dtype: str,
+) -> _Call[list[list[dict[str, Any]]]]:
+    def parse(body: Any) -> list[list[dict[str, Any]]]:
+        return list(body["matches"])
+
+    payload = {
+        "queries": [_vector(q, dtype) for q in queries],
+        "gallery": [_vector(g, dtype) for g in gallery],
+        "top_k": top_k,
+        "dtype": dtype,
+    }
+    return _Call("/similarity", {"json": payload}, parse)
+
+
+def _analyze_call(image: ImageInput, include_embedding: bool) -> _Call[dict[str, Any]]:
+    def parse(body: Any) -> dict[str, Any]:
+        outfit: dict[str, Any] = body
+        if outfit.get("embedding"):
+            outfit["embedding"] = decode_embedding(
+                outfit["embedding"], outfit.get("dtype", "float32")
+            )
+        return outfit
+
+    data = {"include_embedding": "true" if include_embedding else "false"}
+    return _Call("/analyze", {"files": _files("image", [image]), "data": data}, parse)
+
+
+# --- answers and retries ----------------------------------------------------------------
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -73,13 +228,19 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise ClipServiceError(response.status_code, code, message)
 
 
+def _backoff(attempt: int, cap_s: float) -> float:
+    return min(0.5 * 2.0**attempt, cap_s)
+
+
 def _retry_delay(response: httpx.Response, attempt: int, cap_s: float) -> float:
     header = response.headers.get("Retry-After", "")
-    delay = float(header) if header.replace(".", "", 1).isdigit() else 0.5 * 2**attempt
+    delay = float(header) if header.replace(".", "", 1).isdigit() else _backoff(attempt, cap_s)
     return min(delay, cap_s)
 
 
 class _Base:
+    """Settings and the send-loop decisions shared by both clients; no I/O here."""
+
     def __init__(
         self, url: str, api_key: str | None, timeout_s: float, retries: int, max_retry_wait_s: float
     ) -> None:
@@ -89,9 +250,43 @@ class _Base:
         self._retries = retries
         self._max_retry_wait_s = max_retry_wait_s
 
-    @staticmethod
-    def _files(field: str, images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
-        return [(field, (f"image{i}", image_bytes(image))) for i, image in enumerate(images)]
+    def _delay_after_answer(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before trying again, or None to stop with this answer."""
+        if response.status_code not in RETRIED_STATUSES or attempt >= self._retries:
+            return None
+        return _retry_delay(response, attempt, self._max_retry_wait_s)
+
+    def _delay_after_failure(self, exc: httpx.TransportError, attempt: int) -> float:
+        """Seconds to wait before trying again, or raises ClipConnectionError.
+
+        Only a refused connection is retried: the request never reached the server, so
+        sending it again is safe, and a service that is restarting refuses connections
+        for a few seconds. A timeout is not: the server may still be working on it, and
+        waiting `timeout_s` again would multiply the caller's wait.
+        """
+        if isinstance(exc, httpx.ConnectError) and attempt < self._retries:
+            return _backoff(attempt, self._max_retry_wait_s)
+        raise self._connection_error(exc, attempt + 1) from exc
+
+    def _connection_error(self, exc: httpx.TransportError, attempts: int) -> ClipConnectionError:
+        tries = f" ({attempts} attempts)" if attempts > 1 else ""
+        if isinstance(exc, httpx.TimeoutException):
+            message = (
+                f"no answer from the CLIP service at {self._url} within {self._timeout:g} s"
+                f"{tries}: {type(exc).__name__}: {exc}. Check that the service is not "
+                f"overloaded, or raise timeout_s."
+            )
+        else:
+            message = (
+                f"cannot reach the CLIP service at {self._url}{tries}: "
+                f"{type(exc).__name__}: {exc}. Check that it is running and that the URL "
+                f"(scheme, host, port) is right."
+            )
+        return ClipConnectionError(message, self._url)
+
+    def _answer(self, call: _Call[T], response: httpx.Response) -> T:
+        _raise_for_error(response)
+        return call.parse(response.json())
 
 
 class ClipClient(_Base):
@@ -120,47 +315,48 @@ class ClipClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, **kwargs: Any) -> Any:
-        for attempt in range(self._retries + 1):
-            response = self._http.post(path, **kwargs)
-            if response.status_code not in RETRIED_STATUSES or attempt == self._retries:
-                break
-            time.sleep(_retry_delay(response, attempt, self._max_retry_wait_s))
-        _raise_for_error(response)
-        return response.json()
+    def _send(self, call: _Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as exc:
+                delay = self._delay_after_failure(exc, attempt)  # or raises
+            else:
+                retry_in = self._delay_after_answer(response, attempt)
+                if retry_in is None:
+                    return self._answer(call, response)
+                delay = retry_in
+            time.sleep(delay)
+            attempt += 1
 
     def embed(self, image: ImageInput, dtype: str = "float32") -> npt.NDArray[np.float32]:
         """`dtype="float16"` halves the bytes on the wire; the result is float32 either way."""
-        body = self._post("/embed", files=self._files("image", [image]), params={"dtype": dtype})
-        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
+        return self._send(_embed_call(image, dtype))
 
     def embed_batch(
         self, images: Sequence[ImageInput], dtype: str = "float32"
     ) -> npt.NDArray[np.float32]:
-        files = self._files("images", images)
-        body = self._post("/embed/batch", files=files, params={"dtype": dtype})
-        wire = body.get("dtype", "float32")
-        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
+        return self._send(_embed_batch_call(images, dtype))
 
-    def similarity(self, a: npt.ArrayLike | str, b: npt.ArrayLike | str) -> float:
-        return float(
-            self._post("/similarity", json={"a": _vector(a), "b": _vector(b)})["similarity"]
-        )
+    def similarity(
+        self, a: npt.ArrayLike | str, b: npt.ArrayLike | str, dtype: str = "float32"
+    ) -> float:
+        """Cosine of two embeddings: arrays, or base64 strings in `dtype` (pass
+        "float16" for strings from `embed(..., dtype="float16")`)."""
+        return self._send(_similarity_call(a, b, dtype))
 
     def search(
-        self, queries: Sequence[npt.ArrayLike], gallery: Sequence[npt.ArrayLike], top_k: int = 5
+        self,
+        queries: Sequence[npt.ArrayLike | str],
+        gallery: Sequence[npt.ArrayLike | str],
+        top_k: int = 5,
+        dtype: str = "float32",
     ) -> list[list[dict[str, Any]]]:
-        body = {"queries": [_vector(q) for q in queries], "gallery": [_vector(g) for g in gallery]}
-        return list(self._post("/similarity", json={**body, "top_k": top_k})["matches"])
+        return self._send(_search_call(queries, gallery, top_k, dtype))
 
     def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
-        data = {"include_embedding": "true" if include_embedding else "false"}
-        body: dict[str, Any] = self._post(
-            "/analyze", files=self._files("image", [image]), data=data
-        )
-        if body.get("embedding"):
-            body["embedding"] = decode_embedding(body["embedding"])
-        return body
+        return self._send(_analyze_call(image, include_embedding))
 
 
 class AsyncClipClient(_Base):
@@ -189,43 +385,43 @@ class AsyncClipClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, **kwargs: Any) -> Any:
-        for attempt in range(self._retries + 1):
-            response = await self._http.post(path, **kwargs)
-            if response.status_code not in RETRIED_STATUSES or attempt == self._retries:
-                break
-            await asyncio.sleep(_retry_delay(response, attempt, self._max_retry_wait_s))
-        _raise_for_error(response)
-        return response.json()
+    async def _send(self, call: _Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, **call.kwargs)
+            except httpx.TransportError as exc:
+                delay = self._delay_after_failure(exc, attempt)  # or raises
+            else:
+                retry_in = self._delay_after_answer(response, attempt)
+                if retry_in is None:
+                    return self._answer(call, response)
+                delay = retry_in
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def embed(self, image: ImageInput, dtype: str = "float32") -> npt.NDArray[np.float32]:
-        files = self._files("image", [image])
-        body = await self._post("/embed", files=files, params={"dtype": dtype})
-        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
+        """`dtype="float16"` halves the bytes on the wire; the result is float32 either way."""
+        return await self._send(_embed_call(image, dtype))
 
     async def embed_batch(
         self, images: Sequence[ImageInput], dtype: str = "float32"
     ) -> npt.NDArray[np.float32]:
-        files = self._files("images", images)
-        body = await self._post("/embed/batch", files=files, params={"dtype": dtype})
-        wire = body.get("dtype", "float32")
-        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
+        return await self._send(_embed_batch_call(images, dtype))
 
-    async def similarity(self, a: npt.ArrayLike | str, b: npt.ArrayLike | str) -> float:
-        body = await self._post("/similarity", json={"a": _vector(a), "b": _vector(b)})
-        return float(body["similarity"])
+    async def similarity(
+        self, a: npt.ArrayLike | str, b: npt.ArrayLike | str, dtype: str = "float32"
+    ) -> float:
+        return await self._send(_similarity_call(a, b, dtype))
 
     async def search(
-        self, queries: Sequence[npt.ArrayLike], gallery: Sequence[npt.ArrayLike], top_k: int = 5
+        self,
+        queries: Sequence[npt.ArrayLike | str],
+        gallery: Sequence[npt.ArrayLike | str],
+        top_k: int = 5,
+        dtype: str = "float32",
     ) -> list[list[dict[str, Any]]]:
-        body = {"queries": [_vector(q) for q in queries], "gallery": [_vector(g) for g in gallery]}
-        return list((await self._post("/similarity", json={**body, "top_k": top_k}))["matches"])
+        return await self._send(_search_call(queries, gallery, top_k, dtype))
 
     async def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
-        data = {"include_embedding": "true" if include_embedding else "false"}
-        body: dict[str, Any] = await self._post(
-            "/analyze", files=self._files("image", [image]), data=data
-        )
-        if body.get("embedding"):
-            body["embedding"] = decode_embedding(body["embedding"])
-        return body
+        return await self._send(_analyze_call(image, include_embedding))

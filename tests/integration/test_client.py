@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -10,8 +14,17 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from app.client import AsyncClipClient, ClipClient, ClipServiceError
-from tests.helpers import noise_jpeg
+from app import client as client_module
+from app.client import (
+    AsyncClipClient,
+    ClipClient,
+    ClipClientError,
+    ClipConnectionError,
+    ClipServiceError,
+    image_bytes,
+)
+from app.codec import decode_embedding, encode_embedding
+from tests.helpers import cosine, noise_jpeg
 
 
 async def test_async_client_takes_every_image_form(
@@ -97,3 +110,247 @@ def test_non_json_errors_still_raise_typed_errors() -> None:
         pytest.raises(ClipServiceError, match="502 http_error"),
     ):
         client.embed(b"x")
+
+
+class _LoopBridge(httpx.BaseTransport):
+    """A sync transport that runs each request through an ASGI transport on the test's
+    event loop. The app (and its batcher) lives on that loop, so the sync client, run in a
+    worker thread, reaches the very app the async client talks to."""
+
+    def __init__(self, app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = httpx.ASGITransport(app=app)
+        self._loop = loop
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()  # the body as bytes, which the async transport can stream too
+
+        async def forward() -> httpx.Response:
+            response = await self._inner.handle_async_request(request)
+            # Raw bytes with the original headers: the new response decodes them itself.
+            raw = b"".join([part async for part in response.aiter_raw()])
+            await response.aclose()
+            return httpx.Response(response.status_code, headers=response.headers, content=raw)
+
+        return asyncio.run_coroutine_threadsafe(forward(), self._loop).result(timeout=120)
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(noise_jpeg(seed))).convert("RGB"))
+
+
+def _closed_port_url() -> str:
+    """A local port nothing listens on: bound, then released (safer than a fixed port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_sync_and_async_clients_give_the_same_answers(
+    tiny_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, _ = tiny_app
+    crop, other = noise_jpeg(4), noise_jpeg(5)
+    as_float = _pixels(4).astype(np.float32) / 255.0
+    loop = asyncio.get_running_loop()
+
+    def sync_calls() -> dict[str, Any]:
+        with ClipClient("http://test", transport=_LoopBridge(app, loop)) as sync:
+            a, b = sync.embed(crop), sync.embed(other)
+            results: dict[str, Any] = {
+                "embed": a,
+                "half": sync.embed(crop, dtype="float16"),
+                "float_image": sync.embed(as_float),
+                "batch": sync.embed_batch([crop, other]),
+                "similarity": sync.similarity(a, b),
+                "search": sync.search([a, b], [b, a], top_k=2),
+                "analyze": sync.analyze(crop, include_embedding=True),
+            }
+            with pytest.raises(ClipServiceError) as caught:
+                sync.embed(b"not an image")
+            results["error"] = (caught.value.status, caught.value.code)
+            with pytest.raises(ValueError, match="at least one image"):
+                sync.embed_batch([])
+        return results
+
+    # In a thread: the sync client blocks, and the app it calls runs on this loop.
+    from_sync = await asyncio.to_thread(sync_calls)
+    async with AsyncClipClient("http://test", transport=httpx.ASGITransport(app=app)) as aio:
+        a, b = await aio.embed(crop), await aio.embed(other)
+        from_async: dict[str, Any] = {
+            "embed": a,
+            "half": await aio.embed(crop, dtype="float16"),
+            "float_image": await aio.embed(as_float),
+            "batch": await aio.embed_batch([crop, other]),
+            "similarity": await aio.similarity(a, b),
+            "search": await aio.search([a, b], [b, a], top_k=2),
+            "analyze": await aio.analyze(crop, include_embedding=True),
+        }
+        with pytest.raises(ClipServiceError) as caught:
+            await aio.embed(b"not an image")
+        from_async["error"] = (caught.value.status, caught.value.code)
+        with pytest.raises(ValueError, match="at least one image"):
+            await aio.embed_batch([])
+
+    assert from_sync.keys() == from_async.keys()
+    for name in ("embed", "half", "float_image", "batch"):
+        assert from_sync[name].dtype == from_async[name].dtype == np.float32, name
+        np.testing.assert_allclose(from_sync[name], from_async[name], atol=1e-6, err_msg=name)
+    assert from_sync["batch"].shape == (2, 64)
+    assert from_sync["similarity"] == pytest.approx(from_async["similarity"], abs=1e-6)
+    # Same vectors in, same deterministic server code: the matches are equal, not close.
+    assert from_sync["search"] == from_async["search"]
+    assert [m["index"] for m in from_sync["search"][0]] == [1, 0]
+    sync_outfit, async_outfit = from_sync["analyze"], from_async["analyze"]
+    assert sync_outfit.keys() == async_outfit.keys()
+    np.testing.assert_allclose(sync_outfit["embedding"], async_outfit["embedding"], atol=1e-6)
+    assert sync_outfit["top"] == async_outfit["top"]
+    assert sync_outfit["bottom"] == async_outfit["bottom"]
+    assert from_sync["error"] == from_async["error"] == (400, "invalid_image")
+
+
+async def test_empty_batch_is_refused_before_any_request() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(415, json={"error": {"code": "x", "message": "y"}})
+
+    with (
+        ClipClient("http://svc", transport=httpx.MockTransport(handler)) as sync,
+        pytest.raises(ValueError, match="embed_batch needs at least one image"),
+    ):
+        sync.embed_batch([])
+    async with AsyncClipClient("http://svc", transport=httpx.MockTransport(handler)) as aio:
+        with pytest.raises(ValueError, match="embed_batch needs at least one image"):
+            await aio.embed_batch([])
+    assert calls == []
+
+
+async def test_a_float_image_in_0_to_1_embeds_as_the_uint8_image_it_came_from(
+    tiny_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, _ = tiny_app
+    pixels = _pixels(6)
+    async with AsyncClipClient("http://test", transport=httpx.ASGITransport(app=app)) as aio:
+        reference = await aio.embed(pixels)
+        unit_float32 = await aio.embed(pixels.astype(np.float32) / 255.0)
+        unit_float64 = await aio.embed(pixels / 255.0)
+        byte_range_float = await aio.embed(pixels.astype(np.float32))
+        other = await aio.embed(_pixels(7))
+    assert cosine(unit_float32, reference) >= 0.999
+    assert cosine(unit_float64, reference) >= 0.999
+    assert cosine(byte_range_float, reference) >= 0.999
+    assert cosine(other, reference) < 0.999  # the bar above tells images apart
+
+
+def _png_pixels(array: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image_bytes(array))))
+
+
+def test_numpy_images_are_read_by_dtype_and_range() -> None:
+    pixels = _pixels(8)
+    np.testing.assert_array_equal(_png_pixels(pixels / 255.0), pixels)
+    np.testing.assert_array_equal(_png_pixels(pixels.astype(np.float16) / 255.0), pixels)
+    np.testing.assert_array_equal(_png_pixels(pixels.astype(np.float32) + 0.3), pixels)
+    np.testing.assert_array_equal(_png_pixels(pixels.astype(np.int64)), pixels)
+    grey = np.linspace(0.0, 1.0, 12).reshape(3, 4)
+    np.testing.assert_array_equal(_png_pixels(grey), np.rint(grey * 255).astype(np.uint8))
+    rgba = np.full((4, 4, 4), 9, dtype=np.uint16)
+    np.testing.assert_array_equal(_png_pixels(rgba), rgba.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("array", "says"),
+    [
+        (np.full((4, 4, 3), np.nan, dtype=np.float32), "NaN or infinite"),
+        (np.full((4, 4, 3), np.inf), "NaN or infinite"),
+        (np.full((4, 4, 3), -0.5, dtype=np.float32), r"values in \[-0.5, -0.5\]"),
+        (np.full((4, 4, 3), 255.6, dtype=np.float32), "values in"),
+        (np.full((4, 4, 3), 300, dtype=np.uint16), r"values in \[300, 300\]"),
+        (np.full((4, 4, 3), -1, dtype=np.int8), "values in"),
+        (np.ones((4, 4, 3), dtype=bool), "dtype bool"),
+        (np.zeros((4, 4, 2), dtype=np.uint8), r"shape \(4, 4, 2\)"),
+        (np.zeros((2, 4, 4, 3), dtype=np.float32), "shape"),
+        (np.zeros((0, 4, 3), dtype=np.uint8), "shape"),
+    ],
+)
+def test_bad_numpy_images_are_refused_saying_what_is_accepted(array: np.ndarray, says: str) -> None:
+    with pytest.raises(ValueError, match=says) as caught:
+        image_bytes(array)
+    assert "(H, W), (H, W, 3) or (H, W, 4)" in str(caught.value)
+    assert "0..1" in str(caught.value)
+
+
+async def test_a_service_that_is_down_raises_clip_connection_error() -> None:
+    url = _closed_port_url()
+    with ClipClient(url, retries=0) as sync, pytest.raises(ClipConnectionError) as caught:
+        sync.embed(b"jpeg bytes")
+    assert url in str(caught.value)
+    assert "running" in str(caught.value)
+    assert caught.value.url == url
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    async with AsyncClipClient(url, retries=0) as aio:
+        # One `except ClipClientError` covers both "down" and "answered with an error".
+        with pytest.raises(ClipClientError) as base:
+            await aio.similarity([1.0, 0.0], [0.0, 1.0])
+    assert isinstance(base.value, ClipConnectionError)
+    assert not isinstance(base.value, ClipServiceError)
+    assert issubclass(ClipServiceError, ClipClientError)
+
+
+def test_refused_connections_are_retried_then_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"embedding": encode_embedding([0.6, 0.8])})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        assert client.embed(b"jpeg bytes").tolist() == pytest.approx([0.6, 0.8])
+    assert len(calls) == 3
+    assert waits == [0.5, 1.0]
+
+
+async def test_timeouts_are_not_retried_and_raise_clip_connection_error() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    transport = httpx.MockTransport(handler)
+    async with AsyncClipClient("http://svc", timeout_s=5, transport=transport) as aio:
+        with pytest.raises(ClipConnectionError, match=r"no answer .* http://svc within 5 s"):
+            await aio.embed(b"jpeg bytes")
+    assert len(calls) == 1
+
+
+async def test_similarity_of_float16_strings_needs_and_takes_their_dtype(
+    tiny_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """Issue 12: float16 base64 sent as float32 used to come back as a wrong number."""
+    app, client = tiny_app
+    crops = [noise_jpeg(seed) for seed in (5, 6)]
+    async with AsyncClipClient("http://test", transport=httpx.ASGITransport(app=app)) as clip:
+        halves = [
+            (await client.post("/embed?dtype=float16", files={"image": ("c.jpg", c)})).json()[
+                "embedding"
+            ]
+            for c in crops
+        ]
+        with pytest.raises(ClipServiceError) as refused:
+            await clip.similarity(halves[0], halves[1])
+        score = await clip.similarity(halves[0], halves[1], dtype="float16")
+        ranked = await clip.search([halves[0]], halves, top_k=1, dtype="float16")
+    assert refused.value.status == 422
+    assert "float16" in refused.value.message
+    truth = cosine(
+        client_module.decode_embedding(halves[0], "float16"), decode_embedding(halves[1], "float16")
+    )
+    assert score == pytest.approx(truth, abs=1e-4)
+    assert ranked[0][0]["index"] == 0
