@@ -7,11 +7,16 @@ orchestrator reads anything else as a crash. (`uvicorn app.main:app` serves the 
 app, but re-raises the signal after shutting down, so its exit status is -15.)
 
     python -m app --host 0.0.0.0 --port 8000
+
+A startup failure of a known cause (bad settings, weights that cannot be had) is logged
+as one line naming the setting to change, with no traceback, and the process exits
+non-zero: 1 for settings, 3 for the model (as uvicorn reports a failed startup).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from collections.abc import Generator
@@ -20,12 +25,16 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from app.config import Settings, load_settings
 from app.main import create_app
 from app.observability import configure_logging
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+logger = logging.getLogger("app")
 
 
 class GracefulServer(uvicorn.Server):
@@ -74,8 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     configure_logging()
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", describe_invalid_settings(exc))
+        return 1  # what the uncaught error exited with before
+    except SettingsError as exc:  # a value pydantic-settings could not even parse
+        logger.error("invalid settings: %s", exc)
+        return 1
     return serve(create_app(settings), settings, args.host, args.port)
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """Every problem, by environment variable, in one line. Values are left out: one
+    may be an API key."""
+    problems = []
+    for detail in error.errors(include_url=False, include_input=False):
+        # Field problems are located by field name; the cross-field checks' messages
+        # name their variables themselves.
+        message = detail["msg"].removeprefix("Value error, ")
+        if detail["loc"]:
+            field, *item = detail["loc"]
+            variable = f"CLIP_{str(field).upper()}"
+            if variable not in message:  # `CLIP_REGION_BOUNDS[1]: ...` for a list's item
+                message = f"{variable}{''.join(f'[{i}]' for i in item)}: {message}"
+        problems.append(message)
+    return "; ".join(dict.fromkeys(problems))
 
 
 if __name__ == "__main__":

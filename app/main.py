@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.analysis.analyzer import OutfitAnalyzer
@@ -43,6 +44,10 @@ logger = logging.getLogger("app")
 
 EncoderFactory = Callable[[Settings], ImageEncoder]
 
+# Startup failures whose message names the setting to change: the message is the report,
+# and a traceback after it would only bury it.
+STARTUP_ERRORS: tuple[type[Exception], ...] = (WeightsUnavailable, VocabularyError, ProjectionError)
+
 DESCRIPTION = """
 Appearance embeddings of person crops for re-identification across cameras.
 
@@ -66,9 +71,9 @@ def create_app(
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
             projection = load_projection(settings, encoder.info.model, encoder.info.dim)
-        except (WeightsUnavailable, VocabularyError, ProjectionError) as exc:
+        except STARTUP_ERRORS as exc:
             logger.error("startup failed: %s", exc)
-            raise
+            raise  # ConciseStartupFailure keeps the server from printing its traceback
         if settings.warmup:
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
@@ -117,6 +122,8 @@ def create_app(
     app.state.draining = False  # set on SIGTERM by `python -m app`
     install_error_handlers(app)
     install_openapi(app, settings)
+    # Lifespan only (every HTTP request passes straight through), so innermost.
+    app.add_middleware(ConciseStartupFailure)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Before the body limit reads anything: a refusal costs no body bytes at all.
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
@@ -130,6 +137,42 @@ def create_app(
     app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
     app.include_router(system.router, dependencies=protected)
     return app
+
+
+class ConciseStartupFailure:
+    """Leaves a startup failure of a known cause (STARTUP_ERRORS) at the lifespan's
+    one-line message, for whichever server runs the app.
+
+    Starlette reports a failed startup with the traceback as its text, which uvicorn logs
+    whole: some 40 lines repeating the message. Whether the cause is known is learnt only
+    when the lifespan raises, just after that report; so the report is held until then,
+    and sent without its text when the cause is known. Other causes keep their traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_startup_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        known = False
+        try:
+            await self.app(scope, receive, hold_startup_failure)
+        except STARTUP_ERRORS:
+            known = True
+            raise
+        finally:
+            for message in held:
+                await send({**message, "message": ""} if known else message)
 
 
 def load_projection(settings: Settings, model: str, dim: int) -> Projection | None:

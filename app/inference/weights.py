@@ -5,6 +5,11 @@ about a minute before it gives up. A service that takes a minute to say "no netw
 a service an orchestrator restarts in a loop, so we resolve the files ourselves: the local
 cache first, a short reachability probe next, and a download only when the hub answers.
 Every failure names the setting to change.
+
+Files are opened here as the loader will open them, because the loaders misreport what
+they may not read: os.path.isfile() and glob() answer "no" for what permissions hide, and
+safetensors reports a file it may not open as "No such file or directory". A checkpoint
+mounted with the wrong owner would otherwise read as a missing one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ class WeightsUnavailable(RuntimeError):
     """The configured weights cannot be had; the message says which setting to change."""
 
 
+class WeightsUnreadable(WeightsUnavailable):
+    """A model file is there but this process may not read it: permissions, not the setting."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What to hand to open_clip: a name it can build and, optionally, a weights file."""
@@ -47,28 +56,43 @@ def resolve_model_source(model: str, pretrained: str) -> ModelSource:
 
 def _resolve_local_dir(path_text: str) -> ModelSource:
     path = Path(path_text).expanduser()
-    config = path / "open_clip_config.json"
-    if not path.is_dir():
+    setting = f"CLIP_MODEL=local-dir:{path_text}"
+    if not _readable_dir(path, setting, "the model folder"):
         raise WeightsUnavailable(
-            f"CLIP_MODEL=local-dir:{path_text}: directory not found. Point CLIP_MODEL at a "
+            f"{setting}: directory not found. Point CLIP_MODEL at a "
             "folder holding open_clip_config.json and the weights (python -m "
             "app.tools.random_model writes one for testing)."
         )
-    if not config.is_file():
-        raise WeightsUnavailable(
-            f"CLIP_MODEL=local-dir:{path_text}: no open_clip_config.json in that folder."
-        )
-    weights = [p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt") for p in path.glob(ext)]
+    if not _readable_file(path / "open_clip_config.json", setting, "the model config"):
+        raise WeightsUnavailable(f"{setting}: no open_clip_config.json in that folder.")
+    # Only what open_clip's local-dir loader looks for: a folder holding just a *.pt
+    # would pass here and then be served with random weights (open_clip only logs it).
+    weights = [p for ext in ("*.safetensors", "*.bin", "*.pth") for p in path.glob(ext)]
     if not weights:
+        stray = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" ({', '.join(stray)} is not read by open_clip: rename it to .pth)" if stray else ""
         raise WeightsUnavailable(
-            f"CLIP_MODEL=local-dir:{path_text}: no weights file (*.safetensors, *.bin, *.pth) "
-            "in that folder."
+            f"{setting}: no weights file (*.safetensors, *.bin, *.pth) in that folder{hint}."
         )
+    for checkpoint in _checkpoints_open_clip_loads(path, weights):
+        _readable_file(checkpoint, setting, "the weights file")
     return ModelSource(
         model_name=f"{LOCAL_DIR}{path}",
         checkpoint=None,
         display_name=f"local-dir:{path.name}",
     )
+
+
+def _checkpoints_open_clip_loads(folder: Path, found: list[Path]) -> list[Path]:
+    """The weights file(s) open_clip will load from `folder`, so that a stray unreadable
+    file beside them does not stop the service. Every file found, should open_clip's
+    (private) chooser ever be gone."""
+    choose = getattr(getattr(open_clip, "factory", None), "_find_checkpoint_in_dir", None)
+    if len(found) > 1 and callable(choose):
+        chosen = choose(folder)
+        if isinstance(chosen, str):
+            return [Path(chosen)]
+    return found
 
 
 def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
@@ -84,7 +108,7 @@ def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
             "CLIP_PRETRAINED is empty: random weights are never served. Set a pretrained "
             "tag (e.g. openai) or a checkpoint file path."
         )
-    if os.path.isfile(pretrained):
+    if _readable_file(Path(pretrained), f"CLIP_PRETRAINED={pretrained}", "the checkpoint"):
         return ModelSource(
             model_name=name,
             checkpoint=pretrained,
@@ -98,6 +122,9 @@ def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
             f"Known tags: {', '.join(tags) or 'none'}."
         )
     checkpoint = _fetch_tag_weights(name, pretrained, tag_cfg)
+    _readable_file(
+        Path(checkpoint), f"CLIP_MODEL={name} CLIP_PRETRAINED={pretrained}", "the cached weights"
+    )
     # What open_clip would take from the tag had it downloaded the file itself: the
     # preprocessing the weights were trained with, and QuickGELU for OpenAI's weights
     # (ViT-B-32's built-in config lacks it; without it the features are subtly wrong).
@@ -136,7 +163,7 @@ def _fetch_tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
 def _resolve_hf_hub(repo_id: str) -> ModelSource:
     setting = f"CLIP_MODEL=hf-hub:{repo_id}"
     config = _hub_file(repo_id, ["open_clip_config.json"], setting)
-    _hub_file(
+    checkpoint = _hub_file(
         repo_id,
         [
             "open_clip_model.safetensors",
@@ -145,6 +172,8 @@ def _resolve_hf_hub(repo_id: str) -> ModelSource:
         ],
         setting,
     )
+    _readable_file(Path(config), setting, "the cached model config")
+    _readable_file(Path(checkpoint), setting, "the cached weights")
     # The hub cache keeps a repo's files side by side in one snapshot folder, which is
     # exactly the layout open_clip's local-dir schema reads.
     return ModelSource(
@@ -196,3 +225,42 @@ def _probe(url: str, setting: str) -> None:
             "open_clip_config.json and weights) or CLIP_PRETRAINED=/path/to/checkpoint, "
             "or pre-fill the Hugging Face cache (HF_HOME)."
         ) from None
+
+
+def _readable_file(path: Path, setting: str, what: str) -> bool:
+    """Whether the file `path` is there, found by opening it as the loader will.
+
+    False when it is not there (or is a folder); WeightsUnreadable when it may be there but
+    this process may not read it.
+    """
+    try:
+        with path.open("rb"):
+            return True
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    except PermissionError:
+        raise _unreadable(path, setting, what) from None
+
+
+def _readable_dir(path: Path, setting: str, what: str) -> bool:
+    """Whether the folder `path` is there, found by listing it as the loader's glob will."""
+    try:
+        os.listdir(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise _unreadable(path, setting, what) from None
+
+
+def _unreadable(path: Path, setting: str, what: str) -> WeightsUnreadable:
+    try:
+        path.stat()
+        problem = f"{what} {path} exists but cannot be read (permission denied)"
+    except OSError:  # a folder above it may not be entered: whether it exists is unknown
+        problem = f"{what} {path} cannot be reached (permission denied on a folder above it)"
+    return WeightsUnreadable(
+        f"{setting}: {problem} for the user the service runs as (uid {os.geteuid()}). "
+        "Make it readable by that user (chmod a+r on files and a+rx on folders, or chown "
+        "them), or run the container as a user that may read it."
+    )

@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
 import pytest
+from starlette.types import Message
 
 from app.codec import decode_embedding
+from app.config import Settings
+from app.inference.weights import WeightsUnavailable
+from app.main import create_app
 from load_tests.concurrency import make_crops, memory_mb, run_load
 from tests.helpers import noise_jpeg
 
@@ -202,4 +208,157 @@ def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path
     log = tmp_path / "server.log"
     process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)
     assert process.wait(timeout=60) != 0
-    assert "CLIP_MODEL=local-dir:" in log.read_text()
+    output = log.read_text()
+    assert "CLIP_MODEL=local-dir:" in output
+    assert "Traceback" not in output  # the message alone; uvicorn's traceback buries it
+
+
+NOBODY = 65534
+# `python -m app` with reading one file refused, as permissions would refuse it: the
+# variant of the unreadable-weights test that runs as root, who may read any file.
+RUN_APP_WITH_ONE_FILE_UNREADABLE = """
+import errno, os, pathlib, runpy, sys
+denied = sys.argv.pop(1)
+real_open = pathlib.Path.open
+def open_(self, *args, **kwargs):
+    if str(self) == denied:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+    return real_open(self, *args, **kwargs)
+pathlib.Path.open = open_
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_app(
+    env_overrides: dict[str, str], prefix: list[str] | None = None, home: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m app` (or `prefix` before the module's arguments) until it exits; it must
+    exit by itself, at startup, within the timeout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    env.update({"CLIP_DEVICE": "cpu", **env_overrides})
+    if home is not None:
+        env["HOME"] = str(home)
+    command = prefix or [sys.executable, "-m", "app"]
+    return subprocess.run(
+        [*command, "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_reported_in_a_line(
+    result: subprocess.CompletedProcess[str], *named: str
+) -> list[dict[str, Any]]:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = output.splitlines()
+    assert len(lines) <= 3, output  # the message, and uvicorn's "startup failed" at most
+    records = [json.loads(line) for line in lines]
+    for text in named:
+        assert any(text in record["message"] for record in records), output
+    return records
+
+
+def test_python_m_app_reports_missing_weights_in_a_line() -> None:
+    result = run_app({"CLIP_MODEL": "local-dir:/nonexistent"})
+    assert result.returncode == 3  # as uvicorn reports a failed startup
+    assert_reported_in_a_line(result, "CLIP_MODEL=local-dir:/nonexistent: directory not found")
+
+
+def test_python_m_app_reports_invalid_settings_in_a_line() -> None:
+    result = run_app({"CLIP_MAX_WAIT_MS": "-1", "CLIP_DEVICE": "tpu"})
+    assert result.returncode == 1
+    assert_reported_in_a_line(result, "CLIP_MAX_WAIT_MS", "CLIP_DEVICE")
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder another user may enter: pytest's own are the running user's alone."""
+    folder = Path(tempfile.mkdtemp(prefix="clip-unreadable-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def as_unprivileged_user(home: Path) -> list[str]:
+    """`python -m app` as a user the chmod binds, for runs as root; skips where none can be
+    had or it cannot run the service."""
+    if os.geteuid() != 0:
+        return [sys.executable, "-m", "app"]
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root reads whatever the mode, and setpriv is not here to drop root")
+    drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run(
+        [*drop, sys.executable, "-c", "import app.main"],
+        capture_output=True,
+        env={**os.environ, "HOME": str(home)},
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot import the service here: {probe.stderr[-300:]!r}")
+    return [*drop, sys.executable, "-m", "app"]
+
+
+@pytest.mark.parametrize("setting", ["CLIP_MODEL", "CLIP_PRETRAINED"])
+@pytest.mark.parametrize("how", ["chmod", "simulated"])
+def test_python_m_app_reports_unreadable_weights_as_unreadable(
+    shared_tmp: Path, setting: str, how: str
+) -> None:
+    # Resolution fails before any file's content is read: placeholder bytes do.
+    folder = shared_tmp / "model"
+    folder.mkdir(mode=0o755)
+    (folder / "open_clip_config.json").write_text("{}")
+    weights = folder / "open_clip_model.safetensors"
+    weights.write_bytes(b"x")
+    env = (
+        {"CLIP_MODEL": f"local-dir:{folder}"}
+        if setting == "CLIP_MODEL"
+        else {"CLIP_MODEL": "ViT-B-32", "CLIP_PRETRAINED": str(weights)}
+    )
+    if how == "chmod":
+        weights.chmod(0)
+        prefix = as_unprivileged_user(shared_tmp)
+    else:
+        prefix = [sys.executable, "-c", RUN_APP_WITH_ONE_FILE_UNREADABLE, str(weights)]
+    result = run_app(env, prefix, home=shared_tmp)
+    assert result.returncode == 3
+    records = assert_reported_in_a_line(
+        result, f"{setting}=", f"{weights} exists but cannot be read (permission denied)"
+    )
+    assert not any("No such file" in record["message"] for record in records)
+
+
+async def startup_messages(error: Exception) -> list[Message]:
+    """What the app tells the server when loading the model raises `error`."""
+
+    def fail(settings: Settings) -> Any:
+        raise error
+
+    app = create_app(Settings(model="local-dir:/unused", device="cpu"), encoder_factory=fail)
+    received: asyncio.Queue[Message] = asyncio.Queue()
+    received.put_nowait({"type": "lifespan.startup"})
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    with pytest.raises(type(error)):
+        await app(scope, received.get, send)
+    return sent
+
+
+async def test_a_known_startup_failure_reaches_the_server_without_its_traceback() -> None:
+    sent = await startup_messages(WeightsUnavailable("CLIP_MODEL=x: not here"))
+    assert sent == [{"type": "lifespan.startup.failed", "message": ""}]
+
+
+async def test_an_unknown_startup_failure_keeps_its_traceback() -> None:
+    sent = await startup_messages(RuntimeError("a bug"))
+    assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
+    assert "Traceback" in sent[0]["message"]
+    assert "RuntimeError: a bug" in sent[0]["message"]
