@@ -65,8 +65,8 @@ class Tower(Protocol):
 
 def pick_backend(requested: Backend, device: torch.device, precision: Precision) -> Backend:
     """`auto`: the fastest runtime measured to keep parity for this device and precision
-    (README, Performance): OpenVINO on CPU (its static int8 beat ONNX Runtime's dynamic
-    int8 on every CPU measured), torch on GPUs."""
+    (README, Performance): OpenVINO on CPU (its static int8 ran twice as fast as ONNX
+    Runtime's dynamic int8 on the CPU measured), torch on GPUs."""
     if requested == Backend.AUTO:
         return Backend.TORCH if device.type != "cpu" else Backend.OPENVINO
     if requested != Backend.TORCH and device.type != "cpu":
