@@ -256,3 +256,13 @@ def test_nginx_takes_the_bodies_the_service_takes() -> None:
     assert size
     limit = int(size[1]) * {"": 1, "k": 1024, "m": 1024 * 1024}[size[2]]
     assert limit == Settings.model_fields["max_upload_bytes"].default
+
+
+def test_the_python_claimed_is_the_python_tested() -> None:
+    """pyproject, README and the image agree on 3.11+, and this run is on a version the
+    claim covers (the code uses 3.11's StrEnum and builtin TimeoutError)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
+    assert "Python 3.11+" in (ROOT / "README.md").read_text()
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in (ROOT / "Dockerfile").read_text()
+    assert sys.version_info >= (3, 11)
