@@ -50,11 +50,12 @@ def hostile_mix() -> list[tuple[str, str, dict[str, object]]]:
     ]  # fmt: skip
 
 
-def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
-    """(method, path, httpx kwargs): mostly valid work, plus every kind of bad input."""
+def request_mix(crops: list[bytes], dim: int) -> list[tuple[str, str, dict[str, object]]]:
+    """(method, path, httpx kwargs): mostly valid work, plus every kind of bad input.
+    `dim` is the service's: /similarity refuses embeddings of any other length."""
     good = crops[0]
     b64 = base64.b64encode(good).decode()
-    vector = base64.b64encode(b"\x00\x00\x80\x3f" * 8).decode()
+    vector = base64.b64encode(np.full(dim, dim**-0.5, dtype="<f4").tobytes()).decode()
     as_json = {"content-type": "application/json"}
     return [
         ("POST", "/embed", {"files": {"image": ("a.jpg", good)}}),
@@ -70,7 +71,8 @@ def request_mix(crops: list[bytes]) -> list[tuple[str, str, dict[str, object]]]:
         ("POST", "/embed", {"json": {"image": "%%% not base64"}}),
         ("POST", "/embed", {"content": b"{broken", "headers": as_json}),
         ("POST", "/embed", {"content": good, "headers": {"content-type": "image/jpeg"}}),
-        ("POST", "/similarity", {"json": {"a": "AAAA", "b": vector}}),
+        ("POST", "/similarity", {"json": {"a": "AAAA", "b": vector}}),  # 400: 3 bytes
+        ("POST", "/similarity", {"json": {"a": vector[:16], "b": vector}}),  # 422: 3 values
         ("GET", "/no/such/path", {}),
         ("GET", "/health", {}),
     ]  # fmt: skip
@@ -80,7 +82,9 @@ async def soak(
     url: str, pid: int | None, seconds: float, clients: int, sample_s: float, hostile: bool
 ) -> dict:
     crops = make_crops(8)
-    mix = request_mix(crops) + (hostile_mix() if hostile else [])
+    async with httpx.AsyncClient(base_url=url) as probe:
+        dim = int((await probe.get("/info")).json()["dim"])
+    mix = request_mix(crops, dim) + (hostile_mix() if hostile else [])
     statuses: collections.Counter[str] = collections.Counter()
     health_ms: list[float] = []
     retried: collections.Counter[str] = collections.Counter()
