@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from load_tests.concurrency import (
+    ForwardFigures,
     forward_figures,
     make_crops,
     memory_mb,
@@ -175,21 +176,17 @@ def best_torch_precision() -> str:
 
 def ceilings(
     model_dir: str, backend: str, precision: str, seconds: float
-) -> dict[str, dict[int, float]]:
-    """img/s of the bare forward pass by batch size, per configuration."""
+) -> dict[str, ForwardFigures]:
+    """The bare forward pass per configuration: img/s by batch size, and the lone
+    batch of one timed alone (what one client's request waits for)."""
     sizes = [1, 8, 16, 32]
     configs = {"torch " + best_torch_precision(): ("torch", best_torch_precision())}
     configs[f"service ({backend} {precision})"] = (backend, precision)
     configs["torch fp32 (LitServe's model)"] = ("torch", "fp32")
-    figures = {
+    return {
         name: forward_figures(model_dir, sizes, seconds, p, backend=b)
         for name, (b, p) in configs.items()
     }
-    rates: dict[str, dict[int, float]] = {name: f.rates for name, f in figures.items()}
-    # The service's lone batch of one, timed alone (not from the rate with every
-    # stream busy): what one client's request waits for in the forward pass.
-    rates["single_ms"] = {1: figures[f"service ({backend} {precision})"].single_ms}
-    return rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     backend, precision = info["backend"], info["precision"]
     memory = {"startup_peak_mb": memory_mb(server.pid)[1]}
     stop(server)  # the ceilings run alone, then the servers
-    before = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
+    before_figures = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
 
     runs: list[Run] = []
     ours_body, ours_type = multipart(crop)
@@ -250,9 +247,11 @@ def main(argv: list[str] | None = None) -> None:
         stop(server)
         if peer is not None:
             stop(peer)
-    after = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
+    after_figures = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
     own_name = f"service ({backend} {precision})"
-    single_ms = (before.pop("single_ms")[1] + after.pop("single_ms")[1]) / 2
+    single_ms = (before_figures[own_name].single_ms + after_figures[own_name].single_ms) / 2
+    before = {name: figures.rates for name, figures in before_figures.items()}
+    after = {name: figures.rates for name, figures in after_figures.items()}
     best = {name: (max(before[name].values()) + max(after[name].values())) / 2 for name in before}
 
     print(f"service: {backend} {precision}; wrk, {args.seconds:g} s per run, one 128x256 JPEG")

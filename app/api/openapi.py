@@ -60,22 +60,19 @@ def complete(document: dict[str, Any], settings: Settings, dim: int = DEFAULT_DI
         schemas[model.__name__] = schema
     _limit_search(schemas, settings)
     _similarity_examples(schemas, dim)
-    for path, item in document.get("paths", {}).items():
-        for operation in item.values():
-            body = operation.get("requestBody", {}).get("content", {})
-            form = body.get("multipart/form-data", {}).get("schema")
-            if form is not None and path == "/embed/batch":
-                form["properties"]["images"]["maxItems"] = settings.max_batch_images
-            batch_json = body.get("application/json", {}).get("schema", {})
-            if path == "/embed/batch":
-                _set_max_items(batch_json, schemas, "images", settings.max_batch_images)
-            if path == "/similarity" and "application/json" in body:
-                body["application/json"]["schema"] = {
-                    "oneOf": [
-                        {"$ref": "#/components/schemas/PairSimilarityRequest"},
-                        {"$ref": "#/components/schemas/SearchSimilarityRequest"},
-                    ]
-                }
+    paths = document.get("paths", {})
+    # Both forms of /embed/batch are written inline by image_request_body (no $ref).
+    batch = paths.get("/embed/batch", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    for form in batch.values():
+        form["schema"]["properties"]["images"]["maxItems"] = settings.max_batch_images
+    search = paths.get("/similarity", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    if "application/json" in search:
+        search["application/json"]["schema"] = {
+            "oneOf": [
+                {"$ref": "#/components/schemas/PairSimilarityRequest"},
+                {"$ref": "#/components/schemas/SearchSimilarityRequest"},
+            ]
+        }
 
 
 def _similarity_examples(schemas: dict[str, Any], dim: int) -> None:
@@ -109,11 +106,3 @@ def _limit_search(schemas: dict[str, Any], settings: Settings) -> None:
             for option in target.get("anyOf", [target]):
                 if option.get("type") == "array":
                     option["maxItems"] = limit
-
-
-def _set_max_items(schema: dict[str, Any], schemas: dict[str, Any], field: str, limit: int) -> None:
-    reference = schema.get("$ref", "")
-    target = schemas.get(reference.rsplit("/", 1)[-1], schema) if reference else schema
-    properties = target.get("properties", {})
-    if field in properties:
-        properties[field]["maxItems"] = limit
