@@ -49,6 +49,6 @@ RUN if [ "$BAKE_WEIGHTS" = "1" ]; then \
 USER 10001
 EXPOSE 8000
 VOLUME ["/models"]
-HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=180s --retries=3 \
+    CMD ["python", "-m", "app.tools.healthcheck", "/health"]
 CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

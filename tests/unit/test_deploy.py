@@ -152,7 +152,7 @@ def test_the_image_runs_unprivileged_with_a_health_check() -> None:
 def test_compose_has_the_profiles() -> None:
     compose = _compose()
     services = compose["services"]
-    assert services["clip"]["ports"] == ["8000:8000"]
+    assert services["clip"]["ports"] == ["${CLIP_PORT:-8000}:8000"]
     assert services["clip"]["restart"] == "unless-stopped"
     assert "healthcheck" in services["clip"]
     gpu = services["clip-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
