@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,3 +41,17 @@ def noise_jpeg(seed: int, size: tuple[int, int] = (128, 256)) -> bytes:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+
+
+def reference_embedding(model_dir: Path, image_path: Path) -> np.ndarray:
+    """The open_clip README's recipe, step by step: what /embed must agree with."""
+    import open_clip  # here, not above: most tests never need open_clip loaded
+    import torch
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    model.eval()
+    image = preprocess(Image.open(image_path)).unsqueeze(0)
+    with torch.no_grad():
+        features = model.encode_image(image)
+        features /= features.norm(dim=-1, keepdim=True)
+    return features[0].numpy()

@@ -6,26 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import torch
 from PIL import Image
 
 from app.codec import decode_embedding
 from app.config import Settings
 from tests.conftest import serve
-from tests.helpers import cosine, noise_jpeg
-
-
-def reference_embedding(model_dir: Path, image_path: Path) -> np.ndarray:
-    """The open_clip README's recipe, step by step."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
-    model.eval()
-    image = preprocess(Image.open(image_path)).unsqueeze(0)
-    with torch.no_grad():
-        features = model.encode_image(image)
-        features /= features.norm(dim=-1, keepdim=True)
-    return features[0].numpy()
+from tests.helpers import cosine, noise_jpeg, reference_embedding
 
 
 async def check_parity(settings: Settings, model_dir: Path, crop: Path, dim: int) -> None:
