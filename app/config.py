@@ -38,6 +38,9 @@ class ResizeMode(StrEnum):
 
 # Model inputs of the largest /analyze: upper body, lower body and the whole crop.
 ANALYZE_IMAGES = 3
+# Smallest person crop, width x height: /analyze's and a frame's boxes' minimum; below it
+# there is no garment to see.
+MIN_PERSON_CROP = (8, 16)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 

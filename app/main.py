@@ -28,7 +28,7 @@ from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import analyze, embed, similarity, system
+from app.api.routes import analyze, embed, frame, similarity, system
 from app.api.security import require_api_key
 from app.config import Settings, load_settings
 from app.inference.encoder import ImageEncoder
@@ -132,7 +132,7 @@ def create_app(
     # Only when keys are set: the schema then shows the security scheme, and never
     # claims one the service does not enforce.
     protected = [Depends(require_api_key)] if settings.api_keys else []
-    for module in (embed, analyze, similarity):
+    for module in (embed, frame, analyze, similarity):
         app.include_router(module.router, dependencies=protected)
     app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
     app.include_router(system.router, dependencies=protected)

@@ -22,8 +22,10 @@ import numpy.typing as npt
 from PIL import Image
 from skimage.color import rgb2lab, rgb2ycbcr
 
+from app.config import MIN_PERSON_CROP
+
 DEFAULT_BOUNDS = (0.15, 0.52, 0.92)
-MIN_CROP = (8, 16)  # width, height: below this there is no garment to see
+MIN_CROP = MIN_PERSON_CROP
 
 _FLOOR = 0.15  # smallest weight a pixel can get
 _BACKGROUND_DISTANCE = 18.0  # Delta E (CIE76) under which a pixel looks like the border

@@ -65,6 +65,10 @@ def complete(document: dict[str, Any], settings: Settings, dim: int = DEFAULT_DI
     batch = paths.get("/embed/batch", {}).get("post", {}).get("requestBody", {}).get("content", {})
     for form in batch.values():
         form["schema"]["properties"]["images"]["maxItems"] = settings.max_batch_images
+    frame = paths.get("/embed/frame", {}).get("post", {}).get("requestBody", {}).get("content", {})
+    if "application/json" in frame:
+        boxes = frame["application/json"]["schema"]["properties"]["boxes"]
+        boxes["maxItems"] = settings.max_batch_images
     search = paths.get("/similarity", {}).get("post", {}).get("requestBody", {}).get("content", {})
     if "application/json" in search:
         search["application/json"]["schema"] = {

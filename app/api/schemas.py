@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from app.codec import encode_embedding
 
@@ -241,3 +241,65 @@ class AnalyzeResponse(BaseModel):
         None, description=f"The crop's embedding when asked for, else null. {EMBEDDING_DESCRIPTION}"
     )
     dtype: WireDtype = Field("float32", description="Encoding of `embedding`.")
+
+
+_BOX_ITEMS: dict[str, JsonValue] = {
+    "type": "array",
+    "items": {"type": "number"},
+    "minItems": 4,
+    "maxItems": 4,
+    "description": "[x1, y1, x2, y2]: left, top, right, bottom in the frame's pixels.",
+}
+BOXES_DESCRIPTION = (
+    "The detector's person boxes, `[[x1, y1, x2, y2], ...]`, in pixels of the frame as "
+    "decoded (EXIF orientation applied); floats are widened to whole pixels (x1, y1 "
+    "floored, x2, y2 ceiled) and clipped to the frame. At most CLIP_MAX_BATCH_IMAGES. An "
+    "empty list is a frame with nobody in it."
+)
+
+
+class EmbedFrameJSONRequest(_Strict):
+    image: str = Field(
+        ...,
+        description="Base64 of the whole frame (JPEG, PNG, WebP, BMP, GIF, TIFF). "
+        "A `data:image/...;base64,` prefix is accepted.",
+        examples=[EXAMPLE_IMAGE],
+    )
+    # Checked box by box by the service (app/inference/frames.py), so that JSON and
+    # multipart clients get the same message naming the box; the schema says the shape.
+    boxes: list[Any] = Field(
+        ...,
+        description=BOXES_DESCRIPTION,
+        json_schema_extra={"items": _BOX_ITEMS},
+        examples=[[[0, 0, 8, 16]]],
+    )
+    analyze: bool = Field(
+        False,
+        strict=True,
+        description="Also describe each box's outfit (`descriptors`); costs two more "
+        "images per box in the shared forward pass.",
+    )
+
+
+class OutfitDescriptor(BaseModel):
+    top: Garment = Field(..., description="Upper-body garment.")
+    bottom: Garment = Field(..., description="Lower-body garment.")
+
+
+class EmbedFrameResponse(BaseModel):
+    embeddings: list[str] = Field(
+        ...,
+        description=f"One embedding per box, in box order. {EMBEDDING_DESCRIPTION}",
+        examples=[[_EXAMPLE_EMBEDDING]],
+    )
+    boxes: list[list[int]] = Field(
+        ...,
+        description="Each box as used: whole pixels, clipped to the frame, in box order.",
+        examples=[[[0, 0, 8, 16]]],
+    )
+    dim: int = Field(..., examples=[512])
+    model: str = Field(..., examples=["ViT-B-32/openai"])
+    dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
+    descriptors: list[OutfitDescriptor] | None = Field(
+        None, description="Each box's outfit, in box order, when `analyze` was true; else null."
+    )

@@ -16,7 +16,6 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -32,13 +31,14 @@ from app.errors import (
 )
 from app.inference.admission import Admission, AdmissionLimits, Ticket
 from app.inference.batcher import DynamicBatcher
-from app.inference.decode import decoded_pixels, open_image, prepare_image
+from app.inference.decode import decoded_pixels, load_rgb, open_image, prepare_image
 from app.inference.decode_workers import (
     DecodeProcesses,
     default_decode_processes,
     split,
 )
 from app.inference.encoder import ImageEncoder, ModelInput
+from app.inference.frames import Box, FloatBox, box_pixels, fit_boxes, oriented_size
 from app.inference.projection import Projection
 from app.inference.readiness import ReadinessMonitor
 
@@ -251,15 +251,81 @@ class EmbeddingService:
     ) -> list[T]:
         """Decode each opened image and apply `transform` (default: the model's
         preprocessing) in the decode threads, in parallel; the first bad image fails
-        the lot, and the jobs not yet started are dropped.
+        the lot, and the jobs not yet started are dropped."""
+        chosen: Callable[[Image.Image], Any] = transform or self.encoder.preprocess
 
-        One job per decode thread, each taking a contiguous share of the images, not one
-        per image: every job costs the event loop a future and two callbacks under the
-        GIL, which profiling put at a third of the loop's time on 32-image requests."""
-        if not images:
+        def work(share: list[Image.Image]) -> list[Any]:
+            return self._prepare_share(share, chosen)
+
+        return await self._in_decode_threads(list(images), work, locations)
+
+    async def embed_frame(
+        self, frame: bytes, boxes: Sequence[FloatBox]
+    ) -> tuple[list[Box], npt.NDArray[np.float32]]:
+        """Embeddings of the boxes' crops of one frame, in box order, and the boxes as
+        used (whole pixels, clipped to the frame)."""
+        async with self.admitted(len(boxes)) as ticket:
+            used, inputs = await self.prepare_frame(frame, boxes, ticket, self.encoder.preprocess)
+            if not inputs:
+                return used, np.zeros((0, self.output_dim), np.float32)
+            rows = await self.forward(inputs)
+        return used, self.project(rows)
+
+    async def prepare_frame(
+        self,
+        frame: bytes,
+        boxes: Sequence[FloatBox],
+        ticket: Ticket,
+        transform: Callable[[Image.Image], T],
+    ) -> tuple[list[Box], list[T]]:
+        """`transform` of each box's crop of the frame, in box order. The frame's header
+        is read, the boxes fitted to it and its pixels charged before any decoding; then
+        the frame is decoded once, in a decode thread, and the crops are cut and
+        transformed in all of them.
+
+        Always at full scale (no JPEG draft mode): person boxes in camera frames are
+        mostly smaller than twice the model's input, where a reduced decode would lose
+        the detail a crop sent on its own keeps, and parity with /embed would go. And in
+        threads even where decode processes run: a frame is one decode, and its crops
+        are views of it that processes would need copied to them."""
+        opened = open_image(frame, max_pixels=self.settings.max_image_pixels)
+        width, height = oriented_size(opened)
+        used = fit_boxes(boxes, width, height)
+        ticket.add_pixels(width * height + box_pixels(used))
+        if not used:
+            return used, []
+        self._preparing += 1
+        try:
+            decoded = await run_in(self._decode_pool, _decode_frame, opened)
+        finally:
+            self._preparing -= 1
+        if isinstance(decoded, ServiceError):
+            raise at_item(decoded, "image")
+        if decoded.size != (width, height):  # an EXIF block Pillow read otherwise on load
+            used = fit_boxes(boxes, *decoded.size)
+        frame_rgb = decoded
+
+        def work(share: list[Box]) -> list[T | ServiceError]:
+            return _cut_share(share, frame_rgb, transform)
+
+        locations = [f"boxes[{i}]" for i in range(len(used))]
+        return used, await self._in_decode_threads(used, work, locations)
+
+    async def _in_decode_threads(
+        self,
+        items: list[Any],
+        work: Callable[[list[Any]], list[T | ServiceError]],
+        locations: Sequence[str],
+    ) -> list[T]:
+        """`work` over contiguous shares of `items`, one job per decode thread; the first
+        item that failed fails the lot, named by its location.
+
+        One job per decode thread, not one per item: every job costs the event loop a
+        future and two callbacks under the GIL, which profiling put at a third of the
+        loop's time on 32-image requests."""
+        if not items:
             return []
-        work = partial(self._prepare_share, transform=transform or self.encoder.preprocess)
-        shares = split(list(images), self.decode_workers)
+        shares = split(items, self.decode_workers)
         self._preparing += 1
         jobs = [run_in(self._decode_pool, work, share) for share in shares]
         try:
@@ -270,7 +336,7 @@ class EmbeddingService:
                 job.cancel()
         for share in done:
             if isinstance(share, BaseException):
-                raise share  # not an image's fault (ServiceErrors are caught per image)
+                raise share  # not an item's fault (ServiceErrors are caught per item)
         outcomes = [outcome for share in done for outcome in share]  # type: ignore[union-attr]
         failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, ServiceError)]
         if failures:
@@ -294,6 +360,26 @@ class EmbeddingService:
 
     def _encode_rows(self, batch: list[ModelInput]) -> list[npt.NDArray[np.float32]]:
         return list(self.encoder.encode(batch))
+
+
+def _decode_frame(opened: Image.Image) -> Image.Image | ServiceError:
+    try:
+        return load_rgb(opened)
+    except ServiceError as error:
+        return error
+
+
+def _cut_share(
+    boxes: list[Box], frame: Image.Image, transform: Callable[[Image.Image], T]
+) -> list[T | ServiceError]:
+    """Decode thread: each box's crop of the decoded frame, through `transform`."""
+    outcomes: list[T | ServiceError] = []
+    for box in boxes:
+        try:
+            outcomes.append(prepare_image(frame.crop(box), transform))
+        except ServiceError as error:
+            outcomes.append(error)
+    return outcomes
 
 
 def _located(failures: list[tuple[int, ServiceError]], locations: Sequence[str]) -> ServiceError:

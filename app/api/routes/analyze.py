@@ -51,14 +51,14 @@ async def analyze(
     work = analysis.analyze(payload.images[0], payload.locations[0], include)
     outfit = await unless_disconnected(request, work)
     return AnalyzeResponse(
-        top=_garment(outfit.top),
-        bottom=_garment(outfit.bottom),
+        top=garment_model(outfit.top),
+        bottom=garment_model(outfit.bottom),
         embedding=None if outfit.embedding is None else encode_embedding(outfit.embedding, dtype),
         dtype=dtype,
     )
 
 
-def _garment(description: GarmentDescription) -> Garment:
+def garment_model(description: GarmentDescription) -> Garment:
     return Garment(
         type=description.type,
         type_score=description.type_score,
