@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +202,31 @@ def _search_call(
     return _Call("/similarity", {"json": payload}, parse)
 
 
+@dataclass(frozen=True)
+class FrameResult:
+    """One frame's answer: a row per box, in box order."""
+
+    embeddings: npt.NDArray[np.float32]  # (boxes, dim)
+    boxes: list[list[int]]  # as the service used them: whole pixels, clipped to the frame
+    descriptors: list[dict[str, Any]] | None  # {"top": ..., "bottom": ...} per box, if asked
+
+
+def _frame_call(
+    frame: ImageInput, boxes: npt.ArrayLike, analyze: bool, dtype: str
+) -> _Call[FrameResult]:
+    listed = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()
+
+    def parse(body: Any) -> FrameResult:
+        wire = body.get("dtype", "float32")
+        rows = [decode_embedding(e, wire) for e in body["embeddings"]]
+        embeddings = np.stack(rows) if rows else np.zeros((0, body["dim"]), np.float32)
+        return FrameResult(embeddings, body["boxes"], body.get("descriptors"))
+
+    data = {"boxes": json.dumps(listed), "analyze": "true" if analyze else "false"}
+    files = _files("image", [frame])
+    return _Call("/embed/frame", {"files": files, "data": data, "params": {"dtype": dtype}}, parse)
+
+
 def _analyze_call(image: ImageInput, include_embedding: bool) -> _Call[dict[str, Any]]:
     def parse(body: Any) -> dict[str, Any]:
         outfit: dict[str, Any] = body
@@ -358,6 +384,18 @@ class ClipClient(_Base):
     def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
         return self._send(_analyze_call(image, include_embedding))
 
+    def embed_frame(
+        self,
+        frame: ImageInput,
+        boxes: npt.ArrayLike,
+        analyze: bool = False,
+        dtype: str = "float32",
+    ) -> FrameResult:
+        """Embeddings of the people boxed in a whole frame: `boxes` as the detector gives
+        them, `[[x1, y1, x2, y2], ...]` in the frame's pixels (a list or an (n, 4) array).
+        Send the camera's JPEG bytes as they are: arrays and PIL images go as PNG."""
+        return self._send(_frame_call(frame, boxes, analyze, dtype))
+
 
 class AsyncClipClient(_Base):
     """Asynchronous client; use with `async with` or await aclose()."""
@@ -425,3 +463,13 @@ class AsyncClipClient(_Base):
 
     async def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
         return await self._send(_analyze_call(image, include_embedding))
+
+    async def embed_frame(
+        self,
+        frame: ImageInput,
+        boxes: npt.ArrayLike,
+        analyze: bool = False,
+        dtype: str = "float32",
+    ) -> FrameResult:
+        """As ClipClient.embed_frame."""
+        return await self._send(_frame_call(frame, boxes, analyze, dtype))

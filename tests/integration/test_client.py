@@ -354,3 +354,36 @@ async def test_similarity_of_float16_strings_needs_and_takes_their_dtype(
     )
     assert score == pytest.approx(truth, abs=1e-4)
     assert ranked[0][0]["index"] == 0
+
+
+async def test_embed_frame_sync_and_async_agree_with_embed_of_the_crops(
+    tiny_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, _ = tiny_app
+    frame = Image.fromarray(np.concatenate([_pixels(6), _pixels(7)], axis=1))  # 256x256
+    boxes = np.array([[0.5, 10.0, 100.0, 200.0], [130, 0, 256, 256]])
+    loop = asyncio.get_running_loop()
+
+    def sync_calls() -> tuple[Any, Any]:
+        with ClipClient("http://test", transport=_LoopBridge(app, loop)) as sync:
+            return sync.embed_frame(frame, boxes, analyze=True), sync.embed_frame(frame, [])
+
+    from_sync, empty = await asyncio.to_thread(sync_calls)
+    async with AsyncClipClient("http://test", transport=httpx.ASGITransport(app=app)) as aio:
+        from_async = await aio.embed_frame(frame, boxes.tolist(), analyze=True)
+        half = await aio.embed_frame(frame, boxes, dtype="float16")
+        crops = [await aio.embed(frame.crop(tuple(box))) for box in from_async.boxes]
+
+    assert from_sync.boxes == from_async.boxes == [[0, 10, 100, 200], [130, 0, 256, 256]]
+    assert from_sync.embeddings.shape == (2, 64)
+    np.testing.assert_allclose(from_sync.embeddings, from_async.embeddings, atol=1e-6)
+    for row, crop in zip(from_async.embeddings, crops, strict=True):
+        assert cosine(row, crop) >= 0.99999
+    assert from_sync.descriptors == from_async.descriptors
+    assert from_sync.descriptors is not None
+    assert len(from_sync.descriptors) == 2
+    assert half.descriptors is None
+    assert half.embeddings.dtype == np.float32
+    assert cosine(half.embeddings[0], from_async.embeddings[0]) >= 0.999
+    assert empty.embeddings.shape == (0, 64)
+    assert empty.boxes == []
