@@ -60,3 +60,26 @@ def test_the_litserve_peer_serves_the_same_model(
     assert reply.status_code == 200, reply.text
     theirs = np.frombuffer(base64.b64decode(reply.json()["embedding"]), dtype="<f4")
     assert cosine(decode_embedding(ours["embedding"]), theirs) >= 0.9999
+
+
+def test_the_frames_tool_sends_both_ways_and_counts_the_bytes(server: RunningServer) -> None:  # noqa: F811
+    from load_tests.frames import main as frames_main
+    from load_tests.frames import make_scene
+
+    scene = make_scene(people=4, seed=1)
+    assert len(scene.boxes) == len(scene.crops) == 4
+    results = frames_main(
+        ["--url", server.url, "--clients", "2", "--seconds", "1", "--people", "4"]
+    )
+    assert {r.way for r in results} == {"frame", "batch"}
+    for result in results:
+        assert result.requests > 0
+        assert result.errors == 0
+        assert result.crops_per_s > 0
+        assert result.request_bytes_per_crop > 0
+    frame = next(r for r in results if r.way == "frame")
+    batch = next(r for r in results if r.way == "batch")
+    # The frame carries its whole picture, the batch only the people: per crop the frame
+    # is heavier on the wire at 4 people, and both answers are the same size.
+    assert frame.request_bytes_per_crop > batch.request_bytes_per_crop
+    assert frame.response_bytes_per_crop == pytest.approx(batch.response_bytes_per_crop, rel=0.2)
