@@ -82,7 +82,8 @@ def make_scene(people: int = 10, seed: int = 0) -> Scene:
         crops = []
         for box in boxes:
             out = io.BytesIO()
-            decoded.crop(tuple(box)).save(out, "JPEG", quality=JPEG_QUALITY)
+            x1, y1, x2, y2 = box
+            decoded.crop((x1, y1, x2, y2)).save(out, "JPEG", quality=JPEG_QUALITY)
             crops.append(out.getvalue())
     crop_ms = 1000 * (time.perf_counter() - began) / repeats
     return Scene(camera_jpeg, boxes, crops, crop_ms)
@@ -106,25 +107,32 @@ def _wire_bytes(request: httpx.Request) -> int:
     return len(head) + len(headers) + 2 + len(request.content)
 
 
-async def drive(url: str, way: str, clients: int, seconds: float, scene: Scene) -> WayResult:
-    latencies: list[float] = []
-    errors = 0
-    sent = received = 0
+@dataclass
+class _Tally:
+    latencies: list[float]
+    errors: int = 0
+    sent: int = 0
+    received: int = 0
+    seconds: float = 0.0
+
+
+async def drive(url: str, way: str, clients: int, seconds: float, scene: Scene) -> _Tally:
+    """`clients` closed loops posting `way` for `seconds`."""
+    tally = _Tally([])
     deadline = time.perf_counter() + seconds
 
     async def loop(client: httpx.AsyncClient) -> None:
-        nonlocal errors, sent, received
         while time.perf_counter() < deadline:
             request = _request(client, way, scene)
             request.read()  # the multipart body as bytes: counted, then sent as is
             started = time.perf_counter()
             response = await client.send(request)
             if response.status_code != 200:
-                errors += 1
+                tally.errors += 1
                 continue
-            latencies.append(time.perf_counter() - started)
-            sent += _wire_bytes(request)
-            received += len(response.content) + sum(
+            tally.latencies.append(time.perf_counter() - started)
+            tally.sent += _wire_bytes(request)
+            tally.received += len(response.content) + sum(
                 len(k) + len(v) + 4 for k, v in response.headers.raw
             )
 
@@ -132,20 +140,26 @@ async def drive(url: str, way: str, clients: int, seconds: float, scene: Scene) 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         began = time.perf_counter()
         await asyncio.gather(*(loop(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - began
-    crops = len(latencies) * len(scene.boxes)
-    ordered = sorted(latencies) or [float("nan")]
+        tally.seconds = time.perf_counter() - began
+    return tally
+
+
+def summarize(way: str, clients: int, tallies: list[_Tally], boxes: int) -> WayResult:
+    latencies = sorted(latency for t in tallies for latency in t.latencies) or [float("nan")]
+    requests = sum(len(t.latencies) for t in tallies)
+    seconds = sum(t.seconds for t in tallies)
+    crops = requests * boxes
     return WayResult(
         way=way,
         clients=clients,
-        requests=len(latencies),
-        errors=errors,
-        seconds=elapsed,
-        crops_per_s=crops / elapsed,
-        p50_ms=1000 * statistics.median(ordered),
-        p95_ms=1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        request_bytes_per_crop=sent / max(crops, 1),
-        response_bytes_per_crop=received / max(crops, 1),
+        requests=requests,
+        errors=sum(t.errors for t in tallies),
+        seconds=seconds,
+        crops_per_s=crops / seconds,
+        p50_ms=1000 * statistics.median(latencies),
+        p95_ms=1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        request_bytes_per_crop=sum(t.sent for t in tallies) / max(crops, 1),
+        response_bytes_per_crop=sum(t.received for t in tallies) / max(crops, 1),
     )
 
 
@@ -157,6 +171,13 @@ def main(argv: list[str] | None = None) -> list[WayResult]:
     parser.add_argument("--clients", default="1,4", help="comma-separated client counts")
     parser.add_argument("--people", type=int, default=10, help="boxes per frame")
     parser.add_argument("--seconds", type=float, default=20.0, help="per way and client count")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=5,
+        help="alternate the two ways this many times per client count, so that the "
+        "machine's drift falls on both alike",
+    )
     parser.add_argument("--precision", default="auto", help="CLIP_PRECISION of the service")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -180,10 +201,14 @@ def main(argv: list[str] | None = None) -> list[WayResult]:
         )
         for way in ("frame", "batch"):  # warm both paths up
             asyncio.run(drive(url, way, max(counts), 2.0, scene))
+        slice_s = args.seconds / max(1, args.slices)
         for count in counts:
-            # Interleaved, so that the machine's drift falls on both ways alike.
-            for way in ("frame", "batch"):
-                results.append(asyncio.run(drive(url, way, count, args.seconds, scene)))
+            tallies: dict[str, list[_Tally]] = {"frame": [], "batch": []}
+            for _ in range(max(1, args.slices)):
+                for way, kept in tallies.items():
+                    kept.append(asyncio.run(drive(url, way, count, slice_s, scene)))
+            for way, kept in tallies.items():
+                results.append(summarize(way, count, kept, len(scene.boxes)))
         if server is not None:
             steady, peak = memory_mb(server.pid)
             print(f"service memory: steady {steady:.0f} MB, peak {peak:.0f} MB")
