@@ -4,8 +4,11 @@ layer, all in one safetensors file.
     y = normalise(W @ (x - mean))        x: the L2-normalised CLIP embedding
 
 Tensors `weight` (out, in) and `mean` (in,); metadata `model` (the model id it was fitted
-for, as /info reports it), `kind`, and `explained_variance` where PCA gives one. Centring
-is the identity map with a mean, so it is the same file and the same code.
+for, as /info reports it), `kind`, `explained_variance` where PCA gives one, and
+`weights_sha256`: the hash of the image tower's weights (app.inference.runtimes.
+weights_digest), which tells apart two models whose readable ids are the same (two
+`local-dir:` folders of one name). Centring is the identity map with a mean, so it is the
+same file and the same code.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+WEIGHTS_KEY = "weights_sha256"
 
 
 class ProjectionError(ValueError):
@@ -30,6 +35,11 @@ class Projection:
     model: str
     kind: str
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weights_sha256(self) -> str:
+        """Hash of the weights it was fitted on; empty for files written before it existed."""
+        return self.metadata.get(WEIGHTS_KEY, "")
 
     @property
     def input_dim(self) -> int:
@@ -46,6 +56,8 @@ class Projection:
         return unit
 
     def save(self, path: str | Path) -> None:
+        if not (np.isfinite(self.weight).all() and np.isfinite(self.mean).all()):
+            raise ProjectionError(f"{path}: not written, its weight or mean is NaN or infinite")
         metadata = {**self.metadata, "model": self.model, "kind": self.kind}
         metadata["output_dim"] = str(self.output_dim)
         save_file(
@@ -55,8 +67,18 @@ class Projection:
         )
 
     @classmethod
-    def load(cls, path: str | Path, expected_model: str | None = None) -> Projection:
-        where = f"CLIP_PROJECTION={path}"
+    def load(
+        cls,
+        path: str | Path,
+        expected_model: str | None = None,
+        expected_weights: str | None = None,
+        option: str = "CLIP_PROJECTION",
+        runs: str = "the service runs",
+    ) -> Projection:
+        """Read and check a projection file. `expected_model` is the readable model id,
+        `expected_weights` its weights' hash, where known; `option` and `runs` word the
+        errors for whoever reads them (the service's setting, or a command-line option)."""
+        where = f"{option}={path}"
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), framework="numpy") as handle:
@@ -70,12 +92,43 @@ class Projection:
             raise ProjectionError(
                 f"{where}: weight {weight.shape} and mean {mean.shape} do not fit together"
             )
-        if expected_model is not None and metadata["model"] != expected_model:
+        # One NaN in the weight turns every served embedding into NaNs: refuse it here,
+        # where the message can name the file, rather than serve garbage.
+        for name, tensor in (("weight", weight), ("mean", mean)):
+            bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
+            if bad:
+                raise ProjectionError(
+                    f"{where}: {name} holds {bad} NaN or infinite value(s); refit the "
+                    "projection (python -m app.reid.fit_projection)"
+                )
+        fitted_for = metadata["model"]
+        fitted_weights = metadata.get(WEIGHTS_KEY, "")
+        if expected_weights and fitted_weights:
+            # The hash decides: readable ids repeat (local-dir: names only the folder).
+            if fitted_weights != expected_weights:
+                raise ProjectionError(
+                    f"{where} was fitted for {fitted_for} (weights {fitted_weights[:12]}), "
+                    f"but {runs} {expected_model or 'a model'} with other weights "
+                    f"({expected_weights[:12]}); fit one for this model "
+                    "(python -m app.reid.fit_projection)"
+                )
+        elif expected_model is not None and fitted_for != expected_model:
+            # Files written before weights_sha256 existed (or a caller that knows no hash)
+            # are checked by the readable id alone: old files keep loading.
             raise ProjectionError(
-                f"{where} was fitted for {metadata['model']}, but the service runs "
+                f"{where} was fitted for {fitted_for}, but {runs} "
                 f"{expected_model}; fit one for this model (python -m app.reid.fit_projection)"
             )
-        return cls(weight, mean, metadata["model"], metadata.get("kind", "linear"), metadata)
+        return cls(weight, mean, fitted_for, metadata.get("kind", "linear"), metadata)
+
+
+def data_rank(centred: npt.NDArray[np.float64], singular: npt.NDArray[np.float64]) -> int:
+    """Dimensions the centred rows span: singular values above float32 rounding (the
+    embeddings are float32), as numpy's matrix_rank reckons for float32."""
+    if not len(singular):
+        return 0
+    tolerance = float(singular.max()) * max(centred.shape) * float(np.finfo(np.float32).eps)
+    return int(np.count_nonzero(singular > tolerance))
 
 
 def fit_pca(
@@ -90,6 +143,15 @@ def fit_pca(
     data = embeddings.astype(np.float64)
     mean = data.mean(axis=0)
     _, singular, components = np.linalg.svd(data - mean, full_matrices=False)
+    rank = data_rank(data - mean, singular)
+    if dim > rank:
+        # Past the rank there are no components (n rows give at most n - 1), or only ones of
+        # zero variance, which whitening scales by ~1e6 until they swamp the rest.
+        raise ValueError(
+            f"{len(data)} embeddings span only {rank} dimensions once centred, fewer than "
+            f"the {dim} asked for; ask for {rank} or fewer, or fit on more crops "
+            f"(at least {dim + 1}, more is better)"
+        )
     variance = singular**2 / max(1, len(data) - 1)
     weight = components[:dim]
     if whiten:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from app.codec import decode_embedding, encode_embedding
-from app.inference.projection import Projection, ProjectionError, fit_centring, fit_pca
+from app.inference.projection import (
+    WEIGHTS_KEY,
+    Projection,
+    ProjectionError,
+    fit_centring,
+    fit_pca,
+)
 
 
 def embeddings(n: int = 200, dim: int = 32) -> np.ndarray:
@@ -73,3 +81,68 @@ def test_float16_transport_round_trip() -> None:
     assert decoded.shape == (512,)
     np.testing.assert_allclose(decoded, vector, atol=1e-3)
     assert decode_embedding(encode_embedding(vector)).shape == (512,)
+
+
+def test_pca_past_the_data_rank_is_refused_whitened_or_not() -> None:
+    # 20 crops span at most 19 dimensions once centred: a 24-d PCA has no 24 components,
+    # and whitening would blow the zero-variance ones up until they swamp the rest.
+    data = embeddings(n=20)
+    for whiten in (False, True):
+        with pytest.raises(ValueError, match="span only 19 dimensions"):
+            fit_pca(data, 24, "m", whiten=whiten)
+    projection, _ = fit_pca(data, 19, "m", whiten=True)
+    assert projection.output_dim == 19
+    assert float(np.abs(projection.weight).max()) < 1e3  # no direction scaled by ~1e6
+
+
+def test_a_file_with_other_weights_is_refused_though_the_model_id_is_the_same(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "p.safetensors"
+    projection, _ = fit_pca(embeddings(), 4, "local-dir:model")
+    replace(projection, metadata={**projection.metadata, WEIGHTS_KEY: "a" * 64}).save(path)
+    with pytest.raises(ProjectionError, match="with other weights"):
+        Projection.load(path, expected_model="local-dir:model", expected_weights="b" * 64)
+    # The hash decides: the same weights in a renamed folder are the same model.
+    loaded = Projection.load(path, expected_model="local-dir:renamed", expected_weights="a" * 64)
+    assert loaded.weights_sha256 == "a" * 64
+
+
+def test_files_without_a_weights_hash_still_load_checked_by_model_id(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    fit_pca(embeddings(), 4, "ViT-B-32/openai")[0].save(path)  # as files were written before
+    assert Projection.load(path, "ViT-B-32/openai", expected_weights="c" * 64).weights_sha256 == ""
+    with pytest.raises(ProjectionError, match="fitted for ViT-B-32/openai"):
+        Projection.load(path, "ViT-L-14/openai", expected_weights="c" * 64)
+
+
+@pytest.mark.parametrize("tensor", ["weight", "mean"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_infinite_values_are_refused_at_load(
+    tmp_path: Path, tensor: str, bad: float
+) -> None:
+    path = tmp_path / "nan.safetensors"
+    tensors = {"weight": np.eye(4, dtype=np.float32), "mean": np.zeros(4, np.float32)}
+    tensors[tensor].reshape(-1)[0] = bad  # one value
+    save_file(tensors, str(path), metadata={"model": "m", "kind": "pca"})
+    with pytest.raises(ProjectionError, match=rf"CLIP_PROJECTION={path}: {tensor} holds 1 NaN"):
+        Projection.load(path, expected_model="m")
+
+
+def test_a_projection_with_nan_is_never_written(tmp_path: Path) -> None:
+    weight = np.eye(4, dtype=np.float32)
+    weight[1, 2] = np.nan
+    with pytest.raises(ProjectionError, match="NaN"):
+        Projection(weight, np.zeros(4, np.float32), "m", "pca").save(tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_errors_name_the_option_the_caller_gives(tmp_path: Path) -> None:
+    path = tmp_path / "p.safetensors"
+    fit_pca(embeddings(), 4, "ViT-L-14/openai")[0].save(path)
+    with pytest.raises(ProjectionError) as caught:
+        Projection.load(path, "ViT-B-32/openai", option="--projection", runs="--model is")
+    message = str(caught.value)
+    assert message.startswith(f"--projection={path} was fitted for ViT-L-14/openai, but --model")
+    assert "CLIP_PROJECTION" not in message
+    assert "service" not in message
