@@ -7,54 +7,60 @@ Reads `query/` and `bounding_box_test/` (file names PPPP_cCsS_FFFFFF_NN.jpg: per
 camera; person -1 is junk, 0 a distractor), embeds them in process (or through a running
 service), and reports CMC rank-1/5/10 and mAP for the raw embeddings and for each
 projection file, as JSON and a Markdown table.
+
+Every input (dataset names, projection files, the model and whether each file was fitted
+for it) is checked before the first image is embedded, and the raw results are written as
+soon as they exist: a projection that still fails later costs its own row only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from app.config import Settings
-from app.inference.projection import Projection
-from app.reid.embedding import embed_in_process, embed_via_service, image_files
-from app.reid.metrics import ReidScores, evaluate
+from app.inference.projection import Projection, ProjectionError
+from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
+from app.reid.dataset import MarketSplit, labels, market_split, parse_name
+from app.reid.embedding import (
+    ModelIdentity,
+    embed_in_process,
+    embed_via_service,
+    identify_model,
+    load_encoder,
+)
+from app.reid.metrics import AP_MODES, ApMode, ReidScores, evaluate
 
-_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+__all__ = ["labels", "main", "parse_name"]
 
-
-def parse_name(path: Path) -> tuple[int, int]:
-    """(person id, camera) from a Market-1501 file name."""
-    match = _NAME.match(path.name)
-    if not match:
-        raise ValueError(f"{path.name} is not named PPPP_cCsS_...: cannot tell person and camera")
-    return int(match.group(1)), int(match.group(2))
-
-
-def labels(paths: list[Path]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    pairs = np.array([parse_name(p) for p in paths], dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
+AP_DEFINITIONS = {
+    "torchreid": "non-interpolated (torchreid's eval_market1501)",
+    "market1501": "neighbouring precisions averaged (the Market-1501 authors' MATLAB code)",
+}
 
 
 def scores_for(
     query: npt.NDArray[np.float32],
     gallery: npt.NDArray[np.float32],
-    query_labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
-    gallery_labels: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    split: MarketSplit,
+    ap_mode: ApMode = "torchreid",
 ) -> ReidScores:
-    return evaluate(query @ gallery.T, *query_labels, *gallery_labels)
+    return evaluate(query @ gallery.T, *split.query_labels, *split.gallery_labels, ap_mode=ap_mode)
 
 
-def markdown(results: dict[str, ReidScores], dataset: str, model: str) -> str:
+def markdown(
+    results: dict[str, ReidScores], dataset: str, run: dict[str, Any], failed: dict[str, str]
+) -> str:
     lines = [
         f"# Re-ID evaluation: {dataset}",
         "",
-        f"Model {model}.",
+        f"Model {run['model']} ({run['precision']}, {run['backend']}); "
+        f"mAP {run['ap_mode']}: {AP_DEFINITIONS[run['ap_mode']]}.",
         "",
         "| features | rank-1 | rank-5 | rank-10 | mAP | queries |",
         "|---|---:|---:|---:|---:|---:|",
@@ -64,51 +70,132 @@ def markdown(results: dict[str, ReidScores], dataset: str, model: str) -> str:
             f"| {name} | {100 * s.cmc[1]:.1f} | {100 * s.cmc[5]:.1f} | {100 * s.cmc[10]:.1f} | "
             f"{100 * s.mean_ap:.1f} | {s.queries} (+{s.skipped} skipped) |"
         )
+    lines += [f"| {name} | failed: {why} | | | | |" for name, why in failed.items()]
     return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out: Path,
+    dataset: str,
+    run: dict[str, Any],
+    results: dict[str, ReidScores],
+    failed: dict[str, str],
+) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {"dataset": dataset, **run}
+    document["results"] = {name: asdict(s) for name, s in results.items()}
+    if failed:
+        document["failed"] = failed
+    (out / "reid.json").write_text(json.dumps(document, indent=2))
+    table = markdown(results, dataset, run, failed)
+    (out / "reid.md").write_text(table)
+    return table
+
+
+def load_projections(paths: list[Path], model: ModelIdentity) -> list[Projection]:
+    """Every projection file read and checked against the model: before any embedding."""
+    projections = []
+    for path in paths:
+        projection = Projection.load(
+            path,
+            expected_model=model.name,
+            expected_weights=model.weights_sha256 or None,
+            option="--projection",
+            runs="--model is" if model.weights_sha256 else "the service at --url runs",
+        )
+        if model.dim and projection.input_dim != model.dim:
+            raise ProjectionError(
+                f"--projection={path} maps {projection.input_dim} dims, but {model.name} "
+                f"gives {model.dim}; fit one for this model (python -m app.reid.fit_projection)"
+            )
+        projections.append(projection)
+    return projections
 
 
 def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path, help="folder with query/ and bounding_box_test/")
-    parser.add_argument("--url", help="embed through this running service instead")
+    parser.add_argument(
+        "--url", help="embed through this running service instead (its own model options)"
+    )
     parser.add_argument("--api-key")
-    parser.add_argument("--model", default=Settings().model, help="as CLIP_MODEL")
-    parser.add_argument("--pretrained", default=Settings().pretrained)
-    parser.add_argument("--device", default="auto")
+    add_model_options(parser)
     parser.add_argument("--projection", type=Path, action="append", default=[])
+    parser.add_argument(
+        "--ap-mode",
+        choices=AP_MODES,
+        default="torchreid",
+        help="mAP definition: torchreid (non-interpolated, the default) or market1501 "
+        "(the dataset authors' MATLAB code, neighbouring precisions averaged)",
+    )
     parser.add_argument("--out", type=Path, default=Path("reid-results"))
     args = parser.parse_args(argv)
 
-    query_paths = image_files(args.dataset / "query")
-    gallery_paths = image_files(args.dataset / "bounding_box_test")
-    if not query_paths or not gallery_paths:
-        parser.error(f"{args.dataset} needs images in query/ and bounding_box_test/")
-    everything = query_paths + gallery_paths
-    if args.url:
-        embeddings, model = embed_via_service(everything, args.url, args.api_key)
-    else:
-        settings = Settings(
-            model=args.model, pretrained=args.pretrained, device=args.device, warmup=False
-        )
-        embeddings, model = embed_in_process(everything, settings)
-    query, gallery = embeddings[: len(query_paths)], embeddings[len(query_paths) :]
-    query_labels, gallery_labels = labels(query_paths), labels(gallery_paths)
+    with one_line_errors(parser):
+        split = market_split(args.dataset)
+        everything = split.query + split.gallery
+        if args.url:
+            info = service_info(args.url, args.api_key)
+            model = ModelIdentity(str(info["model"]), dim=int(info.get("dim", 0)))
+            projections = load_projections(args.projection, model)
+            run = {
+                "model": model.name,
+                "weights_sha256": None,  # /info does not say; checked by model id only
+                "precision": info.get("precision"),
+                "backend": info.get("backend"),
+                "device": info.get("device"),
+            }
+            embeddings, _ = embed_via_service(everything, args.url, args.api_key)
+        else:
+            settings = settings_from(args)
+            model = identify_model(settings)
+            projections = load_projections(args.projection, model)
+            encoder = load_encoder(settings)  # precision, backend and device checked here
+            run = {
+                "model": model.name,
+                "weights_sha256": model.weights_sha256,
+                "precision": encoder.info.precision,
+                "backend": encoder.info.backend,
+                "device": encoder.info.device,
+            }
+            embeddings, _ = embed_in_process(everything, settings, encoder=encoder)
+        run["ap_mode"] = args.ap_mode
+        query, gallery = embeddings[: len(split.query)], embeddings[len(split.query) :]
 
-    results = {"raw": scores_for(query, gallery, query_labels, gallery_labels)}
-    for path in args.projection:
-        projection = Projection.load(path, expected_model=model)
-        results[f"{path.name} ({projection.kind}, {projection.output_dim}-d)"] = scores_for(
-            projection.apply(query), projection.apply(gallery), query_labels, gallery_labels
-        )
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    document = {"dataset": str(args.dataset), "model": model}
-    document["results"] = {name: asdict(s) for name, s in results.items()}  # type: ignore[assignment]
-    (args.out / "reid.json").write_text(json.dumps(document, indent=2))
-    table = markdown(results, str(args.dataset), model)
-    (args.out / "reid.md").write_text(table)
-    print(table)
+        results = {"raw": scores_for(query, gallery, split, args.ap_mode)}
+        failed: dict[str, str] = {}
+        # Written now, so that hours of embedding survive whatever a projection does next.
+        write_results(args.out, str(args.dataset), run, results, failed)
+        for path, projection in zip(args.projection, projections, strict=True):
+            name = f"{path.name} ({projection.kind}, {projection.output_dim}-d)"
+            try:
+                results[name] = scores_for(
+                    projection.apply(query), projection.apply(gallery), split, args.ap_mode
+                )
+            except Exception as exc:  # one bad file must not lose the other rows
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        table = write_results(args.out, str(args.dataset), run, results, failed)
+        print(table)
+        if failed:
+            fail(
+                parser,
+                f"{len(failed)} projection(s) failed ({'; '.join(failed.values())}); the "
+                f"other results are in {args.out / 'reid.json'}",
+            )
     return results
+
+
+def service_info(url: str, api_key: str | None) -> dict[str, Any]:
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/info", headers=headers, timeout=30)
+        response.raise_for_status()
+        info: dict[str, Any] = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"--url {url}: cannot read its /info ({exc})") from None
+    return info
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Fit a projection (PCA, whitened PCA or centring) on a folder of person crops.
+"""Fit a projection (PCA, whitened PCA, centring, or supervised LDA) on person crops.
 
     python -m app.reid.fit_projection crops/ --dim 128 --out pca128.safetensors
     python -m app.reid.fit_projection crops/ --centre --out centre.safetensors
+    python -m app.reid.fit_projection market/bounding_box_train --supervised --dim 64 \\
+        --out lda64.safetensors            # labelled: Market-1501 names or a folder per person
     python -m app.reid.fit_projection --from-linear reid_head.safetensors --weight-key fc.weight \\
-        --out reid128.safetensors          # a learned linear layer, same file format
+        --for-model ViT-B-32/openai --out reid128.safetensors   # a learned linear layer
 
 Then serve it with CLIP_PROJECTION=pca128.safetensors (same CLIP_MODEL as fitted with).
 """
@@ -11,14 +13,19 @@ Then serve it with CLIP_PROJECTION=pca128.safetensors (same CLIP_MODEL as fitted
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from app.config import Settings
-from app.inference.projection import Projection, fit_centring, fit_pca
-from app.reid.embedding import embed_in_process, image_files
+from app.inference.projection import WEIGHTS_KEY, Projection, fit_centring, fit_pca
+from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
+from app.reid.dataset import labelled_crops
+from app.reid.embedding import embed_in_process, identify_model, image_files, load_encoder
+from app.reid.supervised import DEFAULT_SHRINKAGE, fit_supervised
+
+DEFAULT_DIM = 128
 
 
 def main(argv: list[str] | None = None) -> Projection:
@@ -27,49 +34,119 @@ def main(argv: list[str] | None = None) -> Projection:
         "folder", type=Path, nargs="?", help="crops to fit on (searched recursively)"
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default=Settings().model, help="as CLIP_MODEL")
-    parser.add_argument("--pretrained", default=Settings().pretrained, help="as CLIP_PRETRAINED")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dim", type=int, default=128)
+    add_model_options(parser)
+    parser.add_argument("--dim", type=int, help=f"output dimensions (default {DEFAULT_DIM})")
     parser.add_argument("--whiten", action="store_true", help="PCA with whitening")
     parser.add_argument("--centre", action="store_true", help="only subtract the mean")
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="LDA on labelled crops: Market-1501 names, or one sub-folder per identity",
+    )
+    parser.add_argument(
+        "--shrinkage",
+        type=float,
+        default=DEFAULT_SHRINKAGE,
+        help="--supervised: weight of the identity in the within-identity covariance",
+    )
     parser.add_argument("--from-linear", type=Path, help="convert a learned linear layer instead")
     parser.add_argument("--weight-key", default="weight")
     parser.add_argument("--mean-key", default="", help="tensor to subtract first, if any")
     parser.add_argument("--for-model", default="", help="model id for --from-linear (as /info)")
     args = parser.parse_args(argv)
+    # Refused rather than ignored: a flag that silently does nothing writes a file that is
+    # not what was asked for.
+    if args.centre and (args.dim is not None or args.whiten or args.supervised):
+        fail(
+            parser, "--centre only subtracts the mean: it takes no --dim, --whiten or --supervised"
+        )
+    if args.supervised and args.whiten:
+        fail(parser, "--supervised whitens within identities already; drop --whiten")
 
-    if args.from_linear:
-        tensors = load_file(str(args.from_linear))
-        weight = tensors[args.weight_key].astype(np.float32)
-        mean = tensors.get(args.mean_key, np.zeros(weight.shape[1], np.float32))
-        if not args.for_model:
-            parser.error("--from-linear needs --for-model (the model id /info reports)")
-        projection = Projection(weight, mean.astype(np.float32), args.for_model, "linear")
-        projection.save(args.out)
-        print(f"wrote {args.out}: linear {projection.input_dim} -> {projection.output_dim}")
-        return projection
+    with one_line_errors(parser):
+        if args.from_linear:
+            return from_linear(args, parser)
+        return fit(args, parser)
+    raise AssertionError("one_line_errors exits")  # for mypy: it never falls through
 
+
+def from_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection:
+    if not args.for_model:
+        fail(parser, "--from-linear needs --for-model (the model id /info reports)")
+    tensors = load_file(str(args.from_linear))
+    if args.weight_key not in tensors:
+        fail(parser, f"{args.from_linear} has no tensor {args.weight_key!r} (--weight-key)")
+    weight = tensors[args.weight_key].astype(np.float32)
+    mean = tensors.get(args.mean_key, np.zeros(weight.shape[1], np.float32))
+    # No weights hash: the file names a model id only, so it is checked by that id.
+    projection = Projection(weight, mean.astype(np.float32), args.for_model, "linear")
+    projection.save(args.out)
+    print(f"wrote {args.out}: linear {projection.input_dim} -> {projection.output_dim}")
+    return projection
+
+
+def fit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection:
     if args.folder is None:
-        parser.error("give a folder of crops (or --from-linear)")
-    paths = image_files(args.folder)
-    if len(paths) < 2:
-        parser.error(f"{args.folder} holds {len(paths)} images; PCA needs at least two")
-    settings = Settings(
-        model=args.model, pretrained=args.pretrained, device=args.device, warmup=False
-    )
-    embeddings, model = embed_in_process(paths, settings)
+        fail(parser, "give a folder of crops (or --from-linear)")
+    # Everything that can be checked from names is checked before the first image.
+    identities = None
+    if args.supervised:
+        labelled = labelled_crops(args.folder)
+        paths, identities = labelled.paths, labelled.identities
+        people = len(labelled.names)
+        dim = args.dim if args.dim is not None else min(DEFAULT_DIM, people - 1)
+        if not 1 <= dim <= people - 1:
+            fail(
+                parser,
+                f"--dim {dim}: {people} identities in {args.folder} give at most "
+                f"{people - 1} directions that tell people apart",
+            )
+    else:
+        paths = image_files(args.folder)
+        dim = args.dim if args.dim is not None else DEFAULT_DIM
+        if len(paths) < 2:
+            fail(parser, f"{args.folder} holds {len(paths)} images; a fit needs at least two")
+        if not args.centre and dim >= len(paths):
+            fail(
+                parser,
+                f"--dim {dim}: {len(paths)} crops span at most {len(paths) - 1} dimensions "
+                f"once centred; ask for {len(paths) - 1} or fewer, or fit on more crops",
+            )
+    settings = settings_from(args)
+    identity = identify_model(settings)
+    encoder = load_encoder(settings)
+    embeddings, model = embed_in_process(paths, settings, encoder=encoder)
     if args.centre:
         projection = fit_centring(embeddings, model)
         print(f"centring on {len(paths)} crops; mean norm {np.linalg.norm(projection.mean):.3f}")
-    else:
-        projection, kept = fit_pca(embeddings, args.dim, model, whiten=args.whiten)
+    elif identities is not None:
+        projection, kept = fit_supervised(embeddings, identities, dim, model, args.shrinkage)
         print(
-            f"PCA{' (whitened)' if args.whiten else ''} {embeddings.shape[1]} -> {args.dim} on "
-            f"{len(paths)} crops keeps {100 * kept:.1f} % of the variance"
+            f"LDA {embeddings.shape[1]} -> {projection.output_dim} on {len(paths)} crops of "
+            f"{projection.metadata['identities']} identities keeps {100 * kept:.1f} % of the "
+            "between-identity variance"
         )
+    else:
+        projection, kept = fit_pca(embeddings, dim, model, whiten=args.whiten)
+        print(
+            f"PCA{' (whitened)' if args.whiten else ''} {embeddings.shape[1]} -> "
+            f"{projection.output_dim} on {len(paths)} crops keeps {100 * kept:.1f} % of the "
+            "variance"
+        )
+    projection = dataclasses.replace(
+        projection,
+        metadata={
+            **projection.metadata,
+            WEIGHTS_KEY: identity.weights_sha256,
+            "precision": encoder.info.precision,
+            "backend": encoder.info.backend,
+        },
+    )
     projection.save(args.out)
-    print(f"wrote {args.out} for {model}; serve with CLIP_PROJECTION={args.out}")
+    print(
+        f"wrote {args.out} for {model} ({encoder.info.precision}, {encoder.info.backend}); "
+        f"serve with CLIP_PROJECTION={args.out}"
+    )
     return projection
 
 

@@ -13,7 +13,8 @@ from app.codec import decode_embedding, encode_embedding
 from app.config import Settings
 from app.inference.projection import Projection, ProjectionError, fit_pca
 from app.reid import eval_reid, fit_projection
-from app.tools.synthetic_people import make_person, random_garment
+from app.tools.random_model import write_random_model
+from app.tools.synthetic_people import make_person, random_garment, write_market_layout
 from tests.conftest import serve
 from tests.helpers import noise_jpeg
 
@@ -110,7 +111,7 @@ def test_fit_projection_and_eval_reid_end_to_end(tiny_model_dir: Path, tmp_path:
     pca = tmp_path / "pca8.safetensors"
     centre = tmp_path / "centre.safetensors"
     crops = str(dataset / "bounding_box_test")
-    common = ["--model", model, "--device", "cpu"]
+    common = ["--model", model, "--device", "cpu", "--precision", "fp32", "--backend", "torch"]
     fit_projection.main([crops, *common, "--dim", "8", "--out", str(pca)])
     fit_projection.main([crops, *common, "--centre", "--out", str(centre)])
     assert Projection.load(pca).output_dim == 8
@@ -118,10 +119,7 @@ def test_fit_projection_and_eval_reid_end_to_end(tiny_model_dir: Path, tmp_path:
     results = eval_reid.main(
         [
             str(dataset),
-            "--model",
-            model,
-            "--device",
-            "cpu",
+            *common,
             "--projection",
             str(pca),
             "--projection",
@@ -139,3 +137,245 @@ def test_fit_projection_and_eval_reid_end_to_end(tiny_model_dir: Path, tmp_path:
     document = json.loads((out / "reid.json").read_text())
     assert set(document["results"]) == set(results)
     assert "| raw |" in (out / "reid.md").read_text()
+
+
+FAST = ["--device", "cpu", "--precision", "fp32", "--backend", "torch"]
+
+
+def exits_with_one_line(
+    capsys: pytest.CaptureFixture[str], run: Callable[[], object], *expected: str
+) -> str:
+    """The command ends with status 2 and one line on stderr holding `expected`."""
+    capsys.readouterr()  # what earlier commands wrote (progress bars) is not its message
+    with pytest.raises(SystemExit) as caught:
+        run()
+    assert caught.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    # The last line is the message; any before it are the embedding's progress bar.
+    message = stderr.splitlines()[-1]
+    assert "error: " in message
+    assert all(not line or line.startswith("embedding") for line in stderr.splitlines()[:-1])
+    for text in expected:
+        assert text in message, message
+    return message
+
+
+def test_fit_projection_refuses_whitening_past_the_rank_and_centre_with_dim(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for seed in range(6):
+        (crops / f"{seed}.jpg").write_bytes(noise_jpeg(seed))
+    out = tmp_path / "p.safetensors"
+    common = [str(crops), "--model", f"local-dir:{tiny_model_dir}", *FAST, "--out", str(out)]
+    exits_with_one_line(
+        capsys,
+        lambda: fit_projection.main([*common, "--dim", "8", "--whiten"]),
+        "--dim 8: 6 crops span at most 5 dimensions",
+    )
+    exits_with_one_line(
+        capsys, lambda: fit_projection.main([*common, "--centre", "--dim", "8"]), "--centre"
+    )
+    exits_with_one_line(
+        capsys, lambda: fit_projection.main([*common, "--centre", "--whiten"]), "--centre"
+    )
+    assert not out.exists()
+    fit_projection.main([*common, "--dim", "5", "--whiten"])
+    assert Projection.load(out).output_dim == 5
+
+
+def test_eval_reid_checks_projections_before_embedding_and_names_its_options(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = market_dataset(tmp_path / "market")
+    wrong = tmp_path / "wrong.safetensors"
+    fit_pca(np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32), 4, "ViT-L-14/x")[
+        0
+    ].save(wrong)
+    embedded: list[int] = []
+    real = eval_reid.embed_in_process
+    monkeypatch.setattr(
+        eval_reid,
+        "embed_in_process",
+        lambda paths, *a, **k: embedded.append(1) or real(paths, *a, **k),
+    )
+    model = ["--model", f"local-dir:{tiny_model_dir}", *FAST]
+    message = exits_with_one_line(
+        capsys,
+        lambda: eval_reid.main([str(dataset), *model, "--projection", str(wrong)]),
+        f"--projection={wrong} was fitted for ViT-L-14/x, but --model is local-dir:",
+    )
+    assert "CLIP_" not in message
+    assert "service" not in message
+    assert embedded == []
+    # A misnamed file is found from its name, before the model is even loaded.
+    (dataset / "query" / "nobody.jpg").write_bytes(noise_jpeg(9))
+    exits_with_one_line(
+        capsys,
+        lambda: eval_reid.main([str(dataset), "--model", "local-dir:/nowhere", *FAST[:2]]),
+        "nobody.jpg is not named PPPP_cCsS_",
+    )
+    (dataset / "query" / "nobody.jpg").unlink()
+    exits_with_one_line(
+        capsys,
+        lambda: eval_reid.main([str(dataset), "--model", "local-dir:/nowhere", *FAST[:2]]),
+        "--model=local-dir:/nowhere: directory not found",
+    )
+    assert embedded == []
+
+
+def test_eval_reid_keeps_the_raw_results_when_a_projection_fails_late(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = market_dataset(tmp_path / "market")
+    model = ["--model", f"local-dir:{tiny_model_dir}", *FAST]
+    pca = tmp_path / "pca4.safetensors"
+    fit_projection.main(
+        [str(dataset / "bounding_box_test"), *model, "--dim", "4", "--out", str(pca)]
+    )
+
+    def broken(self: Projection, rows: np.ndarray) -> np.ndarray:
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(Projection, "apply", broken)
+    out = tmp_path / "results"
+    exits_with_one_line(
+        capsys,
+        lambda: eval_reid.main([str(dataset), *model, "--projection", str(pca), "--out", str(out)]),
+        "1 projection(s) failed",
+    )
+    document = json.loads((out / "reid.json").read_text())
+    assert list(document["results"]) == ["raw"]
+    assert document["results"]["raw"]["queries"] == 6
+    assert "MemoryError: out of memory" in next(iter(document["failed"].values()))
+
+
+def test_the_tools_default_to_the_services_precision_and_record_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the service would run is what its CLIP_* environment says.
+    monkeypatch.setenv("CLIP_PRECISION", "fp32")
+    monkeypatch.setenv("CLIP_BACKEND", "torch")
+    monkeypatch.setenv("CLIP_DEVICE", "cpu")
+    dataset = market_dataset(tmp_path / "market")
+    model = ["--model", f"local-dir:{tiny_model_dir}"]
+    pca = tmp_path / "pca4.safetensors"
+    fit_projection.main(
+        [str(dataset / "bounding_box_test"), *model, "--dim", "4", "--out", str(pca)]
+    )
+    metadata = Projection.load(pca).metadata
+    assert (metadata["precision"], metadata["backend"]) == ("fp32", "torch")
+    out = tmp_path / "results"
+    eval_reid.main([str(dataset), *model, "--out", str(out), "--ap-mode", "market1501"])
+    document = json.loads((out / "reid.json").read_text())
+    assert (document["precision"], document["backend"]) == ("fp32", "torch")
+    assert document["ap_mode"] == "market1501"
+    assert "(fp32, torch)" in (out / "reid.md").read_text()
+    # Asked explicitly, the option wins over the environment.
+    eval_reid.main([str(dataset), *model, "--out", str(out), "--precision", "bf16"])
+    assert json.loads((out / "reid.json").read_text())["precision"] == "bf16"
+
+
+def test_models_in_same_named_folders_are_told_apart_by_their_weights(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = market_dataset(tmp_path / "market")
+    first = write_random_model(tmp_path / "a" / "reid-model", arch="tiny", seed=1)
+    second = write_random_model(tmp_path / "b" / "reid-model", arch="tiny", seed=2)
+    pca = tmp_path / "pca4.safetensors"
+    crops = str(dataset / "bounding_box_test")
+    fit_projection.main(
+        [crops, "--model", f"local-dir:{first}", *FAST, "--dim", "4", "--out", str(pca)]
+    )
+    assert len(Projection.load(pca).weights_sha256) == 64
+    message = exits_with_one_line(
+        capsys,
+        lambda: eval_reid.main(
+            [
+                str(dataset),
+                "--model",
+                f"local-dir:{second}",
+                *FAST,
+                "--projection",
+                str(pca),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        ),
+        "was fitted for local-dir:reid-model",
+        "with other weights",
+    )
+    assert "local-dir:reid-model" in message
+    results = eval_reid.main(
+        [
+            str(dataset),
+            "--model",
+            f"local-dir:{first}",
+            *FAST,
+            "--projection",
+            str(pca),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert len(results) == 2
+
+
+async def test_nan_projection_weights_stop_startup_in_one_line(
+    tiny_settings: Callable[..., Settings], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "nan.safetensors"
+    weight = np.eye(8, 64, dtype=np.float32)
+    weight[3, 5] = np.nan
+    save_file(
+        {"weight": weight, "mean": np.zeros(64, np.float32)},
+        str(path),
+        metadata={"model": f"local-dir:{tiny_model_dir.name}", "kind": "pca"},
+    )
+    with pytest.raises(ProjectionError) as caught:
+        async with serve(tiny_settings(projection=str(path), warmup=False)):
+            pass
+    assert str(caught.value).startswith(f"CLIP_PROJECTION={path}: weight holds 1 NaN")
+    assert "\n" not in str(caught.value)
+
+
+def test_supervised_projection_beats_pca_on_a_synthetic_labelled_set(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Identities differ by garment colours; each is seen by three cameras in three views
+    # and scenes. The test people are not among those fitted on. Random weights: this
+    # shows the fit generalises on these features, not what real CLIP weights gain.
+    dataset = write_market_layout(
+        tmp_path / "synthetic", train_ids=30, test_ids=20, seed=2, distractors=5
+    )
+    model = ["--model", f"local-dir:{tiny_model_dir}", *FAST]
+    train = str(dataset / "bounding_box_train")
+    pca, lda = tmp_path / "pca16.safetensors", tmp_path / "lda16.safetensors"
+    fit_projection.main([train, *model, "--dim", "16", "--out", str(pca)])
+    fitted = fit_projection.main([train, *model, "--supervised", "--dim", "16", "--out", str(lda)])
+    assert (fitted.kind, fitted.metadata["identities"]) == ("lda", "30")
+    results = eval_reid.main(
+        [
+            str(dataset),
+            *model,
+            "--projection",
+            str(pca),
+            "--projection",
+            str(lda),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    pca_map = results["pca16.safetensors (pca, 16-d)"].mean_ap
+    lda_map = results["lda16.safetensors (lda, 16-d)"].mean_ap
+    assert lda_map > pca_map + 0.05, (lda_map, pca_map)

@@ -1,0 +1,85 @@
+"""What fit_projection and eval_reid share on the command line: the model options, with
+the service's defaults, and errors as one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from app.config import Backend, Precision, Settings
+from app.inference.projection import ProjectionError
+from app.inference.weights import WeightsUnavailable
+from app.reid.dataset import DatasetError
+
+# The service's settings and the options that stand for them here: errors raised by the
+# loading code name the setting, which is not what a command-line user changes.
+_OPTION_FOR_SETTING = {
+    "CLIP_MODEL": "--model",
+    "CLIP_PRETRAINED": "--pretrained",
+    "CLIP_DEVICE": "--device",
+    "CLIP_PRECISION": "--precision",
+    "CLIP_BACKEND": "--backend",
+}
+# What the tools report as a mistake to fix rather than a fault: one line, exit status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DatasetError,
+    ProjectionError,
+    WeightsUnavailable,
+    ValueError,
+)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --device, --precision, --backend, defaulting to what the
+    service would run here (its CLIP_* environment, else its own defaults)."""
+    service = Settings()
+    parser.add_argument("--model", default=service.model, help="as CLIP_MODEL")
+    parser.add_argument("--pretrained", default=service.pretrained, help="as CLIP_PRETRAINED")
+    parser.add_argument("--device", default=service.device, help="as CLIP_DEVICE")
+    parser.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=service.precision.value,
+        help="as CLIP_PRECISION (default %(default)s: what the service would run; auto is "
+        "bf16 on CPUs with AMX or AVX512-BF16, fp16 on GPUs)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=service.backend.value,
+        help="as CLIP_BACKEND (default %(default)s)",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=args.precision,
+        backend=args.backend,
+        warmup=False,
+    )
+
+
+def as_options(message: str) -> str:
+    for setting, option in _OPTION_FOR_SETTING.items():
+        message = message.replace(setting, option)
+    return message
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """End the command over a mistake in its inputs: one line on stderr, status 2 (as
+    argparse does for bad options, without the usage text that buries the message)."""
+    parser.exit(2, f"{parser.prog}: error: {as_options(message)}\n")
+
+
+@contextmanager
+def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """What USER_ERRORS raise inside ends the command by `fail`, not with a traceback."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        fail(parser, str(exc))
