@@ -70,7 +70,8 @@ def create_app(
         try:
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
-            projection = load_projection(settings, encoder.info.model, encoder.info.dim)
+            info = encoder.info
+            projection = load_projection(settings, info.model, info.dim, info.weights_sha256)
         except STARTUP_ERRORS as exc:
             logger.error("startup failed: %s", exc)
             raise  # ConciseStartupFailure keeps the server from printing its traceback
@@ -175,10 +176,14 @@ class ConciseStartupFailure:
                 await send({**message, "message": ""} if known else message)
 
 
-def load_projection(settings: Settings, model: str, dim: int) -> Projection | None:
+def load_projection(
+    settings: Settings, model: str, dim: int, weights: str = ""
+) -> Projection | None:
     if not settings.projection:
         return None
-    projection = Projection.load(settings.projection, expected_model=model)
+    projection = Projection.load(
+        settings.projection, expected_model=model, expected_weights=weights or None
+    )
     if projection.input_dim != dim:
         raise ProjectionError(
             f"CLIP_PROJECTION={settings.projection} maps {projection.input_dim} dims, but the "

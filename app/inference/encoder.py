@@ -34,6 +34,9 @@ class EncoderInfo:
     # Forward passes the runtime takes at once (OpenVINO CPU streams); encode() may be
     # called from that many threads together.
     streams: int = 1
+    # SHA-256 of the fp32 image tower's weights (runtimes.weights_digest): what tells two
+    # models apart whose readable ids are the same (local-dir: names only the folder).
+    weights_sha256: str = ""
 
 
 class ImageEncoder(Protocol):

@@ -28,6 +28,7 @@ from app.inference.runtimes import (
     build_tower,
     default_cache_dir,
     pick_backend,
+    weights_digest,
 )
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
@@ -115,6 +116,7 @@ class ClipImageEncoder:
             if precision == Precision.INT8
             else None
         )
+        weights = weights_digest(visual)  # fp32, before any cast: the model's identity
         try:
             tower = build_tower(
                 visual,
@@ -126,6 +128,7 @@ class ClipImageEncoder:
                 settings.torch_threads,
                 calibration,
                 settings.forward_streams,
+                weights,
             )
         except WeightsUnavailable:
             raise  # a setting to fix (a bad calibration folder): torch would hide it
@@ -159,6 +162,7 @@ class ClipImageEncoder:
             mean=tuple(cfg.get("mean", ())),
             std=tuple(cfg.get("std", ())),
             streams=tower.concurrency,
+            weights_sha256=weights,
         )
         logger.info(
             "loaded %s on %s (%s, %s, %d dims) in %.1fs",

@@ -154,20 +154,23 @@ def build_tower(
     threads: int,
     calibration: Calibration | None = None,
     streams: int = 0,
+    weights: str = "",
 ) -> Tower:
     """The tower ready to run. `visual` is the fp32 open_clip tower on the CPU; for the
     torch backend it is cast (or quantised) in place and moved to `device`.
     `calibration` is needed by OpenVINO's static int8 only; `streams` (0: OpenVINO's
-    choice) is OpenVINO's alone."""
+    choice) is OpenVINO's alone. `weights` is weights_digest(visual) when the caller
+    has it already (hashing ViT-B-32 takes most of a second)."""
     if backend == Backend.TORCH:
         return _torch_tower(visual, precision, device)
     if backend == Backend.OPENVINO:
         if precision == Precision.INT8 and calibration is None:
             raise BackendUnavailable("OpenVINO int8 needs calibration images.")
-        key = _cache_key(visual, backend, precision, image_size, calibration)
+        key = _cache_key(weights or weights_digest(visual), backend, precision, image_size,
+                         calibration)  # fmt: skip
         return _openvino_tower(visual, precision, image_size, cache_dir / key, threads,
                                calibration, streams)  # fmt: skip
-    key = _cache_key(visual, backend, precision, image_size)
+    key = _cache_key(weights or weights_digest(visual), backend, precision, image_size)
     return _onnxruntime_tower(visual, precision, image_size, cache_dir / key, threads)
 
 
@@ -188,7 +191,7 @@ def _torch_tower(visual: torch.nn.Module, precision: Precision, device: torch.de
 
 
 def _cache_key(
-    visual: torch.nn.Module,
+    weights: str,
     backend: Backend,
     precision: Precision,
     image_size: tuple[int, int],
@@ -202,7 +205,7 @@ def _cache_key(
         artefact = f"int8-{calibration.key}"
     version = _library_version(backend)
     height, width = image_size
-    return f"{weights_digest(visual)[:24]}-{backend}-{version}-{artefact}-{height}x{width}"
+    return f"{weights[:24]}-{backend}-{version}-{artefact}-{height}x{width}"
 
 
 def _library_version(backend: Backend) -> str:

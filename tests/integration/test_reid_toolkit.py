@@ -349,6 +349,25 @@ async def test_nan_projection_weights_stop_startup_in_one_line(
     assert "\n" not in str(caught.value)
 
 
+async def test_the_service_refuses_a_projection_of_a_same_named_model_with_other_weights(
+    tiny_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    dataset = market_dataset(tmp_path / "market")
+    first = write_random_model(tmp_path / "a" / "reid-model", arch="tiny", seed=1)
+    second = write_random_model(tmp_path / "b" / "reid-model", arch="tiny", seed=2)
+    pca = tmp_path / "pca4.safetensors"
+    crops = str(dataset / "bounding_box_test")
+    fit_projection.main(
+        [crops, "--model", f"local-dir:{first}", *FAST, "--dim", "4", "--out", str(pca)]
+    )
+    with pytest.raises(ProjectionError) as caught:
+        async with serve(tiny_settings(model=f"local-dir:{second}", projection=str(pca))):
+            pass
+    assert "with other weights" in str(caught.value)
+    async with serve(tiny_settings(model=f"local-dir:{first}", projection=str(pca))) as (_, c):
+        assert (await c.get("/info")).json()["dim"] == 4
+
+
 def test_supervised_projection_beats_pca_on_a_synthetic_labelled_set(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
