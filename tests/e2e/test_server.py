@@ -158,6 +158,7 @@ def test_the_readme_client_example_runs(server: RunningServer, tmp_path: Path) -
     script.write_text(example.replace("http://localhost:8000", server.url))
     for index in (1, 2, 3):
         (tmp_path / f"crop_cam{index}.jpg").write_bytes(noise_jpeg(index))
+    (tmp_path / "frame.jpg").write_bytes(noise_jpeg(4, size=(640, 480)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True
@@ -165,6 +166,7 @@ def test_the_readme_client_example_runs(server: RunningServer, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "'index': 0" in result.stdout
     assert "'type':" in result.stdout
+    assert "[[412, 180, 530, 470]]" in result.stdout  # embed_frame's boxes as used
 
 
 def test_sigterm_shuts_down_cleanly(server: RunningServer) -> None:
