@@ -284,9 +284,9 @@ def test_the_tools_default_to_the_services_precision_and_record_it(
     assert json.loads((out / "reid.json").read_text())["precision"] == "bf16"
 
 
-def test_models_in_same_named_folders_are_told_apart_by_their_weights(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def same_named_models(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """(dataset, first, second, pca): two different tiny models in folders of one name,
+    and a PCA fitted on the first."""
     dataset = market_dataset(tmp_path / "market")
     first = write_random_model(tmp_path / "a" / "reid-model", arch="tiny", seed=1)
     second = write_random_model(tmp_path / "b" / "reid-model", arch="tiny", seed=2)
@@ -295,6 +295,13 @@ def test_models_in_same_named_folders_are_told_apart_by_their_weights(
     fit_projection.main(
         [crops, "--model", f"local-dir:{first}", *FAST, "--dim", "4", "--out", str(pca)]
     )
+    return dataset, first, second, pca
+
+
+def test_models_in_same_named_folders_are_told_apart_by_their_weights(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset, first, second, pca = same_named_models(tmp_path)
     assert len(Projection.load(pca).weights_sha256) == 64
     message = exits_with_one_line(
         capsys,
@@ -352,14 +359,7 @@ async def test_nan_projection_weights_stop_startup_in_one_line(
 async def test_the_service_refuses_a_projection_of_a_same_named_model_with_other_weights(
     tiny_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    dataset = market_dataset(tmp_path / "market")
-    first = write_random_model(tmp_path / "a" / "reid-model", arch="tiny", seed=1)
-    second = write_random_model(tmp_path / "b" / "reid-model", arch="tiny", seed=2)
-    pca = tmp_path / "pca4.safetensors"
-    crops = str(dataset / "bounding_box_test")
-    fit_projection.main(
-        [crops, "--model", f"local-dir:{first}", *FAST, "--dim", "4", "--out", str(pca)]
-    )
+    _, first, second, pca = same_named_models(tmp_path)
     with pytest.raises(ProjectionError) as caught:
         async with serve(tiny_settings(model=f"local-dir:{second}", projection=str(pca))):
             pass
