@@ -21,6 +21,8 @@ import numpy.typing as npt
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from app.files import as_umask_allows
+
 WEIGHTS_KEY = "weights_sha256"
 
 
@@ -65,6 +67,7 @@ class Projection:
             str(path),
             metadata=metadata,
         )
+        as_umask_allows(path)  # the service may run as another user (the image's uid 10001)
 
     @classmethod
     def load(

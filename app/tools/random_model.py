@@ -20,6 +20,8 @@ import open_clip
 import torch
 from safetensors.torch import save_model
 
+from app.files import as_umask_allows
+
 # A CLIP small enough for unit tests to build in well under a second, yet with every
 # part of the real one (patch embedding, transformer, projection, text tower for prompts).
 TINY_MODEL_CFG: dict[str, Any] = {
@@ -56,6 +58,7 @@ def write_random_model(
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
     save_model(model, str(out_dir / "open_clip_model.safetensors"))
+    as_umask_allows(out_dir / "open_clip_model.safetensors")
     document = {"model_cfg": cfg, "preprocess_cfg": OPENAI_PREPROCESS}
     (out_dir / "open_clip_config.json").write_text(json.dumps(document, indent=2) + "\n")
     return out_dir
