@@ -83,7 +83,6 @@ def create_app(
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )
-        info = encoder.info
         metrics.model_info.labels(info.model, info.backend, info.precision, info.device).set(1)
         metrics.queue_depth.set_function(lambda: service.batcher.queue_depth)
         metrics.images_in_flight.set_function(lambda: service.admission.images_in_flight)
