@@ -102,6 +102,13 @@ async def _from_multipart(
         reason = exc.detail if isinstance(exc, HTTPException) else exc.message
         if isinstance(exc, HTTPException) and exc.status_code != 400:
             raise
+        if str(reason).startswith("Part exceeded maximum size"):
+            limit = str(reason).split("size of ")[-1].rstrip(".")
+            raise PayloadTooLarge(
+                f"a form field is over the multipart parser's {limit} limit for text fields; "
+                "send images as file parts, and at most "
+                f"{settings.max_batch_images} boxes (CLIP_MAX_BATCH_IMAGES)"
+            ) from None
         if str(reason).startswith("Too many files"):
             raise PayloadTooLarge(
                 f"more than {max_files} file parts in one request, over the limit of "

@@ -107,7 +107,10 @@ def _read_box(item: Any) -> tuple[FloatBox | None, str | None]:
         return None, f"must be four numbers [x1, y1, x2, y2], got {_shown(item)}"
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
         return None, f"must be four numbers [x1, y1, x2, y2], got {_shown(item)}"
-    x1, y1, x2, y2 = (float(v) for v in item)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in item)
+    except OverflowError:  # JSON integers have no size limit; floats do
+        x1 = y1 = x2 = y2 = math.inf
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return None, f"has a value that is not a finite number: {_shown(item)}"
     if x2 <= x1 or y2 <= y1:

@@ -333,3 +333,25 @@ async def test_auth_applies(tiny_settings: Callable[..., Settings]) -> None:
         allowed = await post_frame(client, encoded(frame_image()), [[0, 0, 40, 100]])
     assert refused.status_code == 401
     assert allowed.status_code == 200, allowed.text
+
+
+async def test_integers_too_large_for_a_float_are_refused(client: httpx.AsyncClient) -> None:
+    huge = "1" + "0" * 400  # valid JSON; float() of it overflows
+    form = await post_frame(client, encoded(frame_image()), f"[[0, 0, {huge}, 100]]")
+    raw = (
+        '{"image": "' + base64.b64encode(encoded(frame_image())).decode() + '", '
+        f'"boxes": [[0, 0, {huge}, 100]]}}'
+    )
+    as_json = await client.post(
+        "/embed/frame", content=raw, headers={"content-type": "application/json"}
+    )
+    for response in (form, as_json):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["message"].startswith("boxes[0] has a value")
+
+
+async def test_a_boxes_field_past_the_parsers_limit_gets_413(client: httpx.AsyncClient) -> None:
+    boxes = json.dumps([[0, 0, 50, 100]] * 100_000)  # over a megabyte of text
+    response = await post_frame(client, encoded(frame_image()), boxes)
+    assert response.status_code == 413, response.text
+    assert "CLIP_MAX_BATCH_IMAGES" in response.json()["error"]["message"]
