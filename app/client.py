@@ -49,6 +49,8 @@ from PIL import Image
 from app.codec import decode_embedding, encode_embedding
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | npt.NDArray[Any]
+# A detector's boxes: an (n, 4) array or a list of [x1, y1, x2, y2].
+Boxes = npt.NDArray[Any] | Sequence[Sequence[float]]
 RETRIED_STATUSES = (429, 503)
 
 T = TypeVar("T")
@@ -211,10 +213,33 @@ class FrameResult:
     descriptors: list[dict[str, Any]] | None  # {"top": ..., "bottom": ...} per box, if asked
 
 
-def _frame_call(
-    frame: ImageInput, boxes: npt.ArrayLike, analyze: bool, dtype: str
-) -> _Call[FrameResult]:
-    listed = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()
+def _box_list(boxes: Boxes) -> list[list[float]]:
+    """Boxes as JSON-ready lists, checked as the service checks them: an (n, 4) array or
+    a list of four-number boxes. Never reshaped: a wrong shape is the caller's bug."""
+    if isinstance(boxes, np.ndarray):
+        if boxes.size == 0:
+            return []
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.number):
+            raise ValueError(f"boxes must be an (n, 4) array of numbers, got {boxes.shape}")
+        return [[float(v) for v in row] for row in boxes]
+    listed: list[list[float]] = []
+    for index, box in enumerate(boxes):
+        values = list(box) if isinstance(box, list | tuple | np.ndarray) else None
+        if (
+            values is None
+            or len(values) != 4
+            or not all(
+                isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+                for v in values
+            )
+        ):
+            raise ValueError(f"boxes[{index}] must be four numbers [x1, y1, x2, y2], got {box!r}")
+        listed.append([float(v) for v in values])
+    return listed
+
+
+def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _Call[FrameResult]:
+    listed = _box_list(boxes)
 
     def parse(body: Any) -> FrameResult:
         wire = body.get("dtype", "float32")
@@ -387,7 +412,7 @@ class ClipClient(_Base):
     def embed_frame(
         self,
         frame: ImageInput,
-        boxes: npt.ArrayLike,
+        boxes: Boxes,
         analyze: bool = False,
         dtype: str = "float32",
     ) -> FrameResult:
@@ -467,7 +492,7 @@ class AsyncClipClient(_Base):
     async def embed_frame(
         self,
         frame: ImageInput,
-        boxes: npt.ArrayLike,
+        boxes: Boxes,
         analyze: bool = False,
         dtype: str = "float32",
     ) -> FrameResult:

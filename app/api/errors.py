@@ -124,11 +124,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", describe_validation_errors(list(exc.errors())))
 
 
+_FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    _count(request, code)
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
+    if exc.status_code == 400 and message == _FASTAPI_BODY_PARSE_ERROR:
+        # FastAPI's own JSON parsing (the JSON-only routes) says no more than this.
+        code = "invalid_json"
+        message = (
+            "body is not valid JSON (or holds a number too long to read); send a JSON "
+            "object as the schema in /docs shows"
+        )
+    _count(request, code)
     return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
 
@@ -164,9 +174,12 @@ _EXAMPLES: dict[int, tuple[str, str]] = {
 }  # fmt: skip
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(
+    *statuses: int, specific: dict[int, tuple[str, str, str]] | None = None
+) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the given error statuses: always JSON, whatever
-    the route's own media type (/metrics answers text, its 401 does not)."""
+    the route's own media type (/metrics answers text, its 401 does not). `specific`
+    gives a route's own (description, code, message) for a status."""
     descriptions = {
         400: "Undecodable image, bad base64, a bad embedding or a malformed body; the "
         "message names the item.",
@@ -181,8 +194,11 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         code, message = _EXAMPLES[status]
+        description = descriptions[status]
+        if specific and status in specific:
+            description, code, message = specific[status]
         responses[status] = {
-            "description": descriptions[status],
+            "description": description,
             "content": {
                 "application/json": {
                     "schema": {"$ref": "#/components/schemas/ErrorResponse"},

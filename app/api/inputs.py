@@ -31,6 +31,7 @@ from app.errors import (
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 _TRUE = {"1", "true", "yes", "on"}
+_QUERY_PARAMETERS = {"dtype"}  # what the image routes take in the URL
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -53,6 +54,15 @@ async def read_images(
     """Parse /embed-style input. `field_name` is `image` or `images`; `options` are the
     extra scalar fields the endpoint takes (name -> bool/int/str)."""
     options = options or {}
+    unknown = sorted(set(request.query_params) - _QUERY_PARAMETERS)
+    if unknown:
+        # FastAPI ignores query parameters a route does not declare; a client who put a
+        # field there (`?analyze=true`) would never learn it was dropped.
+        fields = "".join(f", `{name}`" for name in options)
+        raise ValidationFailed(
+            f"unexpected query parameter(s) {', '.join(unknown)}; the URL takes only "
+            f"`dtype`, the body takes `{field_name}`{fields}"
+        )
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()  # size limit: BodySizeLimitMiddleware
@@ -60,9 +70,10 @@ async def read_images(
     if media_type == "multipart/form-data":
         return await _from_multipart(request, settings, field_name, many, options)
     shown = media_type or "none"
+    others = "".join(f" and field `{name}`" for name in options)
     raise UnsupportedMediaType(
         f"content type {shown} is not taken here; send multipart/form-data with file field "
-        f"`{field_name}`, or application/json with `{field_name}` as base64"
+        f"`{field_name}`{others}, or application/json with `{field_name}` as base64{others}"
     )
 
 
@@ -71,7 +82,7 @@ def _from_json(
 ) -> ImageInput:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # [[[[...]]]] a hundred thousand deep
         raise InvalidRequest("body JSON is nested too deeply", code="invalid_json") from None
@@ -133,9 +144,15 @@ async def _from_multipart(
                 f"named `{field_name}`"
             )
         if not many and len(parts) > 1:
+            hint = "use /embed/batch for several" if request.url.path == "/embed" else "send one"
             raise ValidationFailed(
-                f"{len(parts)} `{field_name}` parts sent; /embed takes one, "
-                "use /embed/batch for several"
+                f"{len(parts)} `{field_name}` parts sent; {request.url.path} takes one, {hint}"
+            )
+        repeated = [name for name in options if len(form.getlist(name)) > 1]
+        if repeated:
+            raise ValidationFailed(
+                f"field(s) {', '.join(f'`{name}`' for name in repeated)} sent more than "
+                "once; send each once"
             )
         if many:
             _check_count(len(parts), settings)

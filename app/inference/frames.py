@@ -9,6 +9,7 @@ crop of a box is then `frame.crop(box)`: the same pixels a client would send to 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,11 @@ def read_boxes(raw: Any, max_boxes: int) -> list[FloatBox]:
     if not isinstance(raw, list):
         raise ValidationFailed(
             f"boxes must be a JSON list of [x1, y1, x2, y2] boxes, got {_shown(raw)}"
+        )
+    if len(raw) == 4 and all(_is_number(v) for v in raw):
+        raise ValidationFailed(
+            f"boxes must be a list of boxes, [[x1, y1, x2, y2], ...]; got one box without "
+            f"the outer list: {_shown(raw)}"
         )
     if len(raw) > max_boxes:
         raise PayloadTooLarge(
@@ -105,7 +111,7 @@ def box_pixels(boxes: Sequence[Box]) -> int:
 def _read_box(item: Any) -> tuple[FloatBox | None, str | None]:
     if not isinstance(item, list | tuple) or len(item) != 4:
         return None, f"must be four numbers [x1, y1, x2, y2], got {_shown(item)}"
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
+    if not all(_is_number(v) for v in item):
         return None, f"must be four numbers [x1, y1, x2, y2], got {_shown(item)}"
     try:
         x1, y1, x2, y2 = (float(v) for v in item)
@@ -136,6 +142,14 @@ def _numbers(box: FloatBox) -> str:
     return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    """`value` as the client wrote it: JSON, not Python's repr."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

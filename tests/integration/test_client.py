@@ -387,3 +387,25 @@ async def test_embed_frame_sync_and_async_agree_with_embed_of_the_crops(
     assert cosine(half.embeddings[0], from_async.embeddings[0]) >= 0.999
     assert empty.embeddings.shape == (0, 64)
     assert empty.boxes == []
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [[10, 20, 100, 200, 30, 40, 120, 220]],
+        [10, 20, 100, 200],
+        [[10, 20, 100]],
+        [[True, 20, 100, 200]],
+        [["10", 20, 100, 200]],
+        np.zeros((2, 5)),
+        np.zeros((1, 2, 4)),
+    ],
+)
+def test_embed_frame_refuses_boxes_the_service_would_refuse_before_sending(boxes: Any) -> None:
+    def no_request(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing should be sent")
+
+    transport = httpx.MockTransport(no_request)
+    refused = pytest.raises(ValueError, match="boxes")
+    with ClipClient("http://test", transport=transport) as client, refused:
+        client.embed_frame(noise_jpeg(1), boxes)

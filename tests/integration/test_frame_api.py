@@ -355,3 +355,73 @@ async def test_a_boxes_field_past_the_parsers_limit_gets_413(client: httpx.Async
     response = await post_frame(client, encoded(frame_image()), boxes)
     assert response.status_code == 413, response.text
     assert "CLIP_MAX_BATCH_IMAGES" in response.json()["error"]["message"]
+
+
+async def test_a_number_past_pythons_digit_limit_is_a_client_error(
+    client: httpx.AsyncClient,
+) -> None:
+    digits = "1" + "0" * 5000  # int() refuses strings of over 4300 digits
+    form = await post_frame(client, encoded(frame_image()), f"[[{digits}, 20, 100, 200]]")
+    assert form.status_code == 422, form.text
+    assert "not valid JSON" in form.json()["error"]["message"]
+    image = base64.b64encode(encoded(frame_image())).decode()
+    raw = '{"image": "' + image + '", "boxes": [[' + digits + ", 20, 100, 200]]}"
+    for path in ("/embed/frame", "/embed"):
+        response = await client.post(
+            path, content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_json"
+    similarity = await client.post(
+        "/similarity", content='{"a": ' + digits + "}", headers={"content-type": "application/json"}
+    )
+    assert similarity.status_code == 400, similarity.text
+    assert similarity.json()["error"]["code"] == "invalid_json"
+
+
+async def test_a_field_sent_twice_is_refused_not_overwritten(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/embed/frame",
+        files=[
+            ("image", ("f.png", encoded(frame_image()))),
+            ("boxes", (None, "[[10, 20, 100, 200]]")),
+            ("boxes", (None, "[[0, 0, 50, 50]]")),
+        ],
+    )
+    assert response.status_code == 422, response.text
+    assert "`boxes` sent more than once" in response.json()["error"]["message"]
+
+
+async def test_two_frames_are_refused_naming_this_endpoint(client: httpx.AsyncClient) -> None:
+    frame = ("f.png", encoded(frame_image()))
+    response = await client.post(
+        "/embed/frame",
+        files=[("image", frame), ("image", frame)],
+        data={"boxes": "[[10, 20, 100, 200]]"},
+    )
+    assert response.status_code == 422
+    assert "/embed/frame takes one" in response.json()["error"]["message"]
+
+
+async def test_fields_in_the_url_are_refused_not_ignored(client: httpx.AsyncClient) -> None:
+    response = await post_frame(
+        client, encoded(frame_image()), [[10, 20, 100, 200]], params={"analyze": "true"}
+    )
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "unexpected query parameter(s) analyze" in message
+    assert "`analyze`" in message
+    crop = {"image": ("c.png", encoded(frame_image(size=(64, 128))))}
+    assert (await client.post("/embed", files=crop, params={"x": "1"})).status_code == 422
+
+
+async def test_one_box_without_the_outer_list_is_explained(client: httpx.AsyncClient) -> None:
+    response = await post_frame(client, encoded(frame_image()), [10, 20, 100, 200])
+    assert response.status_code == 422
+    assert "without the outer list" in response.json()["error"]["message"]
+
+
+async def test_messages_show_the_boxes_as_json(client: httpx.AsyncClient) -> None:
+    response = await post_frame(client, encoded(frame_image()), "[[true, 20, 100, null]]")
+    assert response.status_code == 422
+    assert "got [true, 20, 100, null]" in response.json()["error"]["message"]

@@ -42,6 +42,29 @@ _FRAME_FIELDS: dict[str, Any] = {
 }
 
 
+_ERRORS = {
+    400: (
+        "The frame is not a decodable image, bad base64 or JSON, or a malformed body.",
+        "invalid_image",
+        "image: file is not a decodable image; send JPEG, PNG, WebP, BMP, GIF or TIFF",
+    ),
+    413: (
+        "Upload bytes or frame pixels over the limit, more boxes than CLIP_MAX_BATCH_IMAGES, "
+        "or, with analyze, boxes x 3 model inputs over CLIP_MAX_QUEUE.",
+        "payload_too_large",
+        "70 boxes in one frame, over the limit of 64 (CLIP_MAX_BATCH_IMAGES); split them "
+        "over several requests",
+    ),
+    422: (
+        "A box that is not four numbers, is empty or reversed, lies outside the frame or is "
+        "under 8x16 pixels once clipped (named by its index); a missing or unexpected field.",
+        "validation_error",
+        "boxes[3] [1900, 40, 2100, 300] lies entirely outside the 1920x1080 frame "
+        "(coordinates are pixels of the frame as decoded, EXIF orientation applied)",
+    ),
+}
+
+
 def _frame_request_body() -> dict[str, Any]:
     body = image_request_body(
         "image", many=False, json_model=EmbedFrameJSONRequest, extra=_FRAME_FIELDS
@@ -59,7 +82,7 @@ def _frame_request_body() -> dict[str, Any]:
     "One embedding per box, in box order, equal to what /embed gives for the same pixels "
     "cut out; the frame is decoded once. Bad boxes get 422 naming the box; boxes partly "
     "outside the frame are clipped, and `boxes` in the answer says how each was used.",
-    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500),
+    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500, specific=_ERRORS),
     openapi_extra=_frame_request_body(),
 )
 async def embed_frame(
@@ -113,7 +136,11 @@ def _boxes_field(value: Any) -> Any:
         return value
     try:
         return json.loads(value)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except RecursionError:
+        raise ValidationFailed(
+            "`boxes` is nested too deeply; send [[x1, y1, x2, y2], ...]"
+        ) from None
+    except ValueError as exc:  # not JSON, or an integer of over 4300 digits
         raise ValidationFailed(
             f"`boxes` is not valid JSON ({exc}); send [[x1, y1, x2, y2], ...]"
         ) from None
