@@ -8,15 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import open_clip
-import torch
 from tqdm import tqdm
 
 from app.config import Settings
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder
-from app.inference.runtimes import weights_digest
-from app.inference.weights import WeightsUnavailable, resolve_model_source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -36,23 +32,11 @@ class ModelIdentity:
     dim: int = 0
 
 
-def identify_model(settings: Settings) -> ModelIdentity:
-    """The model `settings` name, identified by its weights before any image is embedded.
-
-    Builds the fp32 tower on the CPU once more: the encoder casts (or converts) its own
-    copy for the precision and backend asked, and the hash must not depend on either.
-    The hash is the one the conversion cache is keyed by (runtimes.weights_digest)."""
-    source = resolve_model_source(settings.model, settings.pretrained)
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(
-            source.model_name, pretrained=source.checkpoint, device="cpu",
-            **source.open_clip_kwargs,
-        )  # fmt: skip
-    except Exception as exc:
-        raise WeightsUnavailable(f"open_clip could not build {source.display_name}: {exc}") from exc
-    visual: torch.nn.Module = model.visual
-    dim = getattr(visual, "output_dim", 0)
-    return ModelIdentity(source.display_name, weights_digest(visual), int(dim or 0))
+def identify(encoder: ClipImageEncoder) -> ModelIdentity:
+    """The loaded model's identity: its readable id and the hash of its fp32 image tower,
+    which the encoder takes once at load (the same one the conversion cache is keyed by)."""
+    info = encoder.info
+    return ModelIdentity(info.model, info.weights_sha256, info.dim)
 
 
 def load_encoder(settings: Settings) -> ClipImageEncoder:

@@ -31,7 +31,7 @@ from app.reid.embedding import (
     ModelIdentity,
     embed_in_process,
     embed_via_service,
-    identify_model,
+    identify,
     load_encoder,
 )
 from app.reid.metrics import AP_MODES, ApMode, ReidScores, evaluate
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
             embeddings, _ = embed_via_service(everything, args.url, args.api_key)
         else:
             settings = settings_from(args)
-            model = identify_model(settings)
-            projections = load_projections(args.projection, model)
             encoder = load_encoder(settings)  # precision, backend and device checked here
+            model = identify(encoder)
+            projections = load_projections(args.projection, model)
             run = {
                 "model": model.name,
                 "weights_sha256": model.weights_sha256,

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from app.inference.projection import WEIGHTS_KEY, Projection, fit_centring, fit_pca
 from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
 from app.reid.dataset import labelled_crops
-from app.reid.embedding import embed_in_process, identify_model, image_files, load_encoder
+from app.reid.embedding import embed_in_process, identify, image_files, load_encoder
 from app.reid.supervised import DEFAULT_SHRINKAGE, fit_supervised
 
 DEFAULT_DIM = 128
@@ -113,8 +113,8 @@ def fit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection
                 f"once centred; ask for {len(paths) - 1} or fewer, or fit on more crops",
             )
     settings = settings_from(args)
-    identity = identify_model(settings)
     encoder = load_encoder(settings)
+    identity = identify(encoder)
     embeddings, model = embed_in_process(paths, settings, encoder=encoder)
     if args.centre:
         projection = fit_centring(embeddings, model)
