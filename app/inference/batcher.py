@@ -1,10 +1,16 @@
 """Dynamic batching: many concurrent requests, one forward pass.
 
 Requests put their items in one queue and await a future per item. A single loop on the
-event loop takes up to `max_batch_size` items, waiting at most `max_wait_s` after the
-oldest one arrived for companions, and hands the batch to `process` in a dedicated
-thread, so the event loop never runs the model. While one batch is in the forward pass
-the next one gathers, so the model is never idle when there is work. A runtime that
+event loop takes up to `max_batch_size` items and hands the batch to `process` in a
+dedicated thread, so the event loop never runs the model. While one batch is in the
+forward pass the next one gathers. When a pass could start, a queued item waits for
+companions at most `max_wait_s`, counted from when both it and a forward slot were
+there: time spent queued behind a running pass is not spent waiting for companions,
+so items that gathered during a pass may still wait for the ones on their way (being
+decoded, or the callers a pass just answered, who tend to come straight back). On
+runtimes that run large batches much faster per image (OpenVINO bf16 on AMX), a
+longer `max_wait_s` turns closed-loop clients' alternating half batches into full
+ones; waiting stops as soon as no more items are on their way. A runtime that
 runs several forward passes at once (OpenVINO's CPU streams: one thread each, so a
 thread preempted by the HTTP side stalls only its own pass) gets `concurrency` > 1:
 up to that many batches run at the same time, each in its own thread.
@@ -30,6 +36,10 @@ from typing import Generic, TypeVar
 from app.errors import InferenceFailed, Overloaded, RequestTimedOut, ShuttingDown
 
 logger = logging.getLogger(__name__)
+
+# How long the callers a pass answered count as on their way back: a loopback or LAN
+# round trip and the request's parsing, not its decoding (that is companions_expected).
+RETURN_GRACE_S = 0.002
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -70,6 +80,7 @@ class DynamicBatcher(Generic[In, Out]):
         companions_expected: Callable[[], bool] | None = None,
         observer: Callable[[int, list[float], float], None] | None = None,
         concurrency: int = 1,
+        return_grace_s: float = RETURN_GRACE_S,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -99,6 +110,12 @@ class DynamicBatcher(Generic[In, Out]):
         self._slots = asyncio.Semaphore(concurrency)
         self._passes: set[asyncio.Task[None]] = set()
         self._in_forward: dict[int, list[_Pending[In, Out]]] = {}
+        # When the last pass ended and how many items it answered: their callers are
+        # likely on their way back, for a moment (return_grace_s), as companions.
+        self._return_grace_s = return_grace_s
+        self._freed_at = 0.0
+        self._answered = 0
+        self._queued_since_freed = 0
         self.stats = BatcherStats()
 
     @property
@@ -132,6 +149,7 @@ class DynamicBatcher(Generic[In, Out]):
         now = time.monotonic()
         pending = [_Pending(item, loop.create_future(), now) for item in items]
         self._queue.extend(pending)
+        self._queued_since_freed += len(pending)
         self._wakeup.set()
         futures = [p.future for p in pending]
         try:
@@ -234,7 +252,16 @@ class DynamicBatcher(Generic[In, Out]):
                 if not waiting.future.done():
                     waiting.future.set_result(result)
         self._in_forward.pop(number, None)
+        self._freed_at, self._answered, self._queued_since_freed = time.monotonic(), len(batch), 0
         self._slots.release()
+
+    def _expecting_companions(self, now: float) -> bool:
+        """More items are on their way: requests being prepared, or, just after a pass,
+        fewer items queued since than it answered (its callers coming back)."""
+        if self._companions_expected is not None and self._companions_expected():
+            return True
+        returning = now < self._freed_at + self._return_grace_s
+        return returning and self._queued_since_freed < self._answered
 
     async def _next_batch(self) -> list[_Pending[In, Out]] | None:
         """The next batch to run; None when closing with nothing left; [] to loop again."""
@@ -243,20 +270,23 @@ class DynamicBatcher(Generic[In, Out]):
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        # Wait for companions, but never past the oldest item's deadline: items that
-        # queued while the previous batch ran have waited already and go at once.
-        deadline = self._queue[0].enqueued_at + self.max_wait_s
+        # Wait for companions at most max_wait after the oldest item could have run:
+        # queued behind a pass it was waiting for the model, not for companions.
+        deadline = max(self._queue[0].enqueued_at, self._freed_at) + self.max_wait_s
         while len(self._queue) < self.max_batch_size and not self._closing:
-            if self._companions_expected is not None and not self._companions_expected():
+            now = time.monotonic()
+            if now >= deadline or not self._expecting_companions(now):
                 break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            # Re-check when the answered callers' grace ends, if nothing arrives before.
+            returning_until = self._freed_at + self._return_grace_s
+            timeout = deadline - now
+            if now < returning_until and self._answered > self._queued_since_freed:
+                timeout = min(timeout, returning_until - now)
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
-                break
+                continue
         # Free slots share what waits: with every client in one batch the other streams
         # would idle until it returns, and closed-loop clients would never spread out.
         idle_slots = self.concurrency - len(self._in_forward)

@@ -259,3 +259,95 @@ async def test_free_slots_share_the_waiting_items() -> None:
     assert await requests == [i + 100 for i in range(16)]
     await batcher.stop()
     assert batcher.stats.batch_sizes == {8: 2}  # not one pass of 16 and an idle stream
+
+
+async def test_items_queued_behind_a_pass_still_wait_for_companions_on_their_way() -> None:
+    """Time queued behind a running pass is not time spent waiting for companions: once
+    the pass ends, items that gathered during it wait (up to max_wait) for the requests
+    still being prepared, so closed-loop clients end up in one full batch instead of
+    alternating half batches."""
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    preparing = {"requests": 0}
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=2.0,
+        max_queue=64,
+        companions_expected=lambda: preparing["requests"] > 0,
+        return_grace_s=0.0,
+    )
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit([1]))
+    await asyncio.sleep(0.05)  # pass 1 runs, held by the gate
+    queued = [asyncio.create_task(batcher.submit([n])) for n in (2, 3)]
+    await asyncio.sleep(0.05)  # 2 and 3 have waited longer than any max_wait of old
+    preparing["requests"] = 1  # one more request is decoding
+    gate.set()
+    assert await first == [2]
+    await asyncio.sleep(0.1)
+    assert not any(task.done() for task in queued)  # waiting for the one on its way
+    preparing["requests"] = 0
+    assert await asyncio.wait_for(batcher.submit([4]), timeout=5) == [8]
+    assert [await task for task in queued] == [[4], [6]]
+    await batcher.stop()
+    assert process.batches == [[1], [2, 3, 4]]
+
+
+async def test_the_wait_for_companions_is_bounded_by_max_wait_after_the_pass() -> None:
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    announced = {"companions": False}
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=0.2,
+        max_queue=64,
+        companions_expected=lambda: announced["companions"],
+        return_grace_s=0.0,
+    )
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit([1]))
+    await asyncio.sleep(0.05)
+    announced["companions"] = True  # announced from now on, never arriving
+    queued = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0.3)  # longer than max_wait, but behind the held pass
+    gate.set()
+    await first
+    loop = asyncio.get_running_loop()
+    freed = loop.time()
+    assert await asyncio.wait_for(queued, timeout=5) == [4]
+    waited = loop.time() - freed
+    await batcher.stop()
+    assert 0.1 <= waited <= 1.0  # it waited for companions after the pass, within bound
+
+
+async def test_callers_a_pass_answered_are_waited_for_until_they_are_back() -> None:
+    """Closed-loop callers come straight back after their answer: for the return grace
+    the next pass waits for as many items as the last one answered, then goes at once
+    (no waiting out max_wait once they are all back)."""
+    gate = threading.Event()
+    process = Recorder(gate=gate)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=30.0,  # would stall the test if it were waited out
+        max_queue=64,
+        companions_expected=lambda: False,
+        return_grace_s=10.0,
+    )
+    await batcher.start()
+
+    async def caller(first: int, then: int) -> list[int]:
+        answer = await batcher.submit([first])
+        await asyncio.sleep(0.05)  # the round trip of a client that comes back
+        return answer + await batcher.submit([then])
+
+    callers = [asyncio.create_task(caller(n, n + 10)) for n in (1, 2)]
+    await asyncio.sleep(0.05)  # pass 1 holds 1 and 2
+    waiting = asyncio.create_task(batcher.submit([3]))
+    gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*callers, waiting), timeout=5)
+    await batcher.stop()
+    assert answers == [[2, 22], [4, 24], [6]]
+    assert process.batches == [[1, 2], [3, 11, 12]]
