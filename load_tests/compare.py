@@ -2,15 +2,20 @@
 
 For each client count, wrk (a C load generator; `apt-get install wrk`) posts the same
 128x256 JPEG crop to our /embed (multipart) and to a LitServe server of the same model
-(JSON base64, load_tests/litserve_peer.py), one after the other. The in-process ceilings
-(the bare forward pass, no HTTP, no decoding) are measured before and after, since
-shared machines drift: torch at the best torch precision for this CPU, and the service's
-own backend and precision. Reported per run: crops/s, p50/p99, non-200s, the client's
+(JSON base64, load_tests/litserve_peer.py), one after the other, in rounds. Between the
+runs, with both servers up and idle, this process times the in-process ceilings (the
+bare forward pass, no HTTP, no decoding, at each configuration's best batch): torch at
+the best torch precision for this CPU, the service's own backend and precision, and
+torch fp32 (LitServe's model). Shared machines drift by tens of percent within minutes,
+so each run is compared with the ceilings measured just before and just after it, and a
+ratio is reported as the median and range over rounds. The full batch-size scans run
+before and after all rounds. Reported per run: crops/s, p50/p99, non-200s, the client's
 own CPU (so a figure measures the server, not the load generator) and each server's CPU
 per request. Loopback only; every run is bounded in time.
 
     python -m load_tests.compare --model-dir models/vit-b-32-random --clients 1,16
     python -m load_tests.compare --model-dir models/vit-b-32-random --precision int8
+    python -m load_tests.compare --model-dir models/vit-b-32-random --setting CLIP_MAX_WAIT_MS=25
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +39,7 @@ from pathlib import Path
 import httpx
 
 from load_tests.concurrency import (
-    ForwardFigures,
-    forward_figures,
+    ForwardProbe,
     make_crops,
     memory_mb,
     start_server,
@@ -174,28 +179,67 @@ def best_torch_precision() -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def ceilings(
-    model_dir: str, backend: str, precision: str, seconds: float
-) -> dict[str, ForwardFigures]:
-    """The bare forward pass per configuration: img/s by batch size, and the lone
-    batch of one timed alone (what one client's request waits for)."""
-    sizes = [1, 8, 16, 32]
-    configs = {"torch " + best_torch_precision(): ("torch", best_torch_precision())}
-    configs[f"service ({backend} {precision})"] = (backend, precision)
-    configs["torch fp32 (LitServe's model)"] = ("torch", "fp32")
+_SCAN_SIZES = [1, 8, 16, 32]
+
+
+@dataclass
+class Round:
+    """One client count's round: the ceilings just before, each server's run, and the
+    ceilings just after (the next round's "before")."""
+
+    clients: int
+    ceilings_before: dict[str, float]  # img/s at each probe's best batch
+    ceilings_after: dict[str, float]
+    single_ms: float  # the service's batch-1 forward, around this round
+    ours: Run
+    peer: Run | None
+
+    def ceiling(self, name: str) -> float:
+        return (self.ceilings_before[name] + self.ceilings_after[name]) / 2
+
+
+def probe_names(backend: str, precision: str) -> dict[str, tuple[str, str]]:
+    """The in-process ceilings a report compares with: the best torch precision for this
+    CPU, the service's own backend and precision, and LitServe's model (torch fp32)."""
+    torch_best = best_torch_precision()
     return {
-        name: forward_figures(model_dir, sizes, seconds, p, backend=b)
-        for name, (b, p) in configs.items()
+        f"torch {torch_best}": ("torch", torch_best),
+        f"service ({backend} {precision})": (backend, precision),
+        "torch fp32 (LitServe's model)": ("torch", "fp32"),
     }
+
+
+def scan(probes: dict[str, ForwardProbe], seconds: float) -> dict[str, dict[int, float]]:
+    return {
+        name: {size: p.rate(size, seconds) for size in _SCAN_SIZES} for name, p in probes.items()
+    }
+
+
+def spread(values: list[float]) -> str:
+    """Median (min-max) of per-round figures."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--clients", default="1,16")
-    parser.add_argument("--seconds", type=float, default=20.0, help="per run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per server per round")
+    parser.add_argument("--rounds", type=int, default=3, help="per client count")
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=3.0, help="per in-process ceiling per round"
+    )
     parser.add_argument("--precision", default="auto", help="CLIP_PRECISION of the service")
     parser.add_argument("--backend", default="auto", help="CLIP_BACKEND of the service")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="CLIP_NAME=VALUE",
+        help="another setting for the service (repeatable), e.g. CLIP_MAX_WAIT_MS=25",
+    )
     parser.add_argument("--port", type=int, default=8780)
     parser.add_argument("--no-peer", action="store_true", help="skip LitServe")
     parser.add_argument("--json", type=Path)
@@ -204,90 +248,126 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     counts = [int(c) for c in args.clients.split(",")]
     crop = make_crops(1)[0]
-
-    server = start_server(
-        args.model_dir, args.port, {"CLIP_PRECISION": args.precision, "CLIP_BACKEND": args.backend}
-    )
-    info = httpx.get(f"http://127.0.0.1:{args.port}/info", timeout=10).json()
-    backend, precision = info["backend"], info["precision"]
-    memory = {"startup_peak_mb": memory_mb(server.pid)[1]}
-    stop(server)  # the ceilings run alone, then the servers
-    before_figures = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
-
-    runs: list[Run] = []
     ours_body, ours_type = multipart(crop)
     peer_body = json.dumps({"image": base64.b64encode(crop).decode()}).encode()
-    server = start_server(
-        args.model_dir, args.port, {"CLIP_PRECISION": args.precision, "CLIP_BACKEND": args.backend}
-    )
-    peer = None if args.no_peer else start_peer(args.model_dir, args.port + 1)
+    ours_url = f"http://127.0.0.1:{args.port}/embed"
+    peer_url = f"http://127.0.0.1:{args.port + 1}/predict"
+
+    settings = {"CLIP_PRECISION": args.precision, "CLIP_BACKEND": args.backend}
+    for setting in args.setting:
+        name, equals, value = setting.partition("=")
+        if not equals or not name.startswith("CLIP_"):
+            parser.error(f"--setting {setting!r}: expected CLIP_NAME=VALUE")
+        settings[name] = value
+    server = start_server(args.model_dir, args.port, settings)
+    peer = None
+    probes: dict[str, ForwardProbe] = {}
     try:
+        info = httpx.get(f"http://127.0.0.1:{args.port}/info", timeout=10).json()
+        backend, precision = info["backend"], info["precision"]
+        memory = {"startup_peak_mb": memory_mb(server.pid)[1]}
+        peer = None if args.no_peer else start_peer(args.model_dir, args.port + 1)
+        # The servers stay up, idle, while the ceilings run in this process: each
+        # server's run sits between two ceiling measurements taken seconds apart.
+        names = probe_names(backend, precision)
+        probes = {name: ForwardProbe(args.model_dir, p, b) for name, (b, p) in names.items()}
+        own_name = f"service ({backend} {precision})"
+        own = probes[own_name]
+        before = scan(probes, args.ceiling_seconds)
+        best_size = {name: max(rates, key=rates.__getitem__) for name, rates in before.items()}
+
+        def ceilings_now() -> tuple[dict[str, float], float]:
+            rates = {n: p.rate(best_size[n], args.ceiling_seconds) for n, p in probes.items()}
+            return rates, own.single_ms(min(args.ceiling_seconds, 2.0))
+
+        rounds: list[Round] = []
         for count in counts:
-            ours = f"http://127.0.0.1:{args.port}/embed"
-            run_wrk("ours", ours, ours_body, ours_type, max(counts), 3, server.pid)  # warm-up
-            runs.append(
-                run_wrk("ours", ours, ours_body, ours_type, count, args.seconds, server.pid)
-            )
+            run_wrk("ours", ours_url, ours_body, ours_type, count, 3, server.pid)  # warm-up
             if peer is not None:
-                theirs = f"http://127.0.0.1:{args.port + 1}/predict"
-                run_wrk("litserve", theirs, peer_body, "application/json", max(counts), 3, peer.pid)
-                runs.append(
-                    run_wrk(
-                        "litserve",
-                        theirs,
-                        peer_body,
-                        "application/json",
-                        count,
-                        args.seconds,
-                        peer.pid,
-                    )
+                run_wrk("litserve", peer_url, peer_body, "application/json", count, 3, peer.pid)
+            latest, single = ceilings_now()
+            for _ in range(args.rounds):
+                ours = run_wrk("ours", ours_url, ours_body, ours_type, count, args.seconds,
+                               server.pid)  # fmt: skip
+                theirs = None
+                if peer is not None:
+                    theirs = run_wrk("litserve", peer_url, peer_body, "application/json",
+                                     count, args.seconds, peer.pid)  # fmt: skip
+                following, single_after = ceilings_now()
+                rounds.append(
+                    Round(count, latest, following, (single + single_after) / 2, ours, theirs)
                 )
+                latest, single = following, single_after
         memory["steady_mb"], memory["peak_mb"] = memory_mb(server.pid)
+        after = scan(probes, args.ceiling_seconds)
     finally:
         stop(server)
         if peer is not None:
             stop(peer)
-    after_figures = ceilings(args.model_dir, backend, precision, min(args.seconds, 6))
-    own_name = f"service ({backend} {precision})"
-    single_ms = (before_figures[own_name].single_ms + after_figures[own_name].single_ms) / 2
-    before = {name: figures.rates for name, figures in before_figures.items()}
-    after = {name: figures.rates for name, figures in after_figures.items()}
-    best = {name: (max(before[name].values()) + max(after[name].values())) / 2 for name in before}
+        for probe in probes.values():
+            probe.close()
+    report(args, backend, precision, before, after, best_size, rounds, memory)
 
-    print(f"service: {backend} {precision}; wrk, {args.seconds:g} s per run, one 128x256 JPEG")
-    print("in-process ceilings (best batch), before / after:")
+
+def report(
+    args: argparse.Namespace,
+    backend: str,
+    precision: str,
+    before: dict[str, dict[int, float]],
+    after: dict[str, dict[int, float]],
+    best_size: dict[str, int],
+    rounds: list[Round],
+    memory: dict[str, float],
+) -> None:
+    torch_name, own_name, fp32_name = probe_names(backend, precision)
+    extra = "".join(f", {setting}" for setting in args.setting)
+    print(f"service: {backend} {precision}{extra}; wrk; {args.rounds} rounds per client "
+          f"count, each {args.seconds:g} s per server between ceilings of "
+          f"{args.ceiling_seconds:g} s; one 128x256 JPEG")  # fmt: skip
+    print("in-process ceilings, img/s by batch size, before / after the rounds:")
     for name in before:
-        first, last = max(before[name].values()), max(after[name].values())
-        print(f"  {name}: {first:.1f} / {last:.1f} img/s")
-    print(f"  service's batch-1 forward: {single_ms:.1f} ms (mean of before and after)")
-    print("\n| server | clients | crops/s | p50 ms | p99 ms | non-200 | client CPU % | "
-          "server CPU ms/req |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in runs:
-        print(f"| {r.server} | {r.clients} | {r.crops_per_s:.1f} | {r.p50_ms:.1f} | "
-              f"{r.p99_ms:.1f} | {r.non_200} | {r.client_cpu_pct:.1f} | "
-              f"{r.server_cpu_ms_per_request:.1f} |")  # fmt: skip
-    torch_best = next(iter(best.values()))
-    own = best[own_name]
-    for count in counts:
-        ours_run = next(r for r in runs if r.server == "ours" and r.clients == count)
-        line = (f"{count} clients: ours / torch {best_torch_precision()} ceiling "
-                f"{ours_run.crops_per_s / torch_best:.2f}, / own ceiling "
-                f"{ours_run.crops_per_s / own:.2f}")  # fmt: skip
-        peer_run = next((r for r in runs if r.server == "litserve" and r.clients == count), None)
-        if peer_run is not None and peer_run.crops_per_s > 0:
-            line += f", / LitServe {ours_run.crops_per_s / peer_run.crops_per_s:.2f}"
+        sizes = ", ".join(
+            f"{size}: {before[name][size]:.1f} / {after[name][size]:.1f}" for size in _SCAN_SIZES
+        )
+        print(f"  {name}: {sizes} (rounds use batch {best_size[name]})")
+    print("\n| clients | round | ours crops/s | p50 ms | p99 ms | non-200 | client CPU % | "
+          "server CPU ms/req | torch ceiling | own ceiling | own batch-1 ms | "
+          "LitServe crops/s | LitServe CPU ms/req |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for index, r in enumerate(rounds):
+        o = r.ours
+        peer = (f"{r.peer.crops_per_s:.1f} | {r.peer.server_cpu_ms_per_request:.1f}"
+                if r.peer else "- | -")  # fmt: skip
+        print(f"| {r.clients} | {index} | {o.crops_per_s:.1f} | {o.p50_ms:.1f} | {o.p99_ms:.1f} | "
+              f"{o.non_200} | {o.client_cpu_pct:.1f} | {o.server_cpu_ms_per_request:.1f} | "
+              f"{r.ceiling(torch_name):.1f} | {r.ceiling(own_name):.1f} | {r.single_ms:.1f} | "
+              f"{peer} |")  # fmt: skip
+    print("\nper round, median (min-max):")
+    for count in dict.fromkeys(r.clients for r in rounds):
+        mine = [r for r in rounds if r.clients == count]
+        line = (
+            f"{count} clients: ours / torch {torch_name.split()[1]} ceiling "
+            f"{spread([r.ours.crops_per_s / r.ceiling(torch_name) for r in mine])}, "
+            f"/ own ceiling {spread([r.ours.crops_per_s / r.ceiling(own_name) for r in mine])}"
+        )
+        peers = [r.ours.crops_per_s / r.peer.crops_per_s for r in mine if r.peer]
+        if peers:
+            line += f", / LitServe {spread(peers)}"
+        fp32 = [r.ours.crops_per_s / r.ceiling(fp32_name) for r in mine]
+        line += f", / torch fp32 ceiling {spread(fp32)}"
         if count == 1:
-            line += (
-                f"; p50 {ours_run.p50_ms:.1f} ms = forward {ours_run.p50_ms - single_ms:+.1f} ms"
-            )
+            over = [r.ours.p50_ms - r.single_ms for r in mine]
+            line += f"; p50 - batch-1 forward {spread(over)} ms"
         print(line)
     print("service memory: startup peak {startup_peak_mb:.0f} MB, steady {steady_mb:.0f} MB, "
           "peak {peak_mb:.0f} MB".format(**memory))  # fmt: skip
     if args.json:
         document = {
-            "ceilings": {"before": before, "after": after},
-            "runs": [asdict(r) for r in runs],
+            "backend": backend,
+            "precision": precision,
+            "settings": args.setting,
+            "ceilings": {"before": before, "after": after, "best_batch": best_size},
+            "rounds": [asdict(r) for r in rounds],
             "memory": memory,
         }
         args.json.write_text(json.dumps(document, indent=2))
