@@ -8,8 +8,10 @@ bare forward pass, no HTTP, no decoding, at each configuration's best batch): to
 the best torch precision for this CPU, the service's own backend and precision, and
 torch fp32 (LitServe's model). Shared machines drift by tens of percent within minutes,
 so each run is compared with the ceilings measured just before and just after it, and a
-ratio is reported as the median and range over rounds. The full batch-size scans run
-before and after all rounds. Reported per run: crops/s, p50/p99, non-200s, the client's
+ratio is reported as the median and range over rounds. The service's own ceiling is
+given twice: at its best batch, and at the best batch the clients can fill (16
+closed-loop clients never make a batch of 32). The full batch-size scans run before and
+after all rounds. Reported per run: crops/s, p50/p99, non-200s, the client's
 own CPU (so a figure measures the server, not the load generator) and each server's CPU
 per request. Loopback only; every run is bounded in time.
 
@@ -215,6 +217,15 @@ def scan(probes: dict[str, ForwardProbe], seconds: float) -> dict[str, dict[int,
     }
 
 
+REACHABLE = "own, at a batch no larger than the clients"
+
+
+def reachable_size(rates: dict[int, float], clients: int) -> int:
+    """The fastest scanned batch size that `clients` closed-loop clients can fill."""
+    fitting = [size for size in rates if size <= clients] or [min(rates)]
+    return max(fitting, key=rates.__getitem__)
+
+
 def spread(values: list[float]) -> str:
     """Median (min-max) of per-round figures."""
     if len(values) == 1:
@@ -276,8 +287,12 @@ def main(argv: list[str] | None = None) -> None:
         before = scan(probes, args.ceiling_seconds)
         best_size = {name: max(rates, key=rates.__getitem__) for name, rates in before.items()}
 
-        def ceilings_now() -> tuple[dict[str, float], float]:
+        def ceilings_now(count: int) -> tuple[dict[str, float], float]:
             rates = {n: p.rate(best_size[n], args.ceiling_seconds) for n, p in probes.items()}
+            # What `count` closed-loop clients can reach: no batch holds more than them.
+            fit = reachable_size(before[own_name], count)
+            same = fit == best_size[own_name]
+            rates[REACHABLE] = rates[own_name] if same else own.rate(fit, args.ceiling_seconds)
             return rates, own.single_ms(min(args.ceiling_seconds, 2.0))
 
         rounds: list[Round] = []
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             run_wrk("ours", ours_url, ours_body, ours_type, count, 3, server.pid)  # warm-up
             if peer is not None:
                 run_wrk("litserve", peer_url, peer_body, "application/json", count, 3, peer.pid)
-            latest, single = ceilings_now()
+            latest, single = ceilings_now(count)
             for _ in range(args.rounds):
                 ours = run_wrk("ours", ours_url, ours_body, ours_type, count, args.seconds,
                                server.pid)  # fmt: skip
@@ -293,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                 if peer is not None:
                     theirs = run_wrk("litserve", peer_url, peer_body, "application/json",
                                      count, args.seconds, peer.pid)  # fmt: skip
-                following, single_after = ceilings_now()
+                following, single_after = ceilings_now(count)
                 rounds.append(
                     Round(count, latest, following, (single + single_after) / 2, ours, theirs)
                 )
@@ -331,16 +346,18 @@ def report(
         )
         print(f"  {name}: {sizes} (rounds use batch {best_size[name]})")
     print("\n| clients | round | ours crops/s | p50 ms | p99 ms | non-200 | client CPU % | "
-          "server CPU ms/req | torch ceiling | own ceiling | own batch-1 ms | "
+          "server CPU ms/req | torch ceiling | own ceiling | own, batch <= clients | "
+          "own batch-1 ms | "
           "LitServe crops/s | LitServe CPU ms/req |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for index, r in enumerate(rounds):
         o = r.ours
         peer = (f"{r.peer.crops_per_s:.1f} | {r.peer.server_cpu_ms_per_request:.1f}"
                 if r.peer else "- | -")  # fmt: skip
         print(f"| {r.clients} | {index} | {o.crops_per_s:.1f} | {o.p50_ms:.1f} | {o.p99_ms:.1f} | "
               f"{o.non_200} | {o.client_cpu_pct:.1f} | {o.server_cpu_ms_per_request:.1f} | "
-              f"{r.ceiling(torch_name):.1f} | {r.ceiling(own_name):.1f} | {r.single_ms:.1f} | "
+              f"{r.ceiling(torch_name):.1f} | {r.ceiling(own_name):.1f} | "
+              f"{r.ceiling(REACHABLE):.1f} | {r.single_ms:.1f} | "
               f"{peer} |")  # fmt: skip
     print("\nper round, median (min-max):")
     for count in dict.fromkeys(r.clients for r in rounds):
@@ -349,6 +366,8 @@ def report(
             f"{count} clients: ours / torch {torch_name.split()[1]} ceiling "
             f"{spread([r.ours.crops_per_s / r.ceiling(torch_name) for r in mine])}, "
             f"/ own ceiling {spread([r.ours.crops_per_s / r.ceiling(own_name) for r in mine])}"
+            f" (at batch <= {count}: "
+            f"{spread([r.ours.crops_per_s / r.ceiling(REACHABLE) for r in mine])})"
         )
         peers = [r.ours.crops_per_s / r.peer.crops_per_s for r in mine if r.peer]
         if peers:

@@ -87,7 +87,7 @@ def test_the_frames_tool_sends_both_ways_and_counts_the_bytes(server: RunningSer
 
 def test_the_forward_probe_times_the_model_between_runs(tiny_model_dir: Path) -> None:
     """The compare tool's in-process ceiling: loaded once, timed again around each run."""
-    from load_tests.compare import Round, Run, spread
+    from load_tests.compare import Round, Run, reachable_size, spread
     from load_tests.concurrency import ForwardProbe
 
     probe = ForwardProbe(str(tiny_model_dir), "fp32", "torch")
@@ -96,9 +96,13 @@ def test_the_forward_probe_times_the_model_between_runs(tiny_model_dir: Path) ->
         single = probe.single_ms(0.1)
     finally:
         probe.close()
-    assert first > 0 and again > 0
+    assert first > 0
+    assert again > 0
     assert single > 0
     run = Run("ours", 1, 10, 0, 1.0, 10.0, 5.0, 9.0, 0.1, 20.0)
     between = Round(1, {"own": 10.0}, {"own": 30.0}, single, run, None)
     assert between.ceiling("own") == 20.0  # the mean of just before and just after
     assert spread([0.9, 1.1, 1.0]) == "1.00 (0.90-1.10)"
+    rates = {1: 10.0, 8: 40.0, 16: 30.0, 32: 50.0}
+    assert reachable_size(rates, 16) == 8  # 32 is faster, but 16 clients never fill it
+    assert reachable_size(rates, 1) == 1
