@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import json
+import operator
 import os
 import re
 import resource
@@ -195,9 +196,22 @@ class Round:
     single_ms: float  # the service's batch-1 forward, around this round
     ours: Run
     peer: Run | None
+    # The service's own forward passes during its run, from its /metrics: the lone
+    # client's overhead without the drift between this process's probe and the server.
+    served_forward_ms: float = float("nan")
 
     def ceiling(self, name: str) -> float:
         return (self.ceilings_before[name] + self.ceilings_after[name]) / 2
+
+
+def forward_totals(base_url: str) -> tuple[float, float]:
+    """Seconds and count of the service's forward passes so far (its /metrics)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    totals = []
+    for part in ("sum", "count"):
+        found = re.findall(rf"^clip_forward_seconds_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        totals.append(sum(float(value) for value in found))
+    return totals[0], totals[1]
 
 
 def probe_names(backend: str, precision: str) -> dict[str, tuple[str, str]]:
@@ -261,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     crop = make_crops(1)[0]
     ours_body, ours_type = multipart(crop)
     peer_body = json.dumps({"image": base64.b64encode(crop).decode()}).encode()
-    ours_url = f"http://127.0.0.1:{args.port}/embed"
+    base_url = f"http://127.0.0.1:{args.port}"
+    ours_url = f"{base_url}/embed"
     peer_url = f"http://127.0.0.1:{args.port + 1}/predict"
 
     settings = {"CLIP_PRECISION": args.precision, "CLIP_BACKEND": args.backend}
@@ -302,15 +317,26 @@ def main(argv: list[str] | None = None) -> None:
                 run_wrk("litserve", peer_url, peer_body, "application/json", count, 3, peer.pid)
             latest, single = ceilings_now(count)
             for _ in range(args.rounds):
+                passes_before = forward_totals(base_url)
                 ours = run_wrk("ours", ours_url, ours_body, ours_type, count, args.seconds,
                                server.pid)  # fmt: skip
+                seconds, passes = map(operator.sub, forward_totals(base_url), passes_before)
+                served_ms = 1000 * seconds / passes if passes else float("nan")
                 theirs = None
                 if peer is not None:
                     theirs = run_wrk("litserve", peer_url, peer_body, "application/json",
                                      count, args.seconds, peer.pid)  # fmt: skip
                 following, single_after = ceilings_now(count)
                 rounds.append(
-                    Round(count, latest, following, (single + single_after) / 2, ours, theirs)
+                    Round(
+                        count,
+                        latest,
+                        following,
+                        (single + single_after) / 2,
+                        ours,
+                        theirs,
+                        served_ms,
+                    )
                 )
                 latest, single = following, single_after
         memory["steady_mb"], memory["peak_mb"] = memory_mb(server.pid)
@@ -377,6 +403,8 @@ def report(
         if count == 1:
             over = [r.ours.p50_ms - r.single_ms for r in mine]
             line += f"; p50 - batch-1 forward {spread(over)} ms"
+            served = [r.ours.p50_ms - r.served_forward_ms for r in mine]
+            line += f" (- the service's own forward passes in the run: {spread(served)} ms)"
         print(line)
     print("service memory: startup peak {startup_peak_mb:.0f} MB, steady {steady_mb:.0f} MB, "
           "peak {peak_mb:.0f} MB".format(**memory))  # fmt: skip

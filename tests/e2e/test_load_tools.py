@@ -106,3 +106,14 @@ def test_the_forward_probe_times_the_model_between_runs(tiny_model_dir: Path) ->
     rates = {1: 10.0, 8: 40.0, 16: 30.0, 32: 50.0}
     assert reachable_size(rates, 16) == 8  # 32 is faster, but 16 clients never fill it
     assert reachable_size(rates, 1) == 1
+
+
+def test_the_compare_tool_reads_the_services_own_forward_passes(server: RunningServer) -> None:  # noqa: F811
+    from load_tests.compare import forward_totals
+
+    seconds, passes = forward_totals(server.url)
+    reply = httpx.post(f"{server.url}/embed", files={"image": ("c.jpg", noise_jpeg(5))})
+    assert reply.status_code == 200
+    seconds_after, passes_after = forward_totals(server.url)
+    assert passes_after >= passes + 1
+    assert seconds_after > seconds
