@@ -7,10 +7,10 @@ forward pass the next one gathers. When a pass could start, a queued item waits 
 companions at most `max_wait_s`, counted from when both it and a forward slot were
 there: time spent queued behind a running pass is not spent waiting for companions,
 so items that gathered during a pass may still wait for the ones on their way (being
-decoded, or the callers a pass just answered, who tend to come straight back). On
-runtimes that run large batches much faster per image (OpenVINO bf16 on AMX), a
-longer `max_wait_s` turns closed-loop clients' alternating half batches into full
-ones; waiting stops as soon as no more items are on their way. A runtime that
+decoded, or the callers a pass just answered, who tend to come straight back). A
+longer `max_wait_s` then turns closed-loop clients' alternating half batches into full
+ones, which pays on runtimes much faster per image at larger batches; waiting stops as
+soon as no more items are on their way. A runtime that
 runs several forward passes at once (OpenVINO's CPU streams: one thread each, so a
 thread preempted by the HTTP side stalls only its own pass) gets `concurrency` > 1:
 up to that many batches run at the same time, each in its own thread.
