@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.concurrency import (
     ForwardProbe,
@@ -207,11 +208,12 @@ class Round:
 def forward_totals(base_url: str) -> tuple[float, float]:
     """Seconds and count of the service's forward passes so far (its /metrics)."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    totals = []
-    for part in ("sum", "count"):
-        found = re.findall(rf"^clip_forward_seconds_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        totals.append(sum(float(value) for value in found))
-    return totals[0], totals[1]
+    totals = dict.fromkeys(("clip_forward_seconds_sum", "clip_forward_seconds_count"), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["clip_forward_seconds_sum"], totals["clip_forward_seconds_count"]
 
 
 def probe_names(backend: str, precision: str) -> dict[str, tuple[str, str]]:
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     peer = None
     probes: dict[str, ForwardProbe] = {}
     try:
-        info = httpx.get(f"http://127.0.0.1:{args.port}/info", timeout=10).json()
+        info = httpx.get(f"{base_url}/info", timeout=10).json()
         backend, precision = info["backend"], info["precision"]
         memory = {"startup_peak_mb": memory_mb(server.pid)[1]}
         peer = None if args.no_peer else start_peer(args.model_dir, args.port + 1)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         # server's run sits between two ceiling measurements taken seconds apart.
         names = probe_names(backend, precision)
         probes = {name: ForwardProbe(args.model_dir, p, b) for name, (b, p) in names.items()}
-        own_name = f"service ({backend} {precision})"
+        _, own_name, _ = names
         own = probes[own_name]
         before = scan(probes, args.ceiling_seconds)
         best_size = {name: max(rates, key=rates.__getitem__) for name, rates in before.items()}

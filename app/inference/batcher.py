@@ -260,6 +260,10 @@ class DynamicBatcher(Generic[In, Out]):
         fewer items queued since than it answered (its callers coming back)."""
         if self._companions_expected is not None and self._companions_expected():
             return True
+        return self._callers_returning(now)
+
+    def _callers_returning(self, now: float) -> bool:
+        """Within the grace after a pass, fewer items queued since than it answered."""
         returning = now < self._freed_at + self._return_grace_s
         return returning and self._queued_since_freed < self._answered
 
@@ -277,11 +281,9 @@ class DynamicBatcher(Generic[In, Out]):
             now = time.monotonic()
             if now >= deadline or not self._expecting_companions(now):
                 break
-            # Re-check when the answered callers' grace ends, if nothing arrives before.
-            returning_until = self._freed_at + self._return_grace_s
             timeout = deadline - now
-            if now < returning_until and self._answered > self._queued_since_freed:
-                timeout = min(timeout, returning_until - now)
+            if self._callers_returning(now):  # re-check when their grace ends
+                timeout = min(timeout, self._freed_at + self._return_grace_s - now)
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
