@@ -26,7 +26,6 @@ import argparse
 import base64
 import contextlib
 import json
-import operator
 import os
 import re
 import resource
@@ -198,22 +197,56 @@ class Round:
     ours: Run
     peer: Run | None
     # The service's own forward passes during its run, from its /metrics: the lone
-    # client's overhead without the drift between this process's probe and the server.
-    served_forward_ms: float = float("nan")
+    # client's overhead without the drift between this process's probe and the server,
+    # and under load where the gap to the ceiling goes (batch size, model idle).
+    served: Served | None = None
+
+    @property
+    def model_busy(self) -> float:
+        """Fraction of the run the service's model spent in forward passes."""
+        if self.served is None:
+            return float("nan")
+        return self.served.forward_seconds / self.ours.seconds
 
     def ceiling(self, name: str) -> float:
         return (self.ceilings_before[name] + self.ceilings_after[name]) / 2
 
 
-def forward_totals(base_url: str) -> tuple[float, float]:
-    """Seconds and count of the service's forward passes so far (its /metrics)."""
+@dataclass(frozen=True)
+class Served:
+    """The service's own count of its forward passes (its /metrics): totals so far, or,
+    subtracted, what one run did."""
+
+    forward_seconds: float
+    passes: float
+    images: float
+
+    def __sub__(self, earlier: Served) -> Served:
+        return Served(
+            self.forward_seconds - earlier.forward_seconds,
+            self.passes - earlier.passes,
+            self.images - earlier.images,
+        )
+
+    @property
+    def pass_ms(self) -> float:
+        return 1000 * self.forward_seconds / self.passes if self.passes else float("nan")
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.passes if self.passes else float("nan")
+
+
+def served_totals(base_url: str) -> Served:
+    """The service's forward passes so far: seconds, passes and images (its /metrics)."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    totals = dict.fromkeys(("clip_forward_seconds_sum", "clip_forward_seconds_count"), 0.0)
+    names = ("clip_forward_seconds_sum", "clip_forward_seconds_count", "clip_batch_size_sum")
+    totals = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
-    return totals["clip_forward_seconds_sum"], totals["clip_forward_seconds_count"]
+    return Served(*(totals[name] for name in names))
 
 
 def probe_names(backend: str, precision: str) -> dict[str, tuple[str, str]]:
@@ -319,11 +352,10 @@ def main(argv: list[str] | None = None) -> None:
                 run_wrk("litserve", peer_url, peer_body, "application/json", count, 3, peer.pid)
             latest, single = ceilings_now(count)
             for _ in range(args.rounds):
-                passes_before = forward_totals(base_url)
+                served_before = served_totals(base_url)
                 ours = run_wrk("ours", ours_url, ours_body, ours_type, count, args.seconds,
                                server.pid)  # fmt: skip
-                seconds, passes = map(operator.sub, forward_totals(base_url), passes_before)
-                served_ms = 1000 * seconds / passes if passes else float("nan")
+                served = served_totals(base_url) - served_before
                 theirs = None
                 if peer is not None:
                     theirs = run_wrk("litserve", peer_url, peer_body, "application/json",
@@ -337,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                         (single + single_after) / 2,
                         ours,
                         theirs,
-                        served_ms,
+                        served,
                     )
                 )
                 latest, single = following, single_after
@@ -375,9 +407,9 @@ def report(
         print(f"  {name}: {sizes} (rounds use batch {best_size[name]})")
     print("\n| clients | round | ours crops/s | p50 ms | p99 ms | non-200 | client CPU % | "
           "server CPU ms/req | torch ceiling | own ceiling | own, batch <= clients | "
-          "own batch-1 ms | "
+          "own batch-1 ms | served batch | model busy | "
           "LitServe crops/s | LitServe CPU ms/req |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|" + "---:|" * 16)
     for index, r in enumerate(rounds):
         o = r.ours
         peer = (f"{r.peer.crops_per_s:.1f} | {r.peer.server_cpu_ms_per_request:.1f}"
@@ -386,7 +418,8 @@ def report(
               f"{o.non_200} | {o.client_cpu_pct:.1f} | {o.server_cpu_ms_per_request:.1f} | "
               f"{r.ceiling(torch_name):.1f} | {r.ceiling(own_name):.1f} | "
               f"{r.ceiling(REACHABLE):.1f} | {r.single_ms:.1f} | "
-              f"{peer} |")  # fmt: skip
+              f"{r.served.mean_batch if r.served else float('nan'):.1f} | "
+              f"{r.model_busy:.2f} | {peer} |")  # fmt: skip
     print("\nper round, median (min-max):")
     for count in dict.fromkeys(r.clients for r in rounds):
         mine = [r for r in rounds if r.clients == count]
@@ -405,8 +438,14 @@ def report(
         if count == 1:
             over = [r.ours.p50_ms - r.single_ms for r in mine]
             line += f"; p50 - batch-1 forward {spread(over)} ms"
-            served = [r.ours.p50_ms - r.served_forward_ms for r in mine]
+            served = [r.ours.p50_ms - r.served.pass_ms for r in mine if r.served]
             line += f" (- the service's own forward passes in the run: {spread(served)} ms)"
+        else:
+            # Where the gap to the own ceiling goes: smaller batches than the ceiling's,
+            # or the model waiting between passes.
+            batches = [r.served.mean_batch for r in mine if r.served]
+            line += (f"; the service's model busy {spread([r.model_busy for r in mine])} of "
+                     f"the run, mean batch {spread(batches)}")  # fmt: skip
         print(line)
     print("service memory: startup peak {startup_peak_mb:.0f} MB, steady {steady_mb:.0f} MB, "
           "peak {peak_mb:.0f} MB".format(**memory))  # fmt: skip

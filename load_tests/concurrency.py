@@ -276,14 +276,19 @@ def forward_figures(
         probe.close()
 
 
-def start_server(model_dir: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_server(
+    model_dir: str, port: int, extra_env: dict[str, str], cwd: str | None = None
+) -> subprocess.Popen[bytes]:
+    """The service on `port`, from the checkout in `cwd` (default: this one)."""
     env = {**os.environ, "CLIP_MODEL": f"local-dir:{model_dir}", **extra_env}
     # The production entry point: its connection limits and graceful SIGTERM included.
     command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)]
     # A file, not a pipe: nobody reads a pipe during the run, and a full one would block
     # the server on its next access-log line.
     log = Path(tempfile.gettempdir()) / f"clip-service-{port}.log"
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     return wait_until_ready(process, f"http://127.0.0.1:{port}/ready", log, "service")
 
 

@@ -5,6 +5,7 @@ are installed by .ci/run and `make install`; elsewhere their absence skips."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 from pathlib import Path
@@ -109,11 +110,54 @@ def test_the_forward_probe_times_the_model_between_runs(tiny_model_dir: Path) ->
 
 
 def test_the_compare_tool_reads_the_services_own_forward_passes(server: RunningServer) -> None:  # noqa: F811
-    from load_tests.compare import forward_totals
+    from load_tests.compare import Round, Run, served_totals
 
-    seconds, passes = forward_totals(server.url)
-    reply = httpx.post(f"{server.url}/embed", files={"image": ("c.jpg", noise_jpeg(5))})
+    before = served_totals(server.url)
+    files = [("images", (f"{i}.jpg", noise_jpeg(5 + i))) for i in range(3)]
+    reply = httpx.post(f"{server.url}/embed/batch", files=files)
     assert reply.status_code == 200
-    seconds_after, passes_after = forward_totals(server.url)
-    assert passes_after >= passes + 1
-    assert seconds_after > seconds
+    run = served_totals(server.url) - before
+    assert run.passes >= 1
+    assert run.images == 3  # every image counted once, however the batcher split them
+    assert 0 < run.pass_ms < 60_000
+    assert 1 <= run.mean_batch <= 3
+    seconds = run.forward_seconds * 4
+    wrk = Run("ours", 1, 1, 0, seconds, 1.0, 5.0, 9.0, 0.1, 20.0)
+    assert Round(1, {}, {}, 1.0, wrk, None, run).model_busy == pytest.approx(0.25)
+
+
+def test_the_ab_tool_pairs_two_configurations_slice_by_slice(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_wrk()
+    from load_tests.ab import main as ab_main
+
+    out = tmp_path / "ab.json"
+    slices = ab_main(
+        ["--model-dir", str(tiny_model_dir), "--b", "CLIP_MAX_BATCH_SIZE=1", "--clients", "4",
+         "--rounds", "2", "--seconds", "1", "--port", str(free_port()), "--json", str(out)]
+    )  # fmt: skip
+    for name in ("A", "B"):
+        assert len(slices[name]) == 2
+        for piece in slices[name]:
+            assert piece.run.non_200 == 0
+            assert piece.run.crops_per_s > 0
+            assert piece.served.images > 0
+            assert 0 < piece.model_busy <= 1.5  # the last pass may end after the slice
+    # B's setting reached B's server and only B's: it never batched two images.
+    assert all(piece.served.mean_batch == 1 for piece in slices["B"])
+    assert "B / A, per round: crops/s" in capsys.readouterr().out
+    assert json.loads(out.read_text())["B"]["settings"] == {"CLIP_MAX_BATCH_SIZE": "1"}
+
+
+def test_the_ab_tool_refuses_what_is_not_a_setting() -> None:
+    from load_tests.ab import settings
+
+    assert settings(["CLIP_MAX_WAIT_MS=25", "CLIP_X=a=b"]) == {
+        "CLIP_MAX_WAIT_MS": "25",
+        "CLIP_X": "a=b",
+    }
+    with pytest.raises(SystemExit, match="CLIP_NAME=value"):
+        settings(["MAX_WAIT=25"])
+    with pytest.raises(SystemExit, match="CLIP_NAME=value"):
+        settings(["CLIP_MAX_WAIT_MS"])
