@@ -10,7 +10,9 @@ torch fp32 (LitServe's model). Shared machines drift by tens of percent within m
 so each run is compared with the ceilings measured just before and just after it, and a
 ratio is reported as the median and range over rounds. The service's own ceiling is
 given twice: at its best batch, and at the best batch the clients can fill (16
-closed-loop clients never make a batch of 32). The full batch-size scans run before and
+closed-loop clients never make a batch of 32), and a third time at the batch the service
+actually served in the run (its /metrics), probed right after it; the same counts give
+the share of the run its model was busy. The full batch-size scans run before and
 after all rounds. Reported per run: crops/s, p50/p99, non-200s, the client's
 own CPU (so a figure measures the server, not the load generator) and each server's CPU
 per request. Loopback only; every run is bounded in time.
@@ -200,6 +202,9 @@ class Round:
     # client's overhead without the drift between this process's probe and the server,
     # and under load where the gap to the ceiling goes (batch size, model idle).
     served: Served | None = None
+    # The service's own ceiling at the batch size it served in this run (probed right
+    # after it): how much of its model's speed at that batch the service delivers.
+    served_ceiling: float = float("nan")
 
     @property
     def model_busy(self) -> float:
@@ -331,8 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         # The servers stay up, idle, while the ceilings run in this process: each
         # server's run sits between two ceiling measurements taken seconds apart.
         names = probe_names(backend, precision)
-        probes = {name: ForwardProbe(args.model_dir, p, b) for name, (b, p) in names.items()}
         _, own_name, _ = names
+        # The service's own ceiling runs as many passes at once as the service does.
+        streams = int(info["batcher"]["forward_streams"])
+        probes = {
+            name: ForwardProbe(args.model_dir, p, b, streams if name == own_name else 1)
+            for name, (b, p) in names.items()
+        }
         own = probes[own_name]
         before = scan(probes, args.ceiling_seconds)
         best_size = {name: max(rates, key=rates.__getitem__) for name, rates in before.items()}
@@ -356,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                 ours = run_wrk("ours", ours_url, ours_body, ours_type, count, args.seconds,
                                server.pid)  # fmt: skip
                 served = served_totals(base_url) - served_before
+                served_size = max(1, round(served.mean_batch)) if served.passes else 1
+                served_ceiling = own.rate(served_size, args.ceiling_seconds)
                 theirs = None
                 if peer is not None:
                     theirs = run_wrk("litserve", peer_url, peer_body, "application/json",
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                         ours,
                         theirs,
                         served,
+                        served_ceiling,
                     )
                 )
                 latest, single = following, single_after
@@ -407,9 +420,9 @@ def report(
         print(f"  {name}: {sizes} (rounds use batch {best_size[name]})")
     print("\n| clients | round | ours crops/s | p50 ms | p99 ms | non-200 | client CPU % | "
           "server CPU ms/req | torch ceiling | own ceiling | own, batch <= clients | "
-          "own batch-1 ms | served batch | model busy | "
+          "own batch-1 ms | served batch | own at served batch | model busy | "
           "LitServe crops/s | LitServe CPU ms/req |")  # fmt: skip
-    print("|" + "---:|" * 16)
+    print("|" + "---:|" * 17)
     for index, r in enumerate(rounds):
         o = r.ours
         peer = (f"{r.peer.crops_per_s:.1f} | {r.peer.server_cpu_ms_per_request:.1f}"
@@ -419,7 +432,7 @@ def report(
               f"{r.ceiling(torch_name):.1f} | {r.ceiling(own_name):.1f} | "
               f"{r.ceiling(REACHABLE):.1f} | {r.single_ms:.1f} | "
               f"{r.served.mean_batch if r.served else float('nan'):.1f} | "
-              f"{r.model_busy:.2f} | {peer} |")  # fmt: skip
+              f"{r.served_ceiling:.1f} | {r.model_busy:.2f} | {peer} |")  # fmt: skip
     print("\nper round, median (min-max):")
     for count in dict.fromkeys(r.clients for r in rounds):
         mine = [r for r in rounds if r.clients == count]
@@ -444,8 +457,10 @@ def report(
             # Where the gap to the own ceiling goes: smaller batches than the ceiling's,
             # or the model waiting between passes.
             batches = [r.served.mean_batch for r in mine if r.served]
+            at_served = [r.ours.crops_per_s / r.served_ceiling for r in mine]
             line += (f"; the service's model busy {spread([r.model_busy for r in mine])} of "
-                     f"the run, mean batch {spread(batches)}")  # fmt: skip
+                     f"the run, mean batch {spread(batches)}, / own ceiling at that batch "
+                     f"{spread(at_served)}")  # fmt: skip
         print(line)
     print("service memory: startup peak {startup_peak_mb:.0f} MB, steady {steady_mb:.0f} MB, "
           "peak {peak_mb:.0f} MB".format(**memory))  # fmt: skip

@@ -219,12 +219,18 @@ class ForwardProbe:
     machine that drifts by tens of percent in minutes, a ratio means something only
     between figures taken moments apart."""
 
-    def __init__(self, model_dir: str, precision: str, backend: str = "auto") -> None:
+    def __init__(
+        self, model_dir: str, precision: str, backend: str = "auto", streams: int = 1
+    ) -> None:
         from app.config import Settings
         from app.inference.model import ClipImageEncoder
 
         settings = Settings(
-            model=f"local-dir:{model_dir}", precision=precision, backend=backend, warmup=False
+            model=f"local-dir:{model_dir}",
+            precision=precision,
+            backend=backend,
+            forward_streams=streams,  # OpenVINO's; the others run one pass at a time
+            warmup=False,
         )
         self.encoder = ClipImageEncoder.load(settings)
         crop = Image.open(io.BytesIO(make_crops(1)[0])).convert("RGB")

@@ -23,6 +23,7 @@ from app.inference.calibration import calibration_for
 from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.preprocessing import ImagePreprocessor
 from app.inference.runtimes import (
+    SUPPORTED,
     BackendUnavailable,
     Tower,
     build_tower,
@@ -60,7 +61,11 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def pick_precision(requested: Precision, device: torch.device) -> Precision:
+def pick_precision(
+    requested: Precision, device: torch.device, backend: Backend = Backend.AUTO
+) -> Precision:
+    """`auto`: the fastest precision that keeps fp32's embeddings, among those `backend`
+    runs (a backend named with `auto` precision must start, not refuse its own default)."""
     if requested != Precision.AUTO:
         if requested == Precision.FP16 and device.type == "cpu":
             raise WeightsUnavailable(
@@ -71,7 +76,10 @@ def pick_precision(requested: Precision, device: torch.device) -> Precision:
         return requested
     if device.type == "cuda":
         return Precision.FP16
-    return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
+    preferred = Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
+    if backend != Backend.AUTO and preferred not in SUPPORTED[backend]:
+        return Precision.FP32  # ONNX Runtime has no bf16 path; int8 stays opt-in
+    return preferred
 
 
 class ClipImageEncoder:
@@ -101,7 +109,7 @@ class ClipImageEncoder:
     def load(cls, settings: Settings) -> ClipImageEncoder:
         started = time.perf_counter()
         device = pick_device(settings.device)
-        precision = pick_precision(settings.precision, device)
+        precision = pick_precision(settings.precision, device, settings.backend)
         backend = pick_backend(settings.backend, device, precision)
         source = resolve_model_source(settings.model, settings.pretrained)
         model, preprocess = _build(source, settings.resize_mode, device)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import Precision, Settings
+from app.config import Backend, Precision, Settings
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder, pick_precision
 from app.tools.synthetic_people import make_person
@@ -76,3 +76,14 @@ def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) ->
     assert pick_precision(Precision.AUTO, cpu) == Precision.FP32
     assert pick_precision(Precision.AUTO, torch.device("cuda")) == Precision.FP16
     assert pick_precision(Precision.INT8, cpu) == Precision.INT8
+
+
+def test_auto_precision_is_one_the_named_backend_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIP_BACKEND=onnxruntime with the default precision starts (fp32) on a CPU where
+    `auto` would otherwise pick bf16, which ONNX Runtime does not run."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("app.inference.model.cpu_has_fast_bf16", lambda: True)
+    assert pick_precision(Precision.AUTO, cpu, Backend.ONNXRUNTIME) == Precision.FP32
+    assert pick_precision(Precision.AUTO, cpu, Backend.OPENVINO) == Precision.BF16
+    assert pick_precision(Precision.AUTO, cpu, Backend.TORCH) == Precision.BF16
+    assert pick_precision(Precision.INT8, cpu, Backend.ONNXRUNTIME) == Precision.INT8
