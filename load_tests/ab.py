@@ -22,7 +22,16 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from load_tests.compare import Run, Served, multipart, run_wrk, served_totals, spread, stop
+from load_tests.compare import (
+    Run,
+    Served,
+    multipart,
+    parse_settings,
+    run_wrk,
+    served_totals,
+    spread,
+    stop,
+)
 from load_tests.concurrency import make_crops, start_server
 
 
@@ -35,18 +44,7 @@ class Slice:
 
     @property
     def model_busy(self) -> float:
-        return self.served.forward_seconds / self.run.seconds
-
-
-def settings(pairs: list[str]) -> dict[str, str]:
-    """`CLIP_X=V` strings to an environment."""
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.startswith("CLIP_"):
-            raise SystemExit(f"--a/--b take CLIP_NAME=value, not {pair!r}")
-        env[name] = value
-    return env
+        return self.served.busy(self.run.seconds)
 
 
 def ratios(a: list[Slice], b: list[Slice], figure: str) -> list[float]:
@@ -71,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[Slice]]:
     model_dir = str(Path(args.model_dir).resolve())
     body, content_type = multipart(make_crops(1)[0])
     configs = {
-        "A": (settings(args.a), str(Path(args.a_dir).resolve()), args.port),
-        "B": (settings(args.b), str(Path(args.b_dir).resolve()), args.port + 1),
+        "A": (parse_settings(args.a), str(Path(args.a_dir).resolve()), args.port),
+        "B": (parse_settings(args.b), str(Path(args.b_dir).resolve()), args.port + 1),
     }
     servers = {}
     slices: dict[str, list[Slice]] = {"A": [], "B": []}

@@ -208,10 +208,7 @@ class Round:
 
     @property
     def model_busy(self) -> float:
-        """Fraction of the run the service's model spent in forward passes."""
-        if self.served is None:
-            return float("nan")
-        return self.served.forward_seconds / self.ours.seconds
+        return self.served.busy(self.ours.seconds) if self.served else float("nan")
 
     def ceiling(self, name: str) -> float:
         return (self.ceilings_before[name] + self.ceilings_after[name]) / 2
@@ -240,6 +237,21 @@ class Served:
     @property
     def mean_batch(self) -> float:
         return self.images / self.passes if self.passes else float("nan")
+
+    def busy(self, seconds: float) -> float:
+        """Fraction of `seconds` the model spent in these forward passes."""
+        return self.forward_seconds / seconds
+
+
+def parse_settings(pairs: list[str]) -> dict[str, str]:
+    """`CLIP_NAME=value` strings (command-line options) to a service environment."""
+    env = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name.startswith("CLIP_"):
+            raise SystemExit(f"settings take CLIP_NAME=value, not {pair!r}")
+        env[name] = value
+    return env
 
 
 def served_totals(base_url: str) -> Served:
@@ -319,12 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     ours_url = f"{base_url}/embed"
     peer_url = f"http://127.0.0.1:{args.port + 1}/predict"
 
-    settings = {"CLIP_PRECISION": args.precision, "CLIP_BACKEND": args.backend}
-    for setting in args.setting:
-        name, equals, value = setting.partition("=")
-        if not equals or not name.startswith("CLIP_"):
-            parser.error(f"--setting {setting!r}: expected CLIP_NAME=VALUE")
-        settings[name] = value
+    settings = {
+        "CLIP_PRECISION": args.precision,
+        "CLIP_BACKEND": args.backend,
+        **parse_settings(args.setting),
+    }
     server = start_server(args.model_dir, args.port, settings)
     peer = None
     probes: dict[str, ForwardProbe] = {}

@@ -151,7 +151,7 @@ def test_the_ab_tool_pairs_two_configurations_slice_by_slice(
 
 
 def test_the_ab_tool_refuses_what_is_not_a_setting() -> None:
-    from load_tests.ab import settings
+    from load_tests.compare import parse_settings as settings
 
     assert settings(["CLIP_MAX_WAIT_MS=25", "CLIP_X=a=b"]) == {
         "CLIP_MAX_WAIT_MS": "25",
