@@ -32,7 +32,12 @@ from app.api.routes import analyze, embed, frame, similarity, system
 from app.api.security import require_api_key
 from app.config import Settings, load_settings
 from app.inference.encoder import ImageEncoder
-from app.inference.memory import keep_large_blocks_mmapped, release_freed_memory
+from app.inference.memory import (
+    GPU_LIBRARIES,
+    keep_large_blocks_mmapped,
+    page_out_libraries,
+    release_freed_memory,
+)
 from app.inference.model import ClipImageEncoder
 from app.inference.projection import Projection, ProjectionError
 from app.inference.service import EmbeddingService
@@ -67,6 +72,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        # Before loading, so that the startup peak is spared them too.
+        on_cpu_only = settings.device == "cpu" or not torch.cuda.is_available()
+        if on_cpu_only:
+            page_out_libraries(GPU_LIBRARIES)
         try:
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
@@ -80,6 +89,8 @@ def create_app(
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
         keep_large_blocks_mmapped()
+        if on_cpu_only:
+            page_out_libraries(GPU_LIBRARIES)  # what loading touched again
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )

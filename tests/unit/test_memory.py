@@ -1,0 +1,69 @@
+"""page_out_libraries gives back the resident pages of the mappings it is told of, and
+only those."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from app.inference.memory import page_out_libraries
+
+MAPS = Path("/proc/self/maps")
+
+
+def kernel_version() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+pytestmark = pytest.mark.skipif(
+    not MAPS.exists() or kernel_version() < (5, 4), reason="Linux 5.4+ (MADV_PAGEOUT)"
+)
+
+
+def resident_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path`, from /proc/self/smaps."""
+    total, current = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+            current = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+def mapped_and_read(path: Path, size: int) -> mmap.mmap:
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    with path.open("rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    sum(mapping[offset] for offset in range(0, size, mmap.PAGESIZE))  # fault every page in
+    return mapping
+
+
+def test_the_named_mappings_leave_memory_and_others_stay(tmp_path: Path) -> None:
+    size = 8 * 1024 * 1024
+    unused = tmp_path / "libunused_cuda.so"
+    kept = tmp_path / "libkept.so"
+    unused_map, kept_map = mapped_and_read(unused, size), mapped_and_read(kept, size)
+    try:
+        assert resident_kb(unused) >= size // 1024 * 0.9
+        assert page_out_libraries(["libunused_cuda"]) == 1
+        assert resident_kb(unused) <= size // 1024 * 0.1
+        assert resident_kb(kept) >= size // 1024 * 0.9
+        # Paged out is not gone: the pages read back as they were.
+        assert unused_map[size - 1] == (size - 1) % 256
+    finally:
+        unused_map.close()
+        kept_map.close()
+
+
+def test_nothing_named_nothing_advised(tmp_path: Path) -> None:
+    assert page_out_libraries(["/no/such/library/anywhere.so"]) == 0
+
+
+def test_without_proc_it_is_a_no_op(tmp_path: Path) -> None:
+    assert page_out_libraries(["nvidia"], maps=tmp_path / "absent") == 0
