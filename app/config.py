@@ -127,10 +127,12 @@ class Settings(BaseSettings):
         1,
         ge=0,
         le=64,
-        description="OpenVINO: forward passes run at once, each on its share of the cores "
-        "(one batch each). 1: one pass over all cores, the lowest latency; 2+: more "
-        "crops/s under many clients (1.2-1.4x on 2 cores), a lone request slower; 0: "
-        "OpenVINO's throughput choice, for many cores. torch and ONNX Runtime run 1.",
+        description="OpenVINO: forward passes run at once under load, each on its share of "
+        "the cores with its own batch. 1: one pass over every core, the least memory. "
+        "2+: that many streams, 0: OpenVINO's choice (2 on 2 cores); with more than one, "
+        "a request that finds the model idle runs alone over every core on a second "
+        "compiled copy of the model: 1.2x the crops/s under 16 clients on 2 cores at a "
+        "lone request's latency, for ~450 MB more. torch and ONNX Runtime run 1.",
     )
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."

@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def ceilings_now(count: int) -> tuple[dict[str, float], float]:
             rates = {n: p.rate(best_size[n], args.ceiling_seconds) for n, p in probes.items()}
-            # What `count` closed-loop clients can reach: no batch holds more than them.
-            fit = reachable_size(before[own_name], count)
+            # What `count` closed-loop clients can reach: no batch holds more than them,
+            # shared among the streams that each keep a batch in flight.
+            fit = reachable_size(before[own_name], max(1, count // streams))
             same = fit == best_size[own_name]
             rates[REACHABLE] = rates[own_name] if same else own.rate(fit, args.ceiling_seconds)
             return rates, own.single_ms(min(args.ceiling_seconds, 2.0))
@@ -451,7 +452,7 @@ def report(
             f"{count} clients: ours / torch {torch_name.split()[1]} ceiling "
             f"{spread([r.ours.crops_per_s / r.ceiling(torch_name) for r in mine])}, "
             f"/ own ceiling {spread([r.ours.crops_per_s / r.ceiling(own_name) for r in mine])}"
-            f" (at batch <= {count}: "
+            f" (at the best batch {count} clients fill: "
             f"{spread([r.ours.crops_per_s / r.ceiling(REACHABLE) for r in mine])})"
         )
         peers = [r.ours.crops_per_s / r.peer.crops_per_s for r in mine if r.peer]

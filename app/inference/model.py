@@ -226,8 +226,10 @@ class ClipImageEncoder:
         return self.postprocess(self.forward(batch))
 
     def warm_up(self) -> None:
-        blank = Image.new("RGB", (128, 256), (127, 127, 127))
-        self.encode([self.preprocess(blank)])
+        blank = [self.preprocess(Image.new("RGB", (128, 256), (127, 127, 127)))]
+        self.encode(blank)
+        if self.info.streams > 1:  # a lone image may take another path than a batch
+            self.encode(blank * self.info.streams)
 
 
 def _build(

@@ -133,17 +133,21 @@ async def test_openvino_streams_serve_concurrent_requests_alike(
 ) -> None:
     crops = [noise_jpeg(seed) for seed in range(12)]
 
-    async def embed_all(settings: Settings) -> tuple[int, list[np.ndarray]]:
+    async def embed_all(settings: Settings) -> tuple[int, list[np.ndarray], np.ndarray]:
         async with serve(settings) as (_, client):
             streams = (await client.get("/info")).json()["batcher"]["forward_streams"]
             responses = await asyncio.gather(
                 *(client.post("/embed", files={"image": ("c.jpg", c)}) for c in crops)
             )
-        assert all(r.status_code == 200 for r in responses)
-        return streams, [decode_embedding(r.json()["embedding"]) for r in responses]
+            # Alone, with every stream idle: the pass over every core, where there is one.
+            lone = await client.post("/embed", files={"image": ("c.jpg", crops[0])})
+        assert all(r.status_code == 200 for r in [*responses, lone])
+        rows = [decode_embedding(r.json()["embedding"]) for r in responses]
+        return streams, rows, decode_embedding(lone.json()["embedding"])
 
-    one, alone = await embed_all(tiny_settings(backend="openvino"))
-    two, together = await embed_all(tiny_settings(backend="openvino", forward_streams=2))
+    one, alone, _ = await embed_all(tiny_settings(backend="openvino", forward_streams=1))
+    two, together, lone = await embed_all(tiny_settings(backend="openvino", forward_streams=2))
     assert (one, two) == (1, 2)
     for a, b in zip(alone, together, strict=True):
         assert cosine(a, b) >= 0.99999
+    assert cosine(alone[0], lone) >= 0.99999
