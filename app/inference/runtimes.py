@@ -128,7 +128,8 @@ class OpenVinoTower:
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.concurrency):
             self._idle.put(compiled.create_infer_request())
-        self._solo = solo.create_infer_request() if solo and self.concurrency > 1 else None
+        solo_wanted = solo is not None and self.concurrency > 1
+        self._solo = solo.create_infer_request() if solo_wanted else None
         self._turns = threading.Condition()
         self._running = 0
         self._solo_running = False
