@@ -35,7 +35,7 @@ from app.inference.encoder import ImageEncoder
 from app.inference.memory import (
     GPU_LIBRARIES,
     keep_large_blocks_mmapped,
-    page_out_libraries,
+    page_out_files,
     release_freed_memory,
 )
 from app.inference.model import ClipImageEncoder
@@ -75,7 +75,7 @@ def create_app(
         # Before loading, so that the startup peak is spared them too.
         on_cpu_only = settings.device == "cpu" or not torch.cuda.is_available()
         if on_cpu_only:
-            page_out_libraries(GPU_LIBRARIES)
+            page_out_files(GPU_LIBRARIES)
         try:
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
             encoder = await asyncio.to_thread(load_encoder, settings)
@@ -90,7 +90,7 @@ def create_app(
         release_freed_memory()
         keep_large_blocks_mmapped()
         if on_cpu_only:
-            page_out_libraries(GPU_LIBRARIES)  # what loading touched again
+            page_out_files(GPU_LIBRARIES)  # what loading touched again
         service = EmbeddingService(
             encoder, settings, observer=metrics.observe_batch, projection=projection
         )

@@ -63,9 +63,10 @@ def release_freed_memory() -> bool:
     return bool(libc.malloc_trim(0))
 
 
-def page_out_libraries(fragments: Sequence[str], maps: Path = Path("/proc/self/maps")) -> int:
-    """Give back the resident pages of read-only file mappings whose path contains one
-    of `fragments`; the number of mappings advised (0 where Linux or glibc is not)."""
+def page_out_files(fragments: Sequence[str], maps: Path = Path("/proc/self/maps")) -> int:
+    """Give back the resident pages of read-only file mappings (libraries, mapped
+    weights) whose path contains one of `fragments`; the number of mappings advised (0
+    where Linux or glibc is not)."""
     libc = _libc()
     if libc is None or not maps.exists():
         return 0

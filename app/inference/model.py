@@ -230,6 +230,7 @@ class ClipImageEncoder:
         self.encode(blank)
         if self.info.streams > 1:  # a lone image may take another path than a batch
             self.encode(blank * self.info.streams)
+        self._tower.settle()
 
 
 def _build(

@@ -37,6 +37,7 @@ import torch
 
 from app.config import Backend, Precision
 from app.inference.calibration import Calibration
+from app.inference.memory import page_out_files
 from app.inference.weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ class Tower(Protocol):
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised float32 (N, 3, H, W) on the tower's device -> raw features."""
+        ...
+
+    def settle(self) -> None:
+        """After the first passes on every path (the warm-up): let go of what only
+        they needed."""
         ...
 
 
@@ -110,6 +116,9 @@ class TorchTower:
         features: torch.Tensor = self._visual(pixels.to(self._dtype))
         return features
 
+    def settle(self) -> None:
+        pass
+
 
 class OpenVinoTower:
     """One infer request per CPU stream; a call borrows a free one, so up to
@@ -123,7 +132,7 @@ class OpenVinoTower:
 
     backend = Backend.OPENVINO
 
-    def __init__(self, compiled: Any, solo: Any = None) -> None:
+    def __init__(self, compiled: Any, solo: Any = None, weights_file: Path | None = None) -> None:
         self.concurrency = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.concurrency):
@@ -133,6 +142,14 @@ class OpenVinoTower:
         self._turns = threading.Condition()
         self._running = 0
         self._solo_running = False
+        self._weights_file = weights_file
+
+    def settle(self) -> None:
+        # Each compiled model copies the weights it maps from the IR into its own layout
+        # on its first pass; after that the mapped file is never read again, yet its
+        # pages (~180 MB for ViT-B-32) would stay resident.
+        if self._weights_file is not None:
+            page_out_files([str(self._weights_file)])
 
     @property
     def has_solo(self) -> bool:
@@ -179,6 +196,9 @@ class OnnxRuntimeTower:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         (features,) = self._session.run(None, {self._input: pixels.numpy()})
         return torch.from_numpy(np.asarray(features, dtype=np.float32))
+
+    def settle(self) -> None:
+        pass
 
 
 def build_tower(
@@ -328,20 +348,21 @@ def _openvino_tower(
         config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == Precision.BF16 else "f32"
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    # The weights are mapped from the file, not read into the heap: each compiled model
+    # copies them into the layout (and precision) it runs on its first pass, after
+    # which settle() hands the mapped pages back.
     core = ov.Core()
-    # Read the weights rather than map the file: compiling copies them into the layout
-    # (and precision) it runs, and a mapping would keep the fp32 file resident as well.
-    core.set_property({"ENABLE_MMAP": False})
-    compiled = core.compile_model(core.read_model(path), "CPU", config)
+    model = core.read_model(path)
+    compiled = core.compile_model(model, "CPU", config)
     solo = None
     if int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) > 1:
-        # A second compiled copy (ViT-B-32 bf16: ~200 MB of weights, ~450 MB more
-        # resident under load in all) buys a lone request the latency of every core:
-        # on 2 cores one stream alone is 1.6x slower.
+        # A second compiled copy (ViT-B-32 bf16: ~180 MB of weights in its layout)
+        # buys a lone request the latency of every core: on 2 cores one stream alone
+        # is 1.6x slower.
         solo_config = {**config, "PERFORMANCE_HINT": "LATENCY"}
         solo_config.pop("NUM_STREAMS", None)
-        solo = core.compile_model(core.read_model(path), "CPU", solo_config)
-    return OpenVinoTower(compiled, solo)
+        solo = core.compile_model(model, "CPU", solo_config)
+    return OpenVinoTower(compiled, solo, path.with_suffix(".bin"))
 
 
 def _quantize_static(model: Any, pixels: torch.Tensor) -> Any:

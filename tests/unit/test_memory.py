@@ -1,4 +1,4 @@
-"""page_out_libraries gives back the resident pages of the mappings it is told of, and
+"""page_out_files gives back the resident pages of the mappings it is told of, and
 only those."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.inference.memory import page_out_libraries
+from app.inference.memory import page_out_files
 
 MAPS = Path("/proc/self/maps")
 
@@ -19,9 +19,10 @@ def kernel_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-pytestmark = pytest.mark.skipif(
+page_out_works = pytest.mark.skipif(
     not MAPS.exists() or kernel_version() < (5, 4), reason="Linux 5.4+ (MADV_PAGEOUT)"
 )
+pytestmark = page_out_works
 
 
 def resident_kb(path: Path) -> int:
@@ -51,7 +52,7 @@ def test_the_named_mappings_leave_memory_and_others_stay(tmp_path: Path) -> None
     unused_map, kept_map = mapped_and_read(unused, size), mapped_and_read(kept, size)
     try:
         assert resident_kb(unused) >= size // 1024 * 0.9
-        assert page_out_libraries(["libunused_cuda"]) == 1
+        assert page_out_files(["libunused_cuda"]) == 1
         assert resident_kb(unused) <= size // 1024 * 0.1
         assert resident_kb(kept) >= size // 1024 * 0.9
         # Paged out is not gone: the pages read back as they were.
@@ -62,8 +63,8 @@ def test_the_named_mappings_leave_memory_and_others_stay(tmp_path: Path) -> None
 
 
 def test_nothing_named_nothing_advised(tmp_path: Path) -> None:
-    assert page_out_libraries(["/no/such/library/anywhere.so"]) == 0
+    assert page_out_files(["/no/such/library/anywhere.so"]) == 0
 
 
 def test_without_proc_it_is_a_no_op(tmp_path: Path) -> None:
-    assert page_out_libraries(["nvidia"], maps=tmp_path / "absent") == 0
+    assert page_out_files(["nvidia"], maps=tmp_path / "absent") == 0

@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from app.inference.runtimes import OpenVinoTower
+from tests.unit.test_memory import mapped_and_read, page_out_works, resident_kb
 
 
 @dataclass
@@ -145,3 +147,19 @@ def test_a_failing_pass_over_every_core_does_not_block_the_next() -> None:
     tower._solo.infer = working  # type: ignore[method-assign]
     run_together(tower, [1, 2])  # neither waits for the pass that failed
     assert sorted(count for _, count, *_ in log.passes) == [1, 2]
+
+
+@page_out_works
+def test_settling_hands_back_the_mapped_weights_file(tmp_path: Path) -> None:
+    weights = tmp_path / "tower.bin"
+    size = 4 * 1024 * 1024
+    mapping = mapped_and_read(weights, size)
+    try:
+        log = Log()
+        tower = OpenVinoTower(FakeCompiled("stream", 2, log), FakeCompiled("solo", 1, log), weights)
+        assert resident_kb(weights) >= size // 1024 * 0.9
+        tower.settle()
+        assert resident_kb(weights) <= size // 1024 * 0.1
+        assert tower(pixels(1)).shape == (1, 4)  # and it still runs
+    finally:
+        mapping.close()
