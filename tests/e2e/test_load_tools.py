@@ -143,7 +143,9 @@ def test_the_ab_tool_pairs_two_configurations_slice_by_slice(
             assert piece.run.non_200 == 0
             assert piece.run.crops_per_s > 0
             assert piece.served.images > 0
-            assert 0 < piece.model_busy <= 1.5  # the last pass may end after the slice
+            # Busy time summed over the passes that run at once (OpenVINO's streams, at
+            # most one per core by default); the last pass may end after the slice.
+            assert 0 < piece.model_busy <= (os.cpu_count() or 1) + 0.5
     # B's setting reached B's server and only B's: it never batched two images.
     assert all(piece.served.mean_batch == 1 for piece in slices["B"])
     assert "B / A, per round: crops/s" in capsys.readouterr().out
