@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.inference.runtimes import OpenVinoTower
+from app.config import Precision
+from app.inference.runtimes import SECOND_COPY_MAX_BYTES, OpenVinoTower, default_streams
 from tests.unit.test_memory import mapped_and_read, page_out_works, resident_kb
 
 
@@ -163,3 +164,27 @@ def test_settling_hands_back_the_mapped_weights_file(tmp_path: Path) -> None:
         assert tower(pixels(1)).shape == (1, 4)  # and it still runs
     finally:
         mapping.close()
+
+
+def weights_of(count: int) -> torch.nn.Module:
+    """A module with `count` parameters that takes no memory (meta device)."""
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.empty(count, device="meta"))
+    return module
+
+
+@pytest.mark.parametrize(
+    ("parameters", "precision", "expected"),
+    [
+        (88_000_000, Precision.BF16, 0),  # ViT-B-32: ~180 MB a copy, the second one pays
+        (88_000_000, Precision.INT8, 0),
+        (88_000_000, Precision.FP32, 1),  # ~350 MB a copy: one stream, one copy
+        (304_000_000, Precision.BF16, 1),  # ViT-L-14: ~600 MB even in 16 bits
+        (SECOND_COPY_MAX_BYTES // 2, Precision.BF16, 0),  # at the limit exactly
+        (SECOND_COPY_MAX_BYTES // 2 + 1, Precision.BF16, 1),
+    ],
+)
+def test_the_default_streams_buy_a_second_copy_only_when_it_is_small(
+    parameters: int, precision: Precision, expected: int
+) -> None:
+    assert default_streams(weights_of(parameters), precision) == expected
