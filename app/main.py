@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,7 +47,8 @@ from app.search import SearchExecutor
 
 logger = logging.getLogger("app")
 
-EncoderFactory = Callable[[Settings], ImageEncoder]
+# (settings, the texts to embed while the text tower is at hand) -> the encoder
+EncoderFactory = Callable[[Settings, Sequence[str]], ImageEncoder]
 
 # Startup failures whose message names the setting to change: the message is the report,
 # and a traceback after it would only bury it.
@@ -72,13 +73,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        # Before loading, so that the startup peak is spared them too.
+        # Before loading, so that the startup peak is spared them too, and so that
+        # what a conversion frees goes back at once instead of into the heaps.
+        keep_large_blocks_mmapped()
         on_cpu_only = settings.device == "cpu" or not torch.cuda.is_available()
         if on_cpu_only:
             page_out_files(GPU_LIBRARIES)
         try:
             vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
-            encoder = await asyncio.to_thread(load_encoder, settings)
+            # The prompts are embedded before the image tower is converted, so that
+            # the text tower is gone by then (a lower startup peak).
+            encoder = await asyncio.to_thread(load_encoder, settings, vocabulary.prompts())
             info = encoder.info
             projection = load_projection(settings, info.model, info.dim, info.weights_sha256)
         except STARTUP_ERRORS as exc:
@@ -88,7 +93,6 @@ def create_app(
             await asyncio.to_thread(encoder.warm_up)
         classifiers = await asyncio.to_thread(build_garment_classifiers, encoder, vocabulary)
         release_freed_memory()
-        keep_large_blocks_mmapped()
         if on_cpu_only:
             page_out_files(GPU_LIBRARIES)  # what loading touched again
         service = EmbeddingService(

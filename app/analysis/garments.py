@@ -31,6 +31,16 @@ class Vocabulary:
     top: dict[str, list[str]]
     bottom: dict[str, list[str]]
 
+    def prompts(self) -> list[str]:
+        """Every prompt the classifiers embed, in the order they ask for them."""
+        return [
+            template.format(name)
+            for labels in (self.top, self.bottom)
+            for names in labels.values()
+            for name in names
+            for template in self.templates
+        ]
+
     @classmethod
     def load(cls, path: str = "") -> Vocabulary:
         if path:

@@ -63,10 +63,14 @@ def release_freed_memory() -> bool:
     return bool(libc.malloc_trim(0))
 
 
-def page_out_files(fragments: Sequence[str], maps: Path = Path("/proc/self/maps")) -> int:
+def page_out_files(
+    fragments: Sequence[str], *, copy_on_write: bool = False, maps: Path = Path("/proc/self/maps")
+) -> int:
     """Give back the resident pages of read-only file mappings (libraries, mapped
     weights) whose path contains one of `fragments`; the number of mappings advised (0
-    where Linux or glibc is not)."""
+    where Linux or glibc is not). With `copy_on_write`, private writable mappings too
+    (a checkpoint torch maps copy-on-write): the pages never written are the file's and
+    go; written ones are the process's own and stay where there is no swap."""
     libc = _libc()
     if libc is None or not maps.exists():
         return 0
@@ -76,7 +80,7 @@ def page_out_files(fragments: Sequence[str], maps: Path = Path("/proc/self/maps"
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)
         # Writable mappings hold relocated data, which has no file to be read back from.
-        if len(fields) < 6 or "w" in fields[1]:
+        if len(fields) < 6 or ("w" in fields[1] and not (copy_on_write and "p" in fields[1])):
             continue
         if not any(fragment in fields[5] for fragment in fragments):
             continue

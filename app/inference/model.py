@@ -20,7 +20,9 @@ from PIL import Image
 
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.calibration import calibration_for
+from app.inference.checkpoint_init import onto_checkpoint_tensors
 from app.inference.encoder import EncoderInfo, ModelInput
+from app.inference.memory import page_out_files, release_freed_memory
 from app.inference.preprocessing import ImagePreprocessor
 from app.inference.runtimes import (
     SUPPORTED,
@@ -95,10 +97,12 @@ class ClipImageEncoder:
         text_model: Any = None,
         tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None,
         logit_scale: float = 100.0,
+        text_rows: dict[str, npt.NDArray[np.float32]] | None = None,
     ) -> None:
         self._tower = tower
         self._text_model = text_model
         self._tokenizer = tokenizer
+        self._text_rows = text_rows or {}
         self.logit_scale = logit_scale
         self.preprocessor = ImagePreprocessor(preprocess, info.resize_mode, info.image_size)
         self._split = self.preprocessor.split
@@ -106,7 +110,12 @@ class ClipImageEncoder:
         self.info = info
 
     @classmethod
-    def load(cls, settings: Settings) -> ClipImageEncoder:
+    def load(cls, settings: Settings, texts: Sequence[str] = ()) -> ClipImageEncoder:
+        """The encoder the settings describe. `texts` (the zero-shot prompts) are embedded
+        first and the text tower dropped before the image tower is converted: a
+        conversion holds a second copy of the image tower for a while, and the text
+        tower's ~250 MB (ViT-B-32, fp32) need not sit beside it. With no `texts` the
+        text tower stays until release_text_tower()."""
         started = time.perf_counter()
         device = pick_device(settings.device)
         precision = pick_precision(settings.precision, device, settings.backend)
@@ -116,6 +125,18 @@ class ClipImageEncoder:
         model.eval().requires_grad_(False)
         visual: torch.nn.Module = model.visual  # type: ignore[assignment]
         logit_scale = float(model.logit_scale.exp().item())  # type: ignore[operator]
+        tokenizer = open_clip.get_tokenizer(source.model_name)
+        text_rows: dict[str, npt.NDArray[np.float32]] = {}
+        text_model: torch.nn.Module | None = model
+        if texts:
+            unique = list(dict.fromkeys(texts))
+            text_rows = dict(zip(unique, _embed_texts(model, tokenizer, unique), strict=True))
+            del model
+            text_model = None  # the text tower goes; `visual` keeps the image tower
+            release_freed_memory()
+            # The checkpoint's tensors share one mapping, which the image tower keeps:
+            # the text tower's pages it read would stay resident beside it.
+            _page_out_checkpoint(source)
         cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
         image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
@@ -137,6 +158,7 @@ class ClipImageEncoder:
                 calibration,
                 settings.forward_streams,
                 weights,
+                lambda: _page_out_checkpoint(source),
             )
         except WeightsUnavailable:
             raise  # a setting to fix (a bad calibration folder): torch would hide it
@@ -154,10 +176,10 @@ class ClipImageEncoder:
             tower = build_tower(  # torch needs no calibration
                 visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
             )
-        if backend != Backend.TORCH:
+        if backend != Backend.TORCH and text_model is not None:
             # The runtime holds its own copy of the weights; the text tower still needs
             # `model` until the garment prompts are embedded, then all of it goes.
-            model.visual = torch.nn.Identity()
+            text_model.visual = torch.nn.Identity()
         dim = _output_dim(tower, visual, image_size, device)
         info = EncoderInfo(
             model=source.display_name,
@@ -181,26 +203,34 @@ class ClipImageEncoder:
             info.dim,
             time.perf_counter() - started,
         )
-        tokenizer = open_clip.get_tokenizer(source.model_name)
-        return cls(tower, preprocess, info, device, model, tokenizer, logit_scale)
+        return cls(
+            tower,
+            preprocess,
+            info,
+            device,
+            text_model,
+            tokenizer if text_model is not None else None,
+            logit_scale,
+            text_rows,
+        )
 
     def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """L2-normalised text embeddings, for zero-shot labels at startup. Runs the text
-        tower on the CPU in fp32: it is used once, and then released."""
+        """L2-normalised text embeddings, for zero-shot labels at startup: those embedded
+        at load, or (while it is kept) the text tower's, on the CPU in fp32."""
+        if texts and all(text in self._text_rows for text in texts):
+            return np.stack([self._text_rows[text] for text in texts])
         if self._text_model is None or self._tokenizer is None:
-            raise RuntimeError("the text tower was released; embed texts before that")
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), 64):
-                tokens = self._tokenizer(list(texts[start : start + 64]))
-                features = self._text_model.encode_text(tokens).float()
-                rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
-        return np.concatenate(rows).astype(np.float32)
+            missing = next(text for text in texts if text not in self._text_rows)
+            raise RuntimeError(
+                f"the text tower was released and {missing!r} was not embedded at load"
+            )
+        return _embed_texts(self._text_model, self._tokenizer, texts)
 
     def release_text_tower(self) -> None:
         """Drop the text tower (about a third of the weights) once labels are embedded."""
         self._text_model = None
         self._tokenizer = None
+        self._text_rows = {}
 
     def preprocess(self, image: Image.Image) -> ModelInput:
         """RGB image to one model input (C, H, W) on the CPU: uint8 pixels that forward()
@@ -240,19 +270,43 @@ def _build(
     if resize_mode != ResizeMode.MODEL:
         kwargs["image_resize_mode"] = resize_mode.value
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            source.model_name,
-            pretrained=source.checkpoint,
-            device="cpu",  # moved after the precision cast, to avoid two copies on the GPU
-            **kwargs,
-        )
+        with onto_checkpoint_tensors() as loaded_into:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source.model_name,
+                pretrained=source.checkpoint,
+                device="cpu",  # moved after the precision cast, to avoid two copies on the GPU
+                **kwargs,
+            )
     except WeightsUnavailable:
         raise
     except Exception as exc:
         raise WeightsUnavailable(
             f"open_clip could not build {source.display_name} (CLIP_MODEL / CLIP_PRETRAINED): {exc}"
         ) from exc
+    if model not in loaded_into:
+        # Built without random init: unloaded weights would be uninitialised memory.
+        raise WeightsUnavailable(
+            f"open_clip found no weights for {source.display_name} (CLIP_MODEL / CLIP_PRETRAINED)"
+        )
     return model, preprocess
+
+
+def _page_out_checkpoint(source: ModelSource) -> None:
+    # The checkpoint is mapped (checkpoint_init), and once the image tower is converted
+    # its pages are not read again: they can go back to the page cache.
+    page_out_files(source.weights_files(), copy_on_write=True)
+
+
+def _embed_texts(
+    model: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str]
+) -> npt.NDArray[np.float32]:
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 64):
+            tokens = tokenizer(list(texts[start : start + 64]))
+            features = model.encode_text(tokens).float()
+            rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
+    return np.concatenate(rows).astype(np.float32)
 
 
 def _output_dim(

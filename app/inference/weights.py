@@ -45,6 +45,15 @@ class ModelSource:
     display_name: str  # e.g. ViT-B-32/openai, for /info and responses
     open_clip_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def weights_files(self) -> list[str]:
+        """The weights file(s) open_clip may load, links resolved: the paths a mapping of
+        them shows in /proc/self/maps (the Hugging Face cache links to its blobs)."""
+        if self.checkpoint:
+            return [str(Path(self.checkpoint).resolve())]
+        folder = Path(self.model_name.removeprefix(LOCAL_DIR))
+        found = (p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext))
+        return [str(p.resolve()) for p in found]
+
 
 def resolve_model_source(model: str, pretrained: str) -> ModelSource:
     if model.startswith(LOCAL_DIR):

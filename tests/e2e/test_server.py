@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -337,7 +337,7 @@ def test_python_m_app_reports_unreadable_weights_as_unreadable(
 async def startup_messages(error: Exception) -> list[Message]:
     """What the app tells the server when loading the model raises `error`."""
 
-    def fail(settings: Settings) -> Any:
+    def fail(settings: Settings, texts: Sequence[str] = ()) -> Any:
         raise error
 
     app = create_app(Settings(model="local-dir:/unused", device="cpu"), encoder_factory=fail)

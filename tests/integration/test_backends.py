@@ -151,3 +151,45 @@ async def test_openvino_streams_serve_concurrent_requests_alike(
     for a, b in zip(alone, together, strict=True):
         assert cosine(a, b) >= 0.99999
     assert cosine(alone[0], lone) >= 0.99999
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_texts_embedded_at_load_match_the_text_tower_and_it_is_dropped_first(
+    tiny_model_dir: Path, tmp_path: Path, backend: str
+) -> None:
+    settings = Settings(
+        model=f"local-dir:{tiny_model_dir}", device="cpu", precision="fp32",
+        backend=backend, cache_dir=str(tmp_path),
+    )  # fmt: skip
+    texts = ["a photo of a person wearing a red coat", "a photo of a person wearing jeans"]
+    kept = ClipImageEncoder.load(settings)  # the text tower stays until released
+    early = ClipImageEncoder.load(settings, [*texts, texts[0]])
+    np.testing.assert_allclose(early.embed_texts(texts), kept.embed_texts(texts), atol=1e-6)
+    np.testing.assert_allclose(early.embed_texts(texts[::-1]), kept.embed_texts(texts[::-1]))
+    with pytest.raises(RuntimeError, match="a photo of a cat"):
+        early.embed_texts(["a photo of a cat"])  # the tower that could is gone
+    assert early.encode([early.preprocess(Image.new("RGB", (64, 128)))]).shape[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_the_source_weights_are_released_once_the_artefact_is_on_disk(
+    tiny_model_dir: Path, tmp_path: Path, backend: str
+) -> None:
+    import open_clip
+    import torch
+
+    from app.config import Backend, Precision
+    from app.inference.runtimes import build_tower
+
+    visual = (
+        open_clip.create_model(f"local-dir:{tiny_model_dir}").eval().requires_grad_(False).visual
+    )
+    seen: list[list[Path]] = []
+    for _start in ("cold", "warm"):
+        build_tower(
+            visual, Backend(backend), Precision.FP32, torch.device("cpu"), (64, 64), tmp_path,
+            threads=1, release_source=lambda: seen.append(sorted(tmp_path.rglob("tower.*"))),
+        )  # fmt: skip
+    # Once per start, each time with the converted tower already written.
+    assert len(seen) == 2
+    assert all(seen), seen

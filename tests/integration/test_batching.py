@@ -44,12 +44,12 @@ class CountingEncoder:
 W = TypeVar("W", bound=CountingEncoder)
 
 
-def wrapping(kind: type[W], built: list[W]) -> Callable[[Settings], W]:
+def wrapping(kind: type[W], built: list[W]) -> Callable[[Settings, Sequence[str]], W]:
     """An encoder factory for create_app: the real tiny model inside `kind`, each one
     built also appended to `built` so the test can reach it."""
 
-    def factory(settings: Settings) -> W:
-        built.append(kind(ClipImageEncoder.load(settings)))
+    def factory(settings: Settings, texts: Sequence[str] = ()) -> W:
+        built.append(kind(ClipImageEncoder.load(settings, texts)))
         return built[-1]
 
     return factory
@@ -126,8 +126,8 @@ async def test_the_event_loop_never_runs_the_model(tiny_settings: Callable[..., 
             threads.add(threading.get_ident())
             return super().encode(batch)
 
-    def factory(settings: Settings) -> ThreadRecorder:
-        return ThreadRecorder(ClipImageEncoder.load(settings))
+    def factory(settings: Settings, texts: Sequence[str] = ()) -> ThreadRecorder:
+        return ThreadRecorder(ClipImageEncoder.load(settings, texts))
 
     async with serve(tiny_settings(warmup=False), factory) as (_, client):
         response = await client.post("/embed/batch", files=[("images", ("a", noise_jpeg(1)))] * 3)

@@ -57,7 +57,7 @@ class SlowEncoder(CountingEncoder):
         return super().encode(batch)
 
 
-def slow_factory(holder: list[SlowEncoder]) -> Callable[[Settings], SlowEncoder]:
+def slow_factory(holder: list[SlowEncoder]) -> Callable[[Settings, Sequence[str]], SlowEncoder]:
     return wrapping(SlowEncoder, holder)
 
 

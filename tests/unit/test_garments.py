@@ -85,3 +85,15 @@ def test_bad_vocabulary_files_name_the_setting(tmp_path: Path, content: str, rea
 def test_missing_vocabulary_file_names_the_setting() -> None:
     with pytest.raises(VocabularyError, match=r"CLIP_GARMENT_VOCAB=/no/such\.json"):
         Vocabulary.load("/no/such.json")
+
+
+def test_the_prompts_are_every_text_the_classifiers_embed() -> None:
+    vocabulary = Vocabulary.load()
+    asked: list[str] = []
+
+    def recording(texts: Sequence[str]) -> np.ndarray:
+        asked.extend(texts)
+        return fake_embedder(texts)
+
+    GarmentClassifiers.build(vocabulary, recording, scale=100.0)
+    assert vocabulary.prompts() == asked

@@ -62,6 +62,27 @@ def test_the_named_mappings_leave_memory_and_others_stay(tmp_path: Path) -> None
         kept_map.close()
 
 
+def test_a_copy_on_write_checkpoint_goes_only_when_asked_and_keeps_what_was_written(
+    tmp_path: Path,
+) -> None:
+    size = 8 * 1024 * 1024
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(bytes(range(256)) * (size // 256))
+    with checkpoint.open("rb") as file:  # as torch maps a safetensors file: private, writable
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        sum(mapping[offset] for offset in range(0, size, mmap.PAGESIZE))
+        mapping[0] = 255  # one page becomes the process's own
+        assert page_out_files([str(checkpoint)]) == 0  # writable: only when asked
+        assert resident_kb(checkpoint) >= size // 1024 * 0.5
+        assert page_out_files([str(checkpoint)], copy_on_write=True) == 1
+        assert resident_kb(checkpoint) <= size // 1024 * 0.1
+        assert (mapping[0], mapping[size - 1]) == (255, (size - 1) % 256)
+        assert checkpoint.read_bytes()[0] == 0  # the file never saw the write
+    finally:
+        mapping.close()
+
+
 def test_nothing_named_nothing_advised(tmp_path: Path) -> None:
     assert page_out_files(["/no/such/library/anywhere.so"]) == 0
 

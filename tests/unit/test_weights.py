@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from app.inference import weights
-from app.inference.weights import WeightsUnavailable, WeightsUnreadable, resolve_model_source
+from app.inference.weights import (
+    ModelSource,
+    WeightsUnavailable,
+    WeightsUnreadable,
+    resolve_model_source,
+)
 
 
 @pytest.fixture
@@ -202,3 +207,20 @@ def test_an_unreadable_file_open_clip_would_not_load_is_ignored(
     stray.write_bytes(b"x")
     deny_reading(stray)
     assert resolve_model_source(f"local-dir:{folder}", "").model_name == f"local-dir:{folder}"
+
+
+def test_weights_files_are_named_as_the_kernel_maps_them(tmp_path: Path) -> None:
+    blob = tmp_path / "blobs" / "3f2a"
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "open_clip_model.safetensors").symlink_to(blob)  # as the Hugging Face cache
+    (snapshot / "open_clip_config.json").write_text("{}")
+    from_folder = ModelSource(model_name=f"local-dir:{snapshot}", checkpoint=None, display_name="x")
+    from_file = ModelSource(
+        model_name="ViT-B-32", checkpoint=str(snapshot / "open_clip_model.safetensors"),
+        display_name="y",
+    )  # fmt: skip
+    assert from_folder.weights_files() == [str(blob)]
+    assert from_file.weights_files() == [str(blob)]
