@@ -163,3 +163,28 @@ def test_the_ab_tool_refuses_what_is_not_a_setting() -> None:
         settings(["MAX_WAIT=25"])
     with pytest.raises(SystemExit, match="CLIP_NAME=value"):
         settings(["CLIP_MAX_WAIT_MS"])
+
+
+def test_the_memory_tool_reads_a_configuration_warm_and_cold(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    require_wrk()
+    from load_tests.memory import main as memory_main
+
+    out = tmp_path / "memory.json"
+    memory_main(
+        ["--model-dir", str(tiny_model_dir), "CLIP_MAX_BATCH_SIZE=4,CLIP_MAX_WAIT_MS=2",
+         "--cold", "--clients", "2", "--seconds", "1", "--port", str(free_port()),
+         "--json", str(out)]
+    )  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert [(f["configuration"], f["cache"]) for f in figures] == [
+        ("CLIP_MAX_BATCH_SIZE=4,CLIP_MAX_WAIT_MS=2", "warm"),
+        ("CLIP_MAX_BATCH_SIZE=4,CLIP_MAX_WAIT_MS=2", "cold"),
+    ]
+    for footprint in figures:
+        assert footprint["crops_per_s"] > 0
+        # The high-water mark is the process's whole life's, so never below a reading.
+        assert footprint["peak_mib"] >= max(footprint["ready_mib"], footprint["steady_mib"]) > 50
+    with pytest.raises(SystemExit, match="CLIP_NAME=value"):
+        memory_main(["--model-dir", str(tiny_model_dir), "BACKEND=torch"])
