@@ -77,8 +77,8 @@ def serve(port: int, forward_ms: float) -> int:
     configure_logging()
     settings = load_settings()
 
-    def factory(settings: Any) -> FreeModel:
-        return FreeModel(ClipImageEncoder.load(settings), forward_ms / 1000)
+    def factory(settings: Any, texts: Sequence[str]) -> FreeModel:
+        return FreeModel(ClipImageEncoder.load(settings, texts), forward_ms / 1000)
 
     return run_server(create_app(settings, factory), settings, "127.0.0.1", port)
 

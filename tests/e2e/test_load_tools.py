@@ -188,3 +188,25 @@ def test_the_memory_tool_reads_a_configuration_warm_and_cold(
         assert footprint["peak_mib"] >= max(footprint["ready_mib"], footprint["steady_mib"]) > 50
     with pytest.raises(SystemExit, match="CLIP_NAME=value"):
         memory_main(["--model-dir", str(tiny_model_dir), "BACKEND=torch"])
+
+
+def test_the_overhead_tool_serves_the_app_around_a_free_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # It builds the app with its own encoder factory: a change to the factory's
+    # signature once left the tool unable to start, with no test to say so.
+    require_wrk()
+    from load_tests.overhead import main as overhead_main
+
+    out = tmp_path / "overhead.json"
+    overhead_main(
+        ["--model-dir", str(tiny_model_dir), "--clients", "2", "--batch-images", "3",
+         "--seconds", "1", "--port", str(free_port()), "--json", str(out)]
+    )  # fmt: skip
+    runs = {run["endpoint"]: run for run in json.loads(out.read_text())}
+    assert set(runs) == {"/embed", "/embed/batch x3"}
+    for run in runs.values():
+        assert run["requests"] > 0
+        assert run["non_200"] == 0
+        assert run["server_cpu_ms_per_request"] > 0
+    assert runs["/embed/batch x3"]["crops_per_request"] == 3
