@@ -29,6 +29,8 @@ class Base64Error(ValueError):
 
 
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+# RFC 2397: `data:[<media type>][;<parameter>=<value>]*;base64,` (the type may be empty).
+_DATA_URL_PREFIX = re.compile(r"^\s*data:[^,]*;base64,", re.IGNORECASE)
 
 
 def decode_base64(text: str) -> bytes:
@@ -36,7 +38,10 @@ def decode_base64(text: str) -> bytes:
     ignored (`base64` prints 76-column lines), and missing `=` padding is restored.
     What is refused, each with its own message: characters outside A-Z a-z 0-9 + /
     (URL-safe `-` and `_` included), `=` before the end, and a length no encoder makes.
+    A data URL's `data:...;base64,` prefix is dropped, as browsers' FileReader write it.
     """
+    if text[:32].lstrip()[:5].lower() == "data:":
+        text = _DATA_URL_PREFIX.sub("", text, count=1)
     try:  # the common case, at C speed: one line, padded
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -87,13 +92,16 @@ def encode_embeddings(matrix: npt.ArrayLike, dtype: str = "float32") -> list[str
     return [encode_embedding(row, dtype) for row in array]
 
 
-def decode_embedding(text: str, dtype: str = "float32") -> npt.NDArray[np.float32]:
+def decode_embedding(
+    text: str, dtype: str = "float32", *, check_finite: bool = True
+) -> npt.NDArray[np.float32]:
     """base64 to a float32 vector; the dimension is the byte length over the item size
     (4 for float32, 2 for float16 — which one the sender says, since lengths alone
     cannot tell them apart).
 
     Raises EmbeddingDecodeError for bad base64, empty input, a length that is not a
-    multiple of the item size, or NaN/infinite values.
+    multiple of the item size, or (unless `check_finite` is off, for a caller that checks
+    the dimension first: float32 bytes read as float16 are often NaN) NaN/infinite values.
     """
     wire = _wire(dtype)
     if not isinstance(text, str):
@@ -110,9 +118,14 @@ def decode_embedding(text: str, dtype: str = "float32") -> npt.NDArray[np.float3
             f"send base64 of little-endian {dtype} values"
         )
     vector = np.frombuffer(raw, dtype=wire).astype(np.float32)
+    if check_finite:
+        check_embedding_finite(vector)
+    return vector
+
+
+def check_embedding_finite(vector: npt.NDArray[np.float32]) -> None:
     if not np.isfinite(vector).all():
         raise EmbeddingDecodeError("embedding contains NaN or infinite values")
-    return vector
 
 
 def decode_embeddings(texts: list[str], dtype: str = "float32") -> npt.NDArray[np.float32]:

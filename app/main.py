@@ -24,7 +24,7 @@ from app import __version__
 from app.analysis.analyzer import OutfitAnalyzer
 from app.analysis.garments import GarmentClassifiers, Vocabulary, VocabularyError
 from app.analysis.service import AnalysisService
-from app.api.body_limit import BodySizeLimitMiddleware
+from app.api.body_limit import BodyLimitMiddleware
 from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
@@ -139,7 +139,11 @@ def create_app(
     install_openapi(app, settings)
     # Lifespan only (every HTTP request passes straight through), so innermost.
     app.add_middleware(ConciseStartupFailure)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        read_timeout_s=settings.request_timeout_s,
+    )
     # Before the body limit reads anything: a refusal costs no body bytes at all.
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     # Outermost: sees every response, the body limit's 413s included.

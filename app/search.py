@@ -24,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from app.codec import EmbeddingDecodeError, decode_embedding
+from app.codec import EmbeddingDecodeError, check_embedding_finite, decode_embedding
 from app.config import Settings
 from app.errors import (
     InvalidEmbedding,
@@ -116,7 +116,9 @@ def unit_rows(
     for i, text in enumerate(texts):
         where = f"{name}[{i}]" if indexed else name
         try:
-            vector = decode_embedding(text, dtype)
+            # The length first: float32 bytes read as float16 are often NaN, and "it looks
+            # like float32" is the error that tells the sender what to fix.
+            vector = decode_embedding(text, dtype, check_finite=False)
         except EmbeddingDecodeError as exc:
             _normalise(matrix, i, name, indexed)  # an earlier item's fault comes first
             raise InvalidEmbedding(f"{where}: {exc}") from None
@@ -130,6 +132,11 @@ def unit_rows(
                 f"{where} has {vector.shape[0]} dims but {name}[0] has {matrix.shape[1]}; "
                 "all embeddings must come from the same model"
             )
+        try:
+            check_embedding_finite(vector)
+        except EmbeddingDecodeError as exc:
+            _normalise(matrix, i, name, indexed)
+            raise InvalidEmbedding(f"{where}: {exc}") from None
         matrix[i] = vector
     assert matrix is not None
     _normalise(matrix, len(texts), name, indexed)

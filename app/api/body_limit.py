@@ -1,16 +1,28 @@
-"""Refuse request bodies over CLIP_MAX_UPLOAD_BYTES before they are buffered.
+"""Limits on reading a request body: its size (CLIP_MAX_UPLOAD_BYTES) and its time
+(CLIP_REQUEST_TIMEOUT_S), and a client that hangs up half-way.
 
-A pure ASGI middleware, so the limit holds for every route, for bodies with a
-Content-Length (refused before a byte is read) and for chunked ones (refused as soon as
-the running count passes the limit).
+A pure ASGI middleware, so the limits hold for every route: a body with a Content-Length
+over the size is refused before a byte is read, a chunked one as soon as the running
+count passes it. A client that stops sending (a stalled camera uplink, or a slowloris)
+would otherwise hold its admission slot, and the memory of what it sent, for as long as
+its socket stays open: past the deadline it gets 408 and the connection is closed. One
+that closes the connection mid-body is a 499 (nginx's "client closed request") in the
+access log and metrics, not an unhandled error.
+
+Refusals raise Starlette's HTTPException: it passes through FastAPI's and Starlette's
+body parsing untouched and reaches the JSON error handler.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
@@ -21,10 +33,11 @@ def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
     )
 
 
-class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,17 +51,38 @@ class BodySizeLimitMiddleware:
             await response(scope, receive, send)
             return
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         received = 0
+        body_complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:
+                # After the body only the disconnect is left, which the routes await for
+                # as long as their work takes: no deadline of ours.
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"{received} bytes of the request body arrived within "
+                    f"{self.read_timeout_s:g} s (CLIP_REQUEST_TIMEOUT_S), and the rest did "
+                    "not; send the whole body at once",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise HTTPException(
+                    CLIENT_CLOSED_REQUEST,
+                    f"the client closed the connection after {received} bytes of the body",
+                )
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # HTTPException passes through FastAPI's body parsing untouched and
-                    # reaches the JSON error handler as a 413.
                     raise HTTPException(413, too_large_message(received, self.max_bytes, True))
+                body_complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import (
     ClientDisconnected,
@@ -71,9 +72,11 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    499: "client_disconnected",
 }
 
 
@@ -142,6 +145,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own way of saying it (reading a body the client stopped sending): the
+    # client's doing, not a fault, and nobody reads the answer.
+    _count(request, "client_disconnected")
+    return error_response(
+        499, "client_disconnected", "the client closed the connection before the body arrived"
+    )
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
     _count(request, "internal_error")
@@ -154,6 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -161,11 +174,13 @@ def install_error_handlers(app: FastAPI) -> None:
 _EXAMPLES: dict[int, tuple[str, str]] = {
     400: ("invalid_image", "images[2]: image data is truncated or corrupt"),
     401: ("unauthorized", "missing API key: send Authorization: Bearer <key> or X-API-Key"),
+    408: ("request_timeout", "5000 bytes of the request body arrived within 30 s "
+          "(CLIP_REQUEST_TIMEOUT_S), and the rest did not; send the whole body at once"),
     413: ("payload_too_large", "70 images in one request, over the limit of 64 "
           "(CLIP_MAX_BATCH_IMAGES); split the batch"),
     415: ("unsupported_media_type", "content type text/plain is not taken here; send "
           "multipart/form-data with file field `image`, or application/json"),
-    422: ("validation_error", "top_k: Input should be greater than or equal to 1"),
+    422: ("validation_error", "unexpected field(s) imgae; this endpoint takes `image`"),
     500: ("inference_failed", "the forward pass (number 12, 8 images) failed; the service "
           "log has the cause"),
     503: ("overloaded", "the service holds 1024 of 1024 images in flight; retry shortly"),
@@ -184,6 +199,8 @@ def error_responses(
         400: "Undecodable image, bad base64, a bad embedding or a malformed body; the "
         "message names the item.",
         401: "API keys are configured and the request has none or a wrong one.",
+        408: "The request body did not all arrive within CLIP_REQUEST_TIMEOUT_S; the "
+        "connection is closed.",
         413: "Upload bytes, image pixels or images per request over the limit.",
         415: "Content type not taken by this endpoint.",
         422: "Well-formed request that fails validation.",

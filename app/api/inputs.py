@@ -8,7 +8,6 @@ request and call `read_images`; the OpenAPI schema for both forms comes from
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,6 @@ from app.errors import (
     ValidationFailed,
 )
 
-_DATA_URL_PREFIX = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 _TRUE = {"1", "true", "yes", "on"}
 _QUERY_PARAMETERS = {"dtype"}  # what the image routes take in the URL
 _FALSE = {"0", "false", "no", "off", ""}
@@ -65,7 +63,7 @@ async def read_images(
         )
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        body = await request.body()  # size limit: BodySizeLimitMiddleware
+        body = await request.body()  # size and time limits: BodyLimitMiddleware
         return _from_json(body, settings, field_name, many, json_model)
     if media_type == "multipart/form-data":
         return await _from_multipart(request, settings, field_name, many, options)
@@ -202,7 +200,6 @@ def _locations(field_name: str, count: int, many: bool) -> list[str]:
 
 
 def _b64decode(text: str, where: str) -> bytes:
-    text = _DATA_URL_PREFIX.sub("", text.strip(), count=1)
     try:
         return decode_base64(text)
     except Base64Error as exc:

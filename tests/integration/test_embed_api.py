@@ -36,10 +36,13 @@ async def test_multipart_and_json_give_the_same_normalised_embedding(
     np.testing.assert_allclose(await embed_json(client, crop), vector, atol=1e-6)
 
 
-async def test_a_data_url_is_accepted(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    "prefix", ["data:image/jpeg;base64,", "data:;base64,", " data:image/jpeg;name=c.jpg;base64,"]
+)
+async def test_a_data_url_is_accepted(client: httpx.AsyncClient, prefix: str) -> None:
     crop = noise_jpeg(2)
-    response = await client.post("/embed", json={"image": "data:image/jpeg;base64," + b64(crop)})
-    assert response.status_code == 200
+    response = await client.post("/embed", json={"image": prefix + b64(crop)})
+    assert response.status_code == 200, response.text
     np.testing.assert_allclose(
         decode_embedding(response.json()["embedding"]), await embed_json(client, crop), atol=1e-6
     )

@@ -92,6 +92,17 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
         ({"a": "AAAAAAA=", "b": emb([1.0, 0.0])}, 400, "multiple of 4"),
         ({"a": encode_embedding(np.ones(DIM // 2)), "b": emb([1.0])}, 422, "looks like float16"),
         ({"a": emb([float("nan"), 1.0]), "b": emb([1.0, 0])}, 400, "NaN"),
+        # float32 bytes read as float16 are NaN where a value's low half is 0x7fff (here
+        # 0.50195307): the length tells the sender what to fix, so it is checked first.
+        (
+            {
+                "a": encode_embedding(np.full(DIM, np.frombuffer(b"\xff\x7f\x00\x3f", "<f4")[0])),
+                "b": emb([1.0]),
+                "dtype": "float16",
+            },
+            422,
+            "looks like float32",
+        ),
         ({"a": emb([0.0, 0.0]), "b": emb([1.0, 0.0])}, 400, "zero"),
         (
             {
@@ -351,3 +362,19 @@ async def test_a_search_waiting_past_the_timeout_answers_504(
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
     assert executor.pending == 0  # the queued search was dropped, not left to run
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["data:application/octet-stream;base64,", "data:;base64,", "DATA:text/plain;x=1;base64,"],
+)
+async def test_embeddings_may_come_as_data_urls(client: httpx.AsyncClient, prefix: str) -> None:
+    a, b = emb([1.0, 0.0]), emb([1.0, 1.0])
+    response = await client.post("/similarity", json={"a": prefix + a, "b": b})
+    assert response.status_code == 200, response.text
+    assert response.json()["similarity"] == pytest.approx(2**-0.5, abs=1e-6)
+    search = await client.post(
+        "/similarity", json={"queries": [prefix + a], "gallery": [prefix + b, a]}
+    )
+    assert search.status_code == 200, search.text
+    assert [m["index"] for m in search.json()["matches"][0]] == [1, 0]

@@ -31,7 +31,7 @@ _INCLUDE_EMBEDDING = {
     description="Upper and lower garment: type by CLIP zero-shot, dominant colour and "
     "named colour shares. Input as /embed, plus `include_embedding`. Costs two images in "
     "the shared forward pass (three with the embedding).",
-    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500),
+    responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500),
     openapi_extra=image_request_body(
         "image", many=False, json_model=AnalyzeJSONRequest, extra=_INCLUDE_EMBEDDING
     ),

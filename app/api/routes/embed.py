@@ -26,7 +26,7 @@ DtypeQuery = Annotated[
     Query(description="float16 halves the bytes (1024 for 512 dims) for clients storing many."),
 ]
 
-_IMAGE_ERRORS = error_responses(400, 401, 413, 415, 422, 503, 504, 500)
+_IMAGE_ERRORS = error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500)
 
 
 @router.post(

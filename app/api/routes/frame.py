@@ -82,7 +82,7 @@ def _frame_request_body() -> dict[str, Any]:
     "One embedding per box, in box order, equal to what /embed gives for the same pixels "
     "cut out; the frame is decoded once. Bad boxes get 422 naming the box; boxes partly "
     "outside the frame are clipped, and `boxes` in the answer says how each was used.",
-    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500, specific=_ERRORS),
+    responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500, specific=_ERRORS),
     openapi_extra=_frame_request_body(),
 )
 async def embed_frame(

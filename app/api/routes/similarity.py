@@ -31,6 +31,21 @@ router = APIRouter(tags=["similarity"])
 # less than the thread hop would cost; larger ones go to the executor like a search.
 INLINE_PAIR_CHARS = 64 * 1024
 
+_SIMILARITY_ERRORS = {
+    400: (
+        "An embedding that is not base64, of a byte length no dtype makes, or with NaN or "
+        "infinite values; or a body that is not JSON.",
+        "invalid_embedding",
+        "gallery[3]: embedding contains NaN or infinite values",
+    ),
+    422: (
+        "Well-formed request that fails validation: a dimension that is not the "
+        "service's, both or neither form, top_k < 1.",
+        "validation_error",
+        "a has 256 values, b has 512; this service's embeddings have 512 (dim in /info)",
+    ),
+}
+
 
 @router.post(
     "/similarity",
@@ -43,7 +58,9 @@ INLINE_PAIR_CHARS = 64 * 1024
     "(CLIP_MAX_QUERIES, CLIP_MAX_GALLERY, CLIP_MAX_TOP_K) and by the work they imply: "
     "queries x gallery scores (CLIP_MAX_SEARCH_SCORES) and queries x min(top_k, gallery) "
     "matches (CLIP_MAX_SEARCH_MATCHES); past any of them the answer is 413.",
-    responses=error_responses(400, 401, 413, 415, 422, 503, 504, 500),
+    responses=error_responses(
+        400, 401, 408, 413, 415, 422, 503, 504, 500, specific=_SIMILARITY_ERRORS
+    ),
     dependencies=[Depends(require_json)],
 )
 async def similarity(

@@ -25,7 +25,17 @@ async def health() -> StatusResponse:
     "/ready",
     response_model=StatusResponse,
     summary="Readiness",
-    responses=error_responses(503),
+    responses=error_responses(
+        503,
+        specific={
+            503: (
+                "Not ready: the model is not loaded or warmed up yet, the service is "
+                "stopping, or its forward passes keep failing; retry after `Retry-After`.",
+                "not_ready",
+                "the model is not loaded or the service is stopping",
+            )
+        },
+    ),
 )
 async def ready(request: Request) -> StatusResponse | JSONResponse:
     """200 once the model is loaded and warmed up and the batcher runs; 503 otherwise

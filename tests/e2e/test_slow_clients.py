@@ -1,0 +1,130 @@
+"""Clients that stall or vanish mid-upload, over real sockets: a stalled camera uplink
+or a slowloris must not hold the service's request slots, and a client that hangs up
+is nobody's fault on the server's side."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_server import RunningServer, free_port, start_server
+from tests.helpers import noise_jpeg
+
+pytestmark = pytest.mark.e2e
+
+READ_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def strict_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("strict-server") / "server.log"
+    process = start_server(
+        {
+            "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
+            "CLIP_DEVICE": "cpu",
+            "CLIP_BACKEND": "torch",
+            "CLIP_REQUEST_TIMEOUT_S": str(READ_TIMEOUT_S),
+            "CLIP_MAX_CONCURRENT_REQUESTS": "2",
+        },
+        port,
+        log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited at startup:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 120 s")
+    yield RunningServer(url, process, log)
+    process.kill()
+    process.wait()
+
+
+def start_partial_upload(url: str, declared: int = 1000) -> socket.socket:
+    """A POST whose headers promise `declared` body bytes and whose body stops after a few."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {declared}\r\n\r\n".encode()
+        + b'{"image": "'
+    )
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, object], bool]:
+    """Status, JSON body, and whether the server closed the connection after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    closed = sock.recv(1) == b""
+    return int(lines[0].split()[1]), json.loads(body[:length]), closed
+
+
+def test_stalled_uploads_get_408_and_free_their_slots(strict_server: RunningServer) -> None:
+    stalled = [start_partial_upload(strict_server.url) for _ in range(2)]
+    started = time.monotonic()
+    try:
+        answers = [read_response(sock) for sock in stalled]
+        waited = time.monotonic() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+    for status, body, closed in answers:
+        assert status == 408
+        error = body["error"]
+        assert isinstance(error, dict)
+        assert error["code"] == "request_timeout"
+        assert "CLIP_REQUEST_TIMEOUT_S" in error["message"]
+        assert closed  # the connection is not left to the stalled client
+    assert waited < READ_TIMEOUT_S + 5
+    # Both slots (CLIP_MAX_CONCURRENT_REQUESTS=2) are free again.
+    after = httpx.post(
+        f"{strict_server.url}/embed", files={"image": ("c.jpg", noise_jpeg(3))}, timeout=30
+    )
+    assert after.status_code == 200, after.text
+
+
+def test_a_client_hanging_up_mid_upload_is_a_499_not_a_fault(
+    strict_server: RunningServer,
+) -> None:
+    sock = start_partial_upload(strict_server.url)
+    time.sleep(0.2)
+    sock.close()
+    time.sleep(0.5)
+    metrics = httpx.get(f"{strict_server.url}/metrics", timeout=10).text
+    log = strict_server.log.read_text()
+    assert 'status="500"' not in metrics
+    assert 'reason="internal_error"' not in metrics
+    assert 'status="499"' in metrics
+    assert "Traceback" not in log
+    assert '"level": "error"' not in log
