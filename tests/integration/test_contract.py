@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,84 @@ async def test_a_malformed_multipart_body_is_invalid_multipart(
     status, code, message = error_of(response)
     assert (status, code) == (400, "invalid_multipart")
     assert "multipart" in message
+
+
+def multipart_head(boundary: str, name: str = "image") -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="c.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "body"),
+    [
+        ("/embed", "image", multipart_head("XyZ") + noise_jpeg(4)[:300]),  # cut mid-file
+        ("/embed", "image", multipart_head("XyZ") + noise_jpeg(4) + b"\r\n"),  # no close
+        ("/embed", "image", b"--XyZ\r\ngarbage"),
+        ("/embed/batch", "images", multipart_head("XyZ", "images") + noise_jpeg(4)[:300]),
+        ("/analyze", "image", multipart_head("XyZ") + noise_jpeg(4)[:300]),
+        ("/embed/frame", "image", multipart_head("XyZ") + noise_jpeg(4)[:300]),
+        (
+            "/embed/batch",
+            "images",  # one whole part, the second cut short: not one image answered
+            multipart_head("XyZ", "images") + noise_jpeg(4) + b"\r\n"
+            + multipart_head("XyZ", "images") + noise_jpeg(5)[:200],
+        ),
+    ],
+)  # fmt: skip
+async def test_a_multipart_body_cut_short_is_invalid_multipart(
+    client: httpx.AsyncClient, path: str, name: str, body: bytes
+) -> None:
+    response = await client.post(
+        path, content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"}
+    )
+    status, code, message = error_of(response)
+    assert (status, code) == (400, "invalid_multipart")
+    assert "--XyZ--" in message
+
+
+async def test_a_closing_boundary_split_across_chunks_is_found(
+    tiny_app: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """The body in 3-byte messages, as a slow uplink might deliver it: `--XyZ--` (7)
+    always spans several messages and must still count as there."""
+    app, _ = tiny_app
+    body = multipart_head("XyZ") + noise_jpeg(4) + b"\r\n--XyZ--\r\n"
+    chunks = [body[i : i + 3] for i in range(0, len(body), 3)]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        await asyncio.sleep(3600)  # the client waits for its answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=XyZ"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    assert sent[0]["status"] == 200, sent[1]["body"]
+
+
+async def test_a_whole_multipart_body_with_an_epilogue_is_read(
+    client: httpx.AsyncClient,
+) -> None:
+    body = multipart_head("XyZ") + noise_jpeg(4) + b"\r\n--XyZ--\r\nan epilogue, ignored\r\n"
+    response = await client.post(
+        "/embed", content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert response.status_code == 200, response.text
 
 
 # 2. Past the parser's file limit the answer is the same 413 as one file over the limit.
