@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from app.analysis.service import AnalysisService
+from app.api.errors import shown
 from app.config import Settings
 from app.errors import NotReady, ShuttingDown, UnsupportedMediaType
 from app.inference.service import EmbeddingService
@@ -57,5 +58,5 @@ async def require_json(request: Request) -> None:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType(
-            f"content type {media_type or 'none'} is not taken here; send application/json"
+            f"content type {shown(media_type or 'none')} is not taken here; send application/json"
         )

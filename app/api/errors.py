@@ -90,11 +90,20 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+def shown(text: object, limit: int = 80) -> str:
+    """Client input as an error message quotes it: at most `limit` characters, so a
+    megabyte field name costs neither a megabyte answer nor a megabyte log line."""
+    value = str(text)
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
+
+
 def describe_validation_errors(errors: list[Any]) -> str:
     parts = []
     for error in errors[:5]:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
-        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+        location = ".".join(shown(p) for p in error.get("loc", ()) if p not in ("body",))
+        parts.append(f"{location or 'body'}: {shown(error.get('msg', 'invalid'), 300)}")
     if len(errors) > 5:
         parts.append(f"and {len(errors) - 5} more")
     return "; ".join(parts)

@@ -7,7 +7,6 @@ request and call `read_images`; the OpenAPI schema for both forms comes from
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import Message, Receive
 
-from app.api.errors import describe_validation_errors
+from app.api.errors import describe_validation_errors, shown
+from app.api.strict import DuplicateKey, loads_unique
 from app.codec import Base64Error, decode_base64
 from app.config import Settings
 from app.errors import (
@@ -60,7 +60,7 @@ async def read_images(
         # field there (`?analyze=true`) would never learn it was dropped.
         fields = "".join(f", `{name}`" for name in options)
         raise ValidationFailed(
-            f"unexpected query parameter(s) {', '.join(unknown)}; the URL takes only "
+            f"unexpected query parameter(s) {shown(', '.join(unknown))}; the URL takes only "
             f"`dtype`, the body takes `{field_name}`{fields}"
         )
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -69,10 +69,10 @@ async def read_images(
         return _from_json(body, settings, field_name, many, json_model)
     if media_type == "multipart/form-data":
         return await _from_multipart(request, settings, field_name, many, options)
-    shown = media_type or "none"
+    given_type = shown(media_type or "none")
     others = "".join(f" and field `{name}`" for name in options)
     raise UnsupportedMediaType(
-        f"content type {shown} is not taken here; send multipart/form-data with file field "
+        f"content type {given_type} is not taken here; send multipart/form-data with file field "
         f"`{field_name}`{others}, or application/json with `{field_name}` as base64{others}"
     )
 
@@ -81,7 +81,9 @@ def _from_json(
     body: bytes, settings: Settings, field_name: str, many: bool, model: type[BaseModel]
 ) -> ImageInput:
     try:
-        document = json.loads(body)
+        document = loads_unique(body)
+    except DuplicateKey as exc:
+        raise ValidationFailed(str(exc)) from None
     except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # [[[[...]]]] a hundred thousand deep
@@ -146,7 +148,7 @@ async def _from_multipart(
         unexpected = sorted(set(form.keys()) - {field_name, *options})
         if unexpected:
             raise ValidationFailed(
-                f"unexpected field(s) {', '.join(unexpected)}; this endpoint takes "
+                f"unexpected field(s) {shown(', '.join(unexpected))}; this endpoint takes "
                 f"`{field_name}`" + "".join(f", `{name}`" for name in options)
             )
         parts = form.getlist(field_name)
@@ -224,11 +226,13 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
             return True
         if text in _FALSE:
             return False
-        raise ValidationFailed(f"`{name}` must be true or false, got {value!r}")
+        raise ValidationFailed(f"`{name}` must be true or false, got {shown(repr(value))}")
     try:
         return kind(value)
     except ValueError:
-        raise ValidationFailed(f"`{name}` must be a {kind.__name__}, got {value!r}") from None
+        raise ValidationFailed(
+            f"`{name}` must be a {kind.__name__}, got {shown(repr(value))}"
+        ) from None
 
 
 def _check_count(count: int, settings: Settings) -> None:

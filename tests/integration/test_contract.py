@@ -283,3 +283,64 @@ async def test_info_lists_the_search_limits(client: httpx.AsyncClient) -> None:
     limits = (await client.get("/info")).json()["limits"]
     for name in ("max_queries", "max_gallery", "max_top_k", "max_search_scores"):
         assert isinstance(limits[name], int)
+
+
+# Repeated names: one value per field, whichever form it comes in.
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/embed", '{"image": "%s", "image": "%s"}'),
+        ("/embed/batch", '{"images": ["%s"], "images": ["%s"]}'),
+        ("/analyze", '{"image": "%s", "include_embedding": true, "include_embedding": false}'),
+        ("/similarity", '{"a": "%s", "b": "%s", "b": "%s"}'),
+    ],
+)
+async def test_a_repeated_json_key_is_422(client: httpx.AsyncClient, path: str, body: str) -> None:
+    value = (
+        encode_embedding(np.ones(64))
+        if path == "/similarity"
+        else base64.b64encode(noise_jpeg(1)).decode()
+    )
+    content = body.replace("%s", value).encode()
+    response = await client.post(
+        path, content=content, headers={"content-type": "application/json"}
+    )
+    status, code, message = error_of(response)
+    assert (status, code) == (422, "validation_error")
+    assert "more than once" in message
+
+
+async def test_a_repeated_url_parameter_is_422(client: httpx.AsyncClient) -> None:
+    crop = noise_jpeg(1)
+    response = await client.post(
+        "/embed?dtype=float32&dtype=float16", files={"image": ("c.jpg", crop, "image/jpeg")}
+    )
+    status, code, message = error_of(response)
+    assert (status, code) == (422, "validation_error")
+    assert "`dtype`" in message
+    vector = encode_embedding(np.ones(64))
+    response = await client.post(
+        "/similarity?dtype=float32&dtype=float32", json={"a": vector, "b": vector}
+    )
+    assert error_of(response)[:2] == (422, "validation_error")
+    single = await client.post("/embed?dtype=float16", files={"image": ("c.jpg", crop)})
+    assert single.status_code == 200
+
+
+async def test_errors_quote_client_input_at_bounded_length(client: httpx.AsyncClient) -> None:
+    """A megabyte field name is named in the answer, not copied into it (nor the log)."""
+    crop = base64.b64encode(noise_jpeg(1)).decode()
+    huge, long = "k" * 1_000_000, "k" * 50_000  # a URL or header has its own limits
+    for response in (
+        await client.post("/embed", json={"image": crop, huge: 1}),
+        await client.post(f"/embed?{long}=1", json={"image": crop}),
+        await client.post("/embed", content=b"x", headers={"content-type": "text/" + long}),
+        await client.post("/similarity", content=b"{}", headers={"content-type": "x/" + long}),
+    ):
+        assert 400 <= response.status_code < 500
+        assert len(response.content) < 2000, response.content[:200]
+        assert "characters)" in response.json()["error"]["message"]
+    # A form field's name that long is more than the multipart parser reads.
+    response = await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(1)), huge: "1"})
+    assert response.status_code == 400
+    assert len(response.content) < 2000

@@ -11,9 +11,10 @@ from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
 from app.api.routes.embed import DtypeQuery
 from app.api.schemas import AnalyzeJSONRequest, AnalyzeResponse, ColorShareModel, Garment
+from app.api.strict import StrictRoute
 from app.codec import encode_embedding
 
-router = APIRouter(tags=["analysis"])
+router = APIRouter(tags=["analysis"], route_class=StrictRoute)
 
 _INCLUDE_EMBEDDING = {
     "include_embedding": {

@@ -17,9 +17,10 @@ from app.api.schemas import (
     EmbedResponse,
     WireDtype,
 )
+from app.api.strict import StrictRoute
 from app.codec import encode_embedding, encode_embeddings
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], route_class=StrictRoute)
 
 DtypeQuery = Annotated[
     WireDtype,

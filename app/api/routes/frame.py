@@ -21,11 +21,12 @@ from app.api.schemas import (
     EmbedFrameResponse,
     OutfitDescriptor,
 )
+from app.api.strict import StrictRoute
 from app.codec import encode_embeddings
 from app.errors import ValidationFailed
 from app.inference.frames import read_boxes
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], route_class=StrictRoute)
 
 _FRAME_FIELDS: dict[str, Any] = {
     "boxes": {

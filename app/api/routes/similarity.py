@@ -22,10 +22,11 @@ from app.api.schemas import (
     SimilarityRequest,
     WireDtype,
 )
+from app.api.strict import StrictRoute
 from app.errors import ValidationFailed
 from app.search import SearchLimits, check_search_size, pair_similarity, search_json
 
-router = APIRouter(tags=["similarity"])
+router = APIRouter(tags=["similarity"], route_class=StrictRoute)
 
 # A pair this small (two 512-dim float32 embeddings are 5.5 kB) is decoded in microseconds,
 # less than the thread hop would cost; larger ones go to the executor like a search.

@@ -1,0 +1,72 @@
+"""One value per field: a repeated JSON key or URL parameter is a 422, never "the last
+one wins".
+
+json.loads and FastAPI's query parsing keep the last of repeated names silently, so
+`{"image": A, "image": B}` embedded B and `?dtype=float32&dtype=float16` answered in
+float16: a client with a bug in how it builds requests would never learn of it.
+Multipart forms already refuse repeated fields (app/api/inputs.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(f"field `{key[:64]}` appears more than once; send it once")
+            seen.add(key)
+    return document
+
+
+def loads_unique(body: bytes | str) -> Any:
+    """json.loads, but DuplicateKey for an object with a repeated key."""
+    return json.loads(body, object_pairs_hook=_unique_keys)
+
+
+def repeated_query_parameters(request: Request) -> list[str]:
+    params = request.query_params
+    return sorted({name for name in params if len(params.getlist(name)) > 1})
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads_unique(await self.body())
+            except DuplicateKey as exc:
+                # HTTPException: FastAPI's body parsing lets it through as it stands.
+                raise HTTPException(422, str(exc)) from None
+        return self._json
+
+
+class StrictRoute(APIRoute):
+    """An APIRoute whose requests refuse repeated URL parameters and JSON keys."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            repeated = repeated_query_parameters(request)
+            if repeated:
+                names = ", ".join(f"`{name[:64]}`" for name in repeated[:5])
+                raise HTTPException(
+                    422, f"URL parameter(s) {names} sent more than once; send each once"
+                )
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
