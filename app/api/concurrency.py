@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import error_response, headers_of
+from app.api.security import key_from_headers, refusal_for_key
 
 
 class ConcurrencyLimitMiddleware:
@@ -25,7 +26,21 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_requests:
-            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            state = scope["app"].state if "app" in scope else None
+            metrics = getattr(state, "metrics", None)
+            # A request without a valid key is told so, not to come back in a second:
+            # retrying as Retry-After says could never succeed.
+            unauthorized = refusal_for_key(
+                key_from_headers(dict(scope["headers"])), getattr(state, "api_keys", [])
+            )
+            if unauthorized is not None:
+                if metrics is not None:
+                    metrics.rejections.labels(unauthorized.code).inc()
+                response = error_response(
+                    401, unauthorized.code, unauthorized.message, headers_of(unauthorized)
+                )
+                await response(scope, receive, send)
+                return
             if metrics is not None:
                 metrics.rejections.labels("overloaded").inc()
             response = error_response(

@@ -28,18 +28,34 @@ def key_matches(candidate: str, keys: list[bytes]) -> bool:
     return matched
 
 
+def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
+    """The key a request carries, read from raw ASGI headers as the dependency reads it
+    (the Bearer credentials first, then X-API-Key)."""
+    scheme, _, credentials = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return headers.get(b"x-api-key", b"").decode("latin-1") or None
+
+
+def refusal_for_key(candidate: str | None, keys: list[bytes]) -> Unauthorized | None:
+    """The 401 a request with `candidate` gets, or None if it may pass."""
+    if not keys:
+        return None
+    if not candidate:
+        return Unauthorized(
+            "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+        )
+    if not key_matches(candidate, keys):
+        return Unauthorized("the API key is not valid")
+    return None
+
+
 async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_header)],
 ) -> None:
-    keys: list[bytes] = request.app.state.api_keys
-    if not keys:
-        return
     candidate = bearer.credentials if bearer is not None else header_key
-    if not candidate:
-        raise Unauthorized(
-            "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
-        )
-    if not key_matches(candidate, keys):
-        raise Unauthorized("the API key is not valid")
+    refusal = refusal_for_key(candidate, request.app.state.api_keys)
+    if refusal is not None:
+        raise refusal

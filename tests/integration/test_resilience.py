@@ -373,3 +373,36 @@ async def test_posts_past_the_concurrency_bound_are_refused_before_their_body_is
     assert not body_read
     assert health.status_code == 200
     assert [r.status_code for r in done] == [200, 200]
+
+
+async def test_past_the_concurrency_bound_a_request_without_a_valid_key_gets_401(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """Retry-After would send a keyless client back every second for ever."""
+    holder: list[SlowEncoder] = []
+    settings = tiny_settings(
+        max_concurrent_requests=2, max_wait_ms=1, warmup=False, api_keys="k-123"
+    )
+    async with serve(settings, slow_factory(holder)) as (_, client):
+        holder[0].delay_s = 0.5
+        keyed = {"X-API-Key": "k-123"}
+        busy = [
+            asyncio.create_task(
+                client.post("/embed", files={"image": ("c.jpg", noise_jpeg(i))}, headers=keyed)
+            )
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.2)  # both in their forward pass
+        crop = {"image": ("c.jpg", noise_jpeg(9))}
+        missing = await client.post("/embed", files=crop)
+        wrong = await client.post("/embed", files=crop, headers={"Authorization": "Bearer nope"})
+        valid = await client.post("/embed", files=crop, headers={"Authorization": "Bearer k-123"})
+        done = await asyncio.gather(*busy)
+    assert [r.status_code for r in done] == [200, 200]
+    for refused in (missing, wrong):
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert "retry-after" not in refused.headers
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert valid.status_code == 503
+    assert valid.json()["error"]["code"] == "overloaded"
