@@ -55,3 +55,24 @@ def reference_embedding(model_dir: Path, image_path: Path) -> np.ndarray:
         features = model.encode_image(image)
         features /= features.norm(dim=-1, keepdim=True)
     return features[0].numpy()
+
+
+def http_scope(
+    path: str, headers: list[tuple[bytes, bytes]], method: str = "POST"
+) -> dict[str, Any]:
+    """An ASGI HTTP scope, for tests that drive the app with their own receive and send
+    (a client that stalls, trickles or hangs up)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }

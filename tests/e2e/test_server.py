@@ -69,21 +69,10 @@ def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subproc
     )
 
 
-@pytest.fixture(scope="module")
-def server(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
+def launch_ready_server(env_overrides: dict[str, str], log: Path) -> RunningServer:
+    """A server on a free port, once /ready answers 200 (the test fails if it never does)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    process = start_server(
-        {
-            "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
-            "CLIP_DEVICE": "cpu",
-            "CLIP_MAX_WAIT_MS": "20",
-        },
-        port,
-        log,
-    )
+    process = start_server(env_overrides, port, log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -98,7 +87,24 @@ def server(
     else:
         process.kill()
         pytest.fail("server did not become ready in 120 s")
-    yield RunningServer(url, process, log)
+    return RunningServer(url, process, log)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    running = launch_ready_server(
+        {
+            "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
+            "CLIP_DEVICE": "cpu",
+            "CLIP_MAX_WAIT_MS": "20",
+        },
+        log,
+    )
+    yield running
+    process = running.process
     if process.poll() is None:
         process.kill()
         process.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_server import RunningServer, free_port, start_server
+from tests.e2e.test_server import RunningServer, launch_ready_server
 from tests.helpers import noise_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -25,9 +25,8 @@ READ_TIMEOUT_S = 1.0
 def strict_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    port = free_port()
     log = tmp_path_factory.mktemp("strict-server") / "server.log"
-    process = start_server(
+    running = launch_ready_server(
         {
             "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
             "CLIP_DEVICE": "cpu",
@@ -35,26 +34,11 @@ def strict_server(
             "CLIP_REQUEST_TIMEOUT_S": str(READ_TIMEOUT_S),
             "CLIP_MAX_CONCURRENT_REQUESTS": "2",
         },
-        port,
         log,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited at startup:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 120 s")
-    yield RunningServer(url, process, log)
-    process.kill()
-    process.wait()
+    yield running
+    running.process.kill()
+    running.process.wait()
 
 
 def start_partial_upload(url: str, declared: int = 1000) -> socket.socket:

@@ -15,7 +15,7 @@ import pytest
 from app.codec import decode_embedding, encode_embedding
 from app.config import Settings
 from tests.conftest import serve
-from tests.helpers import cosine, noise_jpeg
+from tests.helpers import cosine, http_scope, noise_jpeg
 
 
 def error_of(response: httpx.Response) -> tuple[int, str, str]:
@@ -94,17 +94,11 @@ async def test_a_closing_boundary_split_across_chunks_is_found(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        "headers": [
-            (b"content-type", b"multipart/form-data; boundary=XyZ"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }  # fmt: skip
-    await asyncio.wait_for(app(scope, receive, send), 30)
+    headers = [
+        (b"content-type", b"multipart/form-data; boundary=XyZ"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await asyncio.wait_for(app(http_scope("/embed", headers), receive, send), 30)
     assert sent[0]["status"] == 200, sent[1]["body"]
 
 

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.inference.readiness import ReadinessMonitor
 from app.observability import RequestIdFilter
 from tests.conftest import serve
-from tests.helpers import image_bytes, noise_jpeg
+from tests.helpers import http_scope, image_bytes, noise_jpeg
 from tests.integration.test_batching import CountingEncoder, wrapping
 
 
@@ -164,21 +164,8 @@ async def post_and_hang_up(app: FastAPI, crop: bytes) -> int | None:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/embed",
-        "raw_path": b"/embed",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
-    await app(scope, receive, send)
+    headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]
+    await app(http_scope("/embed", headers), receive, send)
     return status
 
 
@@ -358,13 +345,7 @@ async def test_posts_past_the_concurrency_bound_are_refused_before_their_body_is
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": "/embed", "raw_path": b"/embed",
-            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-            "server": ("test", 80), "headers": [(b"content-type", b"image/jpeg")],
-        }  # fmt: skip
-        await app(scope, receive, send)
+        await app(http_scope("/embed", [(b"content-type", b"image/jpeg")]), receive, send)
         health = await client.get("/health")  # GETs always pass
         done = await asyncio.gather(*busy)
     assert sent[0]["status"] == 503
