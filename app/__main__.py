@@ -28,11 +28,15 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from app.api.transport import connection_limit, header_deadline_protocol
 from app.config import Settings, load_settings
 from app.main import create_app
 from app.observability import configure_logging
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Longest a request's line and headers may take to arrive (nginx's client_header_timeout
+# is 60 s; a camera or a load balancer sends them in one packet).
+HEADER_TIMEOUT_S = 10.0
 
 logger = logging.getLogger("app")
 
@@ -65,9 +69,11 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
         port=port,
         log_config=None,  # configure_logging's JSON lines
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        # The service's own JSON 503 refuses work past CLIP_MAX_CONCURRENT_REQUESTS;
-        # uvicorn's (plain-text) limit on connections only stops floods of idle ones.
-        limit_concurrency=2 * settings.max_concurrent_requests + 64,
+        # The service's own JSON 503 refuses work past CLIP_MAX_CONCURRENT_REQUESTS, and
+        # lets GETs pass; uvicorn's plain-text one, which counts idle connections too and
+        # refuses /health as well, only guards the file descriptors.
+        limit_concurrency=connection_limit(),
+        http=header_deadline_protocol(min(HEADER_TIMEOUT_S, settings.request_timeout_s)),
         backlog=2048,
         timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
         h11_max_incomplete_event_size=64 * 1024,  # request line and headers

@@ -43,8 +43,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subprocess.Popen[str]:
-    """uvicorn in its own process, its output in `log`: a pipe nobody reads would fill
+UVICORN = ("-m", "uvicorn", "app.main:app")
+PRODUCTION = ("-m", "app")  # uvicorn with the service's own connection handling
+
+
+def start_server(
+    env_overrides: dict[str, str], port: int, log: Path, entry: Sequence[str] = UVICORN
+) -> subprocess.Popen[str]:
+    """The server in its own process, its output in `log`: a pipe nobody reads would fill
     with access-log lines and block the server."""
     # The run's conversion cache (conftest) is kept; every other setting is the test's.
     env = {
@@ -52,16 +58,7 @@ def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subproc
     }
     env.update(env_overrides)
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -69,10 +66,12 @@ def start_server(env_overrides: dict[str, str], port: int, log: Path) -> subproc
     )
 
 
-def launch_ready_server(env_overrides: dict[str, str], log: Path) -> RunningServer:
+def launch_ready_server(
+    env_overrides: dict[str, str], log: Path, entry: Sequence[str] = UVICORN
+) -> RunningServer:
     """A server on a free port, once /ready answers 200 (the test fails if it never does)."""
     port = free_port()
-    process = start_server(env_overrides, port, log)
+    process = start_server(env_overrides, port, log, entry)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
-"""Clients that stall or vanish mid-upload, over real sockets: a stalled camera uplink
-or a slowloris must not hold the service's request slots, and a client that hangs up
-is nobody's fault on the server's side."""
+"""Clients that stall or vanish mid-upload, or hold connections open, over real sockets
+to `python -m app`: a stalled camera uplink or a slowloris must not hold the service's
+request slots or take its probes down, and a client that hangs up is nobody's fault on
+the server's side."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_server import RunningServer, launch_ready_server
+from tests.e2e.test_server import PRODUCTION, RunningServer, launch_ready_server
 from tests.helpers import noise_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +36,7 @@ def strict_server(
             "CLIP_MAX_CONCURRENT_REQUESTS": "2",
         },
         log,
+        PRODUCTION,
     )
     yield running
     running.process.kill()
@@ -112,3 +114,35 @@ def test_a_client_hanging_up_mid_upload_is_a_499_not_a_fault(
     assert 'status="499"' in metrics
     assert "Traceback" not in log
     assert '"level": "error"' not in log
+
+
+def test_idle_and_half_open_connections_leave_probes_and_work_answered(
+    strict_server: RunningServer,
+) -> None:
+    """Far more connections than the request limit (2) allows requests: idle ones and
+    ones whose headers never finish. /health and a POST are still answered, in JSON,
+    and the half-open ones are closed with a 408 past the header deadline."""
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    half_open, idle = [], []
+    try:
+        for _ in range(100):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow")
+            half_open.append(sock)
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+        health = httpx.get(f"{strict_server.url}/health", timeout=10)
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok"
+        crop = {"image": ("c.jpg", noise_jpeg(4))}
+        assert httpx.post(f"{strict_server.url}/embed", files=crop, timeout=30).status_code == 200
+        started = time.monotonic()
+        status, body, closed = read_response(half_open[0])
+        assert time.monotonic() - started < READ_TIMEOUT_S + 5
+        assert status == 408
+        assert body["error"]["code"] == "request_timeout"  # type: ignore[index]
+        assert closed
+        for sock in idle[:3]:  # silent from the start: closed too, at the same deadline
+            assert read_response(sock)[0] == 408
+    finally:
+        for sock in half_open + idle:
+            sock.close()

@@ -1,0 +1,107 @@
+"""Connections, below the ASGI app: what `python -m app` gives uvicorn so that idle or
+half-open sockets cannot take the service's probes down.
+
+uvicorn times out a keep-alive connection only while it is silent, and never one whose
+request line and headers are still arriving: a client (or a slowloris) that sends a
+header byte every few seconds holds its connection for ever. And its connection limit
+(`limit_concurrency`) counts every open connection, idle ones included, answering
+/health itself with a plain-text 503 once it is reached. So here: a request's headers
+must be complete within a deadline of their first byte (or of the connection, for one
+that sends nothing), else a JSON 408 and the connection is closed; and the connection
+limit is what the process's file descriptors allow, not a number close to the request
+limit. Work is bounded by the service's own JSON 503 (CLIP_MAX_CONCURRENT_REQUESTS),
+which GETs always pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
+
+# Descriptors kept for the process's own files (weights, caches, pipes, logs).
+_RESERVED_DESCRIPTORS = 256
+_MAX_DESCRIPTORS = 65536
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's headers."""
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(
+                self.header_timeout_s, self._headers_too_slow
+            )
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:  # no answer half-sent
+            body = json.dumps(
+                {
+                    "error": {
+                        "code": "request_timeout",
+                        "message": "the request line and headers did not arrive within "
+                        f"{self.header_timeout_s:g} s; send them at once",
+                    }
+                }
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+        self.transport.close()
+
+
+def header_deadline_protocol(timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this deadline."""
+    return type(
+        "HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s}
+    )
+
+
+def connection_limit() -> int:
+    """Open connections uvicorn may hold: the descriptors this process may open (raised
+    to the hard limit, at most 65536) less a reserve, so a flood of connections meets
+    uvicorn's refusal before accept() fails for want of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, _MAX_DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-files limit from %d: %s", soft, exc)
+    usable = _MAX_DESCRIPTORS if soft == resource.RLIM_INFINITY else soft
+    return max(64, usable - _RESERVED_DESCRIPTORS)
