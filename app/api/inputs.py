@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import Message, Receive
 
 from app.api.errors import describe_validation_errors, shown
-from app.api.strict import DuplicateKey, loads_unique
+from app.api.strict import DuplicateKey, loads_unique, refuse_unknown_query_parameters
 from app.codec import Base64Error, decode_base64
 from app.config import Settings
 from app.errors import (
@@ -54,15 +54,8 @@ async def read_images(
     """Parse /embed-style input. `field_name` is `image` or `images`; `options` are the
     extra scalar fields the endpoint takes (name -> bool/int/str)."""
     options = options or {}
-    unknown = sorted(set(request.query_params) - _QUERY_PARAMETERS)
-    if unknown:
-        # FastAPI ignores query parameters a route does not declare; a client who put a
-        # field there (`?analyze=true`) would never learn it was dropped.
-        fields = "".join(f", `{name}`" for name in options)
-        raise ValidationFailed(
-            f"unexpected query parameter(s) {shown(', '.join(unknown))}; the URL takes only "
-            f"`dtype`, the body takes `{field_name}`{fields}"
-        )
+    fields = "".join(f", `{name}`" for name in options)
+    refuse_unknown_query_parameters(request, _QUERY_PARAMETERS, f"`{field_name}`{fields}")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()  # size and time limits: BodyLimitMiddleware

@@ -17,6 +17,9 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from app.api.errors import shown
+from app.errors import ValidationFailed
+
 
 class DuplicateKey(ValueError):
     """A JSON object names one key twice."""
@@ -41,6 +44,19 @@ def loads_unique(body: bytes | str) -> Any:
 def repeated_query_parameters(request: Request) -> list[str]:
     params = request.query_params
     return sorted({name for name in params if len(params.getlist(name)) > 1})
+
+
+def refuse_unknown_query_parameters(request: Request, allowed: set[str], body_fields: str) -> None:
+    """ValidationFailed for URL parameters the route does not take: FastAPI ignores
+    them, and a client that put a body field there (`?top_k=1`, `?analyze=true`) would
+    never learn it was dropped."""
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = ", ".join(f"`{name}`" for name in sorted(allowed)) or "nothing"
+        raise ValidationFailed(
+            f"unexpected query parameter(s) {shown(', '.join(unknown))}; the URL takes only "
+            f"{takes}, the body takes {body_fields}"
+        )
 
 
 class _StrictJSONRequest(Request):

@@ -378,3 +378,16 @@ async def test_embeddings_may_come_as_data_urls(client: httpx.AsyncClient, prefi
     )
     assert search.status_code == 200, search.text
     assert [m["index"] for m in search.json()["matches"][0]] == [1, 0]
+
+
+async def test_body_fields_in_the_url_are_refused_not_ignored(client: httpx.AsyncClient) -> None:
+    query, gallery = emb([1.0, 0.0]), [emb([1.0, 0.0]), emb([0.0, 1.0]), emb([1.0, 1.0])]
+    response = await client.post(
+        "/similarity?top_k=1", json={"queries": [query], "gallery": gallery, "top_k": 3}
+    )
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "unexpected query parameter(s) top_k" in message
+    assert "`dtype`" in message
+    allowed = await client.post("/similarity?dtype=float32", json={"a": query, "b": query})
+    assert allowed.status_code == 200

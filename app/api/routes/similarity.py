@@ -22,7 +22,7 @@ from app.api.schemas import (
     SimilarityRequest,
     WireDtype,
 )
-from app.api.strict import StrictRoute
+from app.api.strict import StrictRoute, refuse_unknown_query_parameters
 from app.errors import ValidationFailed
 from app.search import SearchLimits, check_search_size, pair_similarity, search_json
 
@@ -78,6 +78,9 @@ async def similarity(
         ),
     ] = None,
 ) -> PairSimilarityResponse | Response:
+    refuse_unknown_query_parameters(
+        request, {"dtype"}, "`a` and `b`, or `queries`, `gallery` and `top_k`, and `dtype`"
+    )
     wire_dtype = body.dtype
     if dtype is not None:
         if "dtype" in body.model_fields_set and body.dtype != dtype:
