@@ -27,6 +27,7 @@ from app.analysis.service import AnalysisService
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
+from app.api.head import HeadAsGetMiddleware
 from app.api.openapi import install_openapi
 from app.api.routes import analyze, embed, frame, similarity, system
 from app.api.security import require_api_key
@@ -146,6 +147,7 @@ def create_app(
     )
     # Before the body limit reads anything: a refusal costs no body bytes at all.
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
+    app.add_middleware(HeadAsGetMiddleware)
     # Outermost: sees every response, the body limit's 413s included.
     app.add_middleware(RequestObservability, metrics=metrics)
     # Only when keys are set: the schema then shows the security scheme, and never

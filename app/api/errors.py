@@ -143,7 +143,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
-    if exc.status_code == 400 and message == _FASTAPI_BODY_PARSE_ERROR:
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"no endpoint at {shown(request.url.path)}; /docs lists the endpoints"
+    elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        allowed = dict(exc.headers or {}).get("Allow", "")
+        message = (
+            f"{shown(request.method, 16)} is not taken at {shown(request.url.path)}; it takes "
+            f"{allowed or 'other methods'} (see /docs)"
+        )
+    elif exc.status_code == 400 and message == _FASTAPI_BODY_PARSE_ERROR:
         # FastAPI's own JSON parsing (the JSON-only routes) says no more than this.
         code = "invalid_json"
         message = (

@@ -338,3 +338,29 @@ async def test_errors_quote_client_input_at_bounded_length(client: httpx.AsyncCl
     response = await client.post("/embed", files={"image": ("c.jpg", noise_jpeg(1)), huge: "1"})
     assert response.status_code == 400
     assert len(response.content) < 2000
+
+
+@pytest.mark.parametrize(
+    "path", ["/health", "/ready", "/info", "/metrics", "/docs", "/openapi.json"]
+)
+async def test_head_is_answered_wherever_get_is(client: httpx.AsyncClient, path: str) -> None:
+    get = await client.get(path)
+    head = await client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path != "/metrics":  # its counters move between the two requests
+        assert head.headers["content-length"] == str(len(get.content))
+
+
+async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient) -> None:
+    status, code, message = error_of(await client.get("/embeds"))
+    assert (status, code) == (404, "not_found")
+    assert "/embeds" in message
+    assert "/docs" in message
+    response = await client.get("/embed")
+    status, code, message = error_of(response)
+    assert (status, code) == (405, "method_not_allowed")
+    assert "POST" in message
+    assert response.headers["allow"] == "POST"
+    assert (await client.head("/embed")).status_code == 405
