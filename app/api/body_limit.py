@@ -1,5 +1,6 @@
-"""Limits on reading a request body: its size (CLIP_MAX_UPLOAD_BYTES) and its time
-(CLIP_REQUEST_TIMEOUT_S), and a client that hangs up half-way.
+"""Limits on reading a request body: its size (CLIP_MAX_UPLOAD_BYTES), its time
+(CLIP_REQUEST_TIMEOUT_S) and its coding (identity only), and a client that hangs up
+half-way.
 
 A pure ASGI middleware, so the limits hold for every route: a body with a Content-Length
 over the size is refused before a byte is read, a chunked one as soon as the running
@@ -20,7 +21,7 @@ import asyncio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import error_response, shown
 
 CLIENT_CLOSED_REQUEST = 499
 
@@ -43,7 +44,21 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding not in (b"identity", b""):
+            # Read as it stands, a gzip body is "not valid JSON" or "invalid multipart",
+            # which sends the client looking in the wrong place (RFC 7694: 415).
+            response = error_response(
+                415,
+                "unsupported_media_type",
+                f"Content-Encoding {shown(coding.decode('latin-1'), 32)} is not taken; send "
+                "the body uncompressed (JPEG and PNG crops are compressed already)",
+                {"Accept-Encoding": "identity"},
+            )
+            await response(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(
                 413, "payload_too_large", too_large_message(int(declared), self.max_bytes)

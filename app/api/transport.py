@@ -10,7 +10,8 @@ must be complete within a deadline of their first byte (or of the connection, fo
 that sends nothing), else a JSON 408 and the connection is closed; and the connection
 limit is what the process's file descriptors allow, not a number close to the request
 limit. Work is bounded by the service's own JSON 503 (CLIP_MAX_CONCURRENT_REQUESTS),
-which GETs always pass.
+which GETs always pass. uvicorn's plain-text 400 for bytes that are not HTTP is JSON here
+too, as every other error.
 """
 
 from __future__ import annotations
@@ -67,20 +68,32 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no answer half-sent
-            body = json.dumps(
-                {
-                    "error": {
-                        "code": "request_timeout",
-                        "message": "the request line and headers did not arrive within "
-                        f"{self.header_timeout_s:g} s; send them at once",
-                    }
-                }
-            ).encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-                + body
+            self._answer_and_close(
+                b"408 Request Timeout",
+                "request_timeout",
+                "the request line and headers did not arrive within "
+                f"{self.header_timeout_s:g} s; send them at once",
             )
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
+        self._answer_and_close(
+            b"400 Bad Request",
+            "invalid_http",
+            "the request is not valid HTTP/1.1 (its request line, headers or chunked "
+            "framing); send it with an HTTP client library",
+        )
+
+    def _answer_and_close(self, status: bytes, code: str, message: str) -> None:
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        self.transport.write(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
         self.transport.close()
 
 

@@ -146,3 +146,16 @@ def test_idle_and_half_open_connections_leave_probes_and_work_answered(
     finally:
         for sock in half_open + idle:
             sock.close()
+
+
+def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) -> None:
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        status, body, closed = read_response(sock)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
+    assert closed

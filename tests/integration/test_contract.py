@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 from collections.abc import Callable
 from typing import Any
 
@@ -364,3 +365,25 @@ async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient)
     assert "POST" in message
     assert response.headers["allow"] == "POST"
     assert (await client.head("/embed")).status_code == 405
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip"])
+async def test_a_compressed_body_is_415_naming_the_coding(
+    client: httpx.AsyncClient, coding: str
+) -> None:
+    body = gzip.compress(b'{"image": "%s"}' % base64.b64encode(noise_jpeg(1)))
+    response = await client.post(
+        "/embed",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": coding},
+    )
+    status, code, message = error_of(response)
+    assert (status, code) == (415, "unsupported_media_type")
+    assert coding.split(",")[0] in message
+    assert response.headers["accept-encoding"] == "identity"
+    plain = await client.post(
+        "/embed",
+        content=gzip.decompress(body),
+        headers={"content-type": "application/json", "content-encoding": "identity"},
+    )
+    assert plain.status_code == 200
