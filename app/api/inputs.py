@@ -12,13 +12,12 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.types import Message, Receive
 
 from app.api.errors import describe_validation_errors, shown
+from app.api.multipart_framing import MultipartFraming
 from app.api.strict import DuplicateKey, loads_unique, refuse_unknown_query_parameters
 from app.codec import Base64Error, decode_base64
 from app.config import Settings
@@ -101,9 +100,9 @@ async def _from_multipart(
     # One file over the limit still parses, so that _check_count names the setting;
     # the parser stops at the next one, and that refusal is turned into the same 413.
     max_files = settings.max_batch_images + 1
-    closing = _ClosingBoundaryWatch.for_request(request)
-    if closing is not None:
-        request = Request(request.scope, closing)
+    framing = MultipartFraming.for_request(request)
+    if framing is not None:
+        request = Request(request.scope, framing)
     try:
         form = await request.form(max_files=max_files, max_fields=len(options) + 8)
     except (MultiPartException, HTTPException) as exc:
@@ -129,11 +128,11 @@ async def _from_multipart(
             code="invalid_multipart",
         ) from None
     try:
-        if closing is not None and not closing.seen:
+        if framing is not None and not framing.closed:
             # Starlette keeps the parts that were whole and drops the rest unsaid.
             raise InvalidRequest(
                 "multipart body ended before its closing boundary "
-                f"`--{closing.boundary.decode('latin-1')}--`: the upload was cut short or "
+                f"`--{framing.boundary.decode('latin-1')}--`: the upload was cut short or "
                 "is not multipart; send the whole body (curl -F "
                 f"{field_name}=@crop.jpg writes it)",
                 code="invalid_multipart",
@@ -176,36 +175,6 @@ async def _from_multipart(
         return ImageInput(images, locations, {k: v for k, v in values.items() if v is not None})
     finally:
         await form.close()
-
-
-class _ClosingBoundaryWatch:
-    """Wraps a request's `receive` and notes whether the body carried multipart's
-    closing delimiter (`--boundary--`): Starlette's parser accepts a body cut short, or
-    one of mere garbage, as a form of the parts it finished, so a truncated upload would
-    otherwise read as a missing field. Scans each chunk with its predecessor's tail, so
-    a delimiter split across chunks is found too."""
-
-    def __init__(self, receive: Receive, boundary: bytes) -> None:
-        self._receive = receive
-        self.boundary = boundary
-        self._marker = b"--" + boundary + b"--"
-        self._tail = b""
-        self.seen = False
-
-    @classmethod
-    def for_request(cls, request: Request) -> _ClosingBoundaryWatch | None:
-        """None where the boundary is missing: the parser's own error says so."""
-        _, params = parse_options_header(request.headers.get("content-type", ""))
-        boundary = params.get(b"boundary")
-        return cls(request.receive, boundary) if boundary else None
-
-    async def __call__(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.request" and not self.seen:
-            window = self._tail + message.get("body", b"")
-            self.seen = self._marker in window
-            self._tail = window[-(len(self._marker) - 1) :]
-        return message
 
 
 def _coerce(value: Any, kind: type, name: str) -> Any:

@@ -79,10 +79,10 @@ async def test_a_multipart_body_cut_short_is_invalid_multipart(
 async def test_a_closing_boundary_split_across_chunks_is_found(
     tiny_app: tuple[Any, httpx.AsyncClient],
 ) -> None:
-    """The body in 3-byte messages, as a slow uplink might deliver it: `--XyZ--` (7)
-    always spans several messages and must still count as there."""
+    """The body in 3-byte messages, as a slow uplink might deliver it: the preamble's
+    end, the opening boundary and `--XyZ--` (7) all span several messages."""
     app, _ = tiny_app
-    body = multipart_head("XyZ") + noise_jpeg(4) + b"\r\n--XyZ--\r\n"
+    body = b"preamble\r\n" + multipart_head("XyZ") + noise_jpeg(4) + b"\r\n--XyZ--\r\n"
     chunks = [body[i : i + 3] for i in range(0, len(body), 3)]
     sent: list[dict[str, Any]] = []
 
@@ -101,6 +101,18 @@ async def test_a_closing_boundary_split_across_chunks_is_found(
     ]
     await asyncio.wait_for(app(http_scope("/embed", headers), receive, send), 30)
     assert sent[0]["status"] == 200, sent[1]["body"]
+
+
+async def test_a_multipart_preamble_is_ignored(client: httpx.AsyncClient) -> None:
+    """RFC 2046 5.1.1: text before the first boundary is to be ignored."""
+    crop = noise_jpeg(4)
+    body = b"This is a preamble.\r\n" + multipart_head("XyZ") + crop + b"\r\n--XyZ--\r\n"
+    response = await client.post(
+        "/embed", content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert response.status_code == 200, response.text
+    plain = await client.post("/embed", files={"image": ("c.jpg", crop, "image/jpeg")})
+    assert response.json()["embedding"] == plain.json()["embedding"]
 
 
 async def test_a_whole_multipart_body_with_an_epilogue_is_read(
