@@ -118,6 +118,14 @@ def test_a_crop_is_embedded_over_real_http(server: RunningServer) -> None:
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
+def test_head_probes_are_answered_over_real_http(server: RunningServer) -> None:
+    for path in ("/health", "/ready", "/info"):
+        response = httpx.head(f"{server.url}{path}", timeout=10)
+        assert response.status_code == 200, path
+        assert response.content == b""
+        assert int(response.headers["content-length"]) > 0
+
+
 def test_concurrent_clients_are_all_answered(server: RunningServer) -> None:
     url = server.url
 
@@ -369,11 +377,3 @@ async def test_an_unknown_startup_failure_keeps_its_traceback() -> None:
     assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
     assert "Traceback" in sent[0]["message"]
     assert "RuntimeError: a bug" in sent[0]["message"]
-
-
-def test_head_probes_are_answered_over_real_http(server: RunningServer) -> None:
-    for path in ("/health", "/ready", "/info"):
-        response = httpx.head(f"{server.url}{path}", timeout=10)
-        assert response.status_code == 200, path
-        assert response.content == b""
-        assert int(response.headers["content-length"]) > 0
