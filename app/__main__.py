@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Generator
 from contextlib import contextmanager
+from functools import partial
 from types import FrameType
 
 import uvicorn
@@ -73,7 +74,9 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
         # lets GETs pass; uvicorn's plain-text one, which counts idle connections too and
         # refuses /health as well, only guards the file descriptors.
         limit_concurrency=connection_limit(),
-        http=header_deadline_protocol(min(HEADER_TIMEOUT_S, settings.request_timeout_s)),
+        http=header_deadline_protocol(
+            min(HEADER_TIMEOUT_S, settings.request_timeout_s), partial(count_refusal, app)
+        ),
         backlog=2048,
         timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
         h11_max_incomplete_event_size=64 * 1024,  # request line and headers
@@ -81,6 +84,14 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
     server = GracefulServer(config, app)
     server.run()
     return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
+
+
+def count_refusal(app: FastAPI, status: int, code: str) -> None:
+    """A connection answered below the app (headers too slow, not HTTP), in its metrics:
+    no endpoint was reached."""
+    metrics = app.state.metrics
+    metrics.requests.labels("other", str(status)).inc()
+    metrics.rejections.labels(code).inc()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,7 @@ class RequestObservability:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,9 +182,21 @@ class RequestObservability:
 
     def _endpoint(self, scope: Scope) -> str:
         # The route template, never the raw path: unknown paths must not mint new series.
-        # Starlette leaves the matched route in the scope; 404s have none.
+        # Starlette leaves the matched route in the scope. A request refused before
+        # routing (413 by its Content-Length, 415 by its coding, 503 at the concurrency
+        # bound) has none, and is counted under its path if that is one of the app's:
+        # the routes here have no path parameters. 404s are "other".
         route = scope.get("route")
-        return str(getattr(route, "path", "other"))
+        if route is not None:
+            return str(getattr(route, "path", "other"))
+        if self._paths is None and "app" in scope:
+            # FastAPI nests included routers in objects without a path; its schema (built
+            # once, then cached) lists every API path.
+            app = scope["app"]
+            top_level = {str(path) for r in app.routes if (path := getattr(r, "path", None))}
+            self._paths = frozenset(top_level | set(app.openapi().get("paths", {})))
+        path = scope.get("path", "")
+        return path if self._paths and path in self._paths else "other"
 
 
 class RequestIdFilter(logging.Filter):

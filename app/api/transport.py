@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import resource
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -30,10 +31,15 @@ _RESERVED_DESCRIPTORS = 256
 _MAX_DESCRIPTORS = 65536
 
 
+# Told (status, code) of each answer given here, below the app: for its metrics.
+RefusalObserver = Callable[[int, str], None]
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline on each request's headers."""
 
     header_timeout_s: float = 10.0
+    on_refusal: RefusalObserver | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_deadline: asyncio.TimerHandle | None = None
@@ -86,6 +92,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         )
 
     def _answer_and_close(self, status: bytes, code: str, message: str) -> None:
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        logger.info("refused below the app: %s %s from %s", status.decode(), code, client)
+        if self.on_refusal is not None:
+            self.on_refusal(int(status.split()[0]), code)
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.transport.write(
             b"HTTP/1.1 "
@@ -97,11 +107,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def header_deadline_protocol(timeout_s: float) -> type[HeaderDeadlineProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with this deadline."""
-    return type(
-        "HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s}
-    )
+def header_deadline_protocol(
+    timeout_s: float, on_refusal: RefusalObserver | None = None
+) -> type[HeaderDeadlineProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this deadline, telling
+    `on_refusal` of the answers it gives below the app."""
+    attributes = {"header_timeout_s": timeout_s, "on_refusal": staticmethod(on_refusal)}
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), attributes)
 
 
 def connection_limit() -> int:

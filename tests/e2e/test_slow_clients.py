@@ -143,6 +143,9 @@ def test_idle_and_half_open_connections_leave_probes_and_work_answered(
         assert closed
         for sock in idle[:3]:  # silent from the start: closed too, at the same deadline
             assert read_response(sock)[0] == 408
+        metrics = httpx.get(f"{strict_server.url}/metrics", timeout=10).text
+        assert 'clip_requests_total{endpoint="other",status="408"}' in metrics
+        assert 'clip_rejections_total{reason="request_timeout"}' in metrics
     finally:
         for sock in half_open + idle:
             sock.close()
@@ -159,3 +162,5 @@ def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) ->
     assert status == 400
     assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
     assert closed
+    metrics = httpx.get(f"{strict_server.url}/metrics", timeout=10).text
+    assert 'clip_rejections_total{reason="invalid_http"} 1.0' in metrics

@@ -50,6 +50,25 @@ async def test_metrics_count_requests_batches_and_rejections(
     assert sample(text, "clip_pixels_in_flight") == 0
 
 
+async def test_refusals_before_routing_count_under_their_endpoint(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """A 413 by Content-Length and a 415 by Content-Encoding are decided before the
+    router runs; they still belong to the endpoint that was called."""
+    async with serve(tiny_settings(warmup=False, max_upload_bytes=1024)) as (_, client):
+        await client.post("/embed/batch", content=b"x" * 2000, headers={"content-type": "a/b"})
+        await client.post(
+            "/similarity",
+            content=b"{}",
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        await client.post("/no/such/path", content=b"x" * 2000)
+        text = (await client.get("/metrics")).text
+    assert sample(text, "clip_requests_total", endpoint="/embed/batch", status="413") == 1
+    assert sample(text, "clip_requests_total", endpoint="/similarity", status="415") == 1
+    assert sample(text, "clip_requests_total", endpoint="other", status="413") == 1
+
+
 async def test_request_ids_are_returned_and_logged(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
