@@ -132,8 +132,22 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        # FastAPI files a body it cannot parse among the validation errors; it is a
+        # malformed request (400), as the routes that parse their own JSON say.
+        _count(request, "invalid_json")
+        position = (broken.get("loc") or ("body", "?"))[-1]
+        reason = (broken.get("ctx") or {}).get("error", "not JSON")
+        return error_response(
+            400,
+            "invalid_json",
+            f"body is not valid JSON: {shown(reason)} at character {position}; send a JSON "
+            "object as the schema in /docs shows",
+        )
     _count(request, "validation_error")
-    return error_response(422, "validation_error", describe_validation_errors(list(exc.errors())))
+    return error_response(422, "validation_error", describe_validation_errors(errors))
 
 
 _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"

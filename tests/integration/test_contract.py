@@ -399,3 +399,14 @@ async def test_a_compressed_body_is_415_naming_the_coding(
         headers={"content-type": "application/json", "content-encoding": "identity"},
     )
     assert plain.status_code == 200
+
+
+@pytest.mark.parametrize("body", [b'{"a":', b"not json", b'{"a": "x",}'])
+async def test_similarity_answers_malformed_json_as_every_route_does(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    headers = {"content-type": "application/json"}
+    similarity = error_of(await client.post("/similarity", content=body, headers=headers))
+    embed = error_of(await client.post("/embed", content=body, headers=headers))
+    assert similarity[:2] == embed[:2] == (400, "invalid_json")
+    assert "not valid JSON" in similarity[2]
