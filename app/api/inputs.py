@@ -164,17 +164,23 @@ async def _from_multipart(
             _check_count(len(parts), settings)
         locations = _locations(field_name, len(parts), many)
         images = []
-        for part, where in zip(parts, locations, strict=True):
-            if not isinstance(part, UploadFile):
-                raise ValidationFailed(
-                    f"{where} is a text field; send the image as a file part "
-                    f"(e.g. curl -F {field_name}=@crop.jpg)"
-                )
-            images.append(await part.read())
+        for part in parts:
+            images.append(await part.read() if isinstance(part, UploadFile) else _bytes_of(part))
         values = {name: _coerce(form.get(name), kind, name) for name, kind in options.items()}
         return ImageInput(images, locations, {k: v for k, v in values.items() if v is not None})
     finally:
         await form.close()
+
+
+def _bytes_of(text: str) -> bytes:
+    """The bytes of a part sent without a filename (RFC 7578 makes it optional, and
+    generated clients leave it out), which Starlette hands over as text: decoded as UTF-8
+    where that worked, else as Latin-1, which every image file is, and which maps back
+    byte for byte."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 def _coerce(value: Any, kind: type, name: str) -> Any:

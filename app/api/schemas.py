@@ -65,6 +65,14 @@ class EmbedBatchResponse(BaseModel):
     dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
 
 
+# No default in the schema: a generated client sends a field's default, which would
+# then contradict a `?dtype=float16` in the URL.
+_SIMILARITY_DTYPE = (
+    "Encoding of all the embeddings sent: float32 unless this or the URL's `?dtype=` "
+    "says float16 (the two must not contradict each other)."
+)
+
+
 class SimilarityRequest(_Strict):
     """Either a pair (`a`, `b`) or a search (`queries`, `gallery`, `top_k`)."""
 
@@ -89,7 +97,7 @@ class SimilarityRequest(_Strict):
         "At most CLIP_MAX_TOP_K, and queries x min(top_k, gallery) at most "
         "CLIP_MAX_SEARCH_MATCHES.",
     )
-    dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
+    dtype: WireDtype | None = Field(None, description=_SIMILARITY_DTYPE)
 
     # Examples of the model's own dimension are added to the schema at startup (openapi.py).
     model_config = ConfigDict(extra="forbid")
@@ -100,7 +108,7 @@ class PairSimilarityRequest(_Strict):
 
     a: str = Field(..., description="First embedding (base64).")
     b: str = Field(..., description="Second embedding (base64).")
-    dtype: WireDtype = Field("float32", description="Encoding of both embeddings.")
+    dtype: WireDtype | None = Field(None, description=_SIMILARITY_DTYPE)
 
 
 class SearchSimilarityRequest(_Strict):
@@ -109,7 +117,7 @@ class SearchSimilarityRequest(_Strict):
     queries: list[str] = Field(..., min_length=1, description="Query embeddings (base64).")
     gallery: list[str] = Field(..., min_length=1, description="Gallery embeddings (base64).")
     top_k: int = Field(5, ge=1, strict=True, description="Matches returned per query.")
-    dtype: WireDtype = Field("float32", description="Encoding of all the embeddings sent.")
+    dtype: WireDtype | None = Field(None, description=_SIMILARITY_DTYPE)
 
 
 class Match(BaseModel):

@@ -109,6 +109,27 @@ def test_the_generated_client_round_trips_every_operation(
     )
     assert [[m.index for m in row] for row in search.matches] == [[1]]
 
+    # As a generated client is most often used: no file name, and ?dtype= in the URL
+    # while the body leaves its dtype unset.
+    bare = file_type(payload=io.BytesIO(crop))
+    assert (
+        embed.sync(client=client, body=models.EmbedEmbedPostFilesBody(image=bare)).embedding == ours
+    )
+    halves = httpx.post(f"{url}/embed?dtype=float16", files={"image": ("c.jpg", crop)}).json()[
+        "embedding"
+    ]
+    url_dtype = next(
+        getattr(models, name)
+        for name in dir(models)
+        if name.startswith("SimilaritySimilarityPostDtype")
+    )
+    same = similarity.sync(
+        client=client,
+        body=models.PairSimilarityRequest(a=halves, b=halves),
+        dtype=url_dtype("float16"),
+    )
+    assert same.similarity == pytest.approx(1.0, abs=1e-6)
+
 
 def test_the_generated_client_reads_errors_as_the_schema_says(
     generated: tuple[str, ModuleType],

@@ -81,13 +81,11 @@ async def similarity(
     refuse_unknown_query_parameters(
         request, {"dtype"}, "`a` and `b`, or `queries`, `gallery` and `top_k`, and `dtype`"
     )
-    wire_dtype = body.dtype
-    if dtype is not None:
-        if "dtype" in body.model_fields_set and body.dtype != dtype:
-            raise ValidationFailed(
-                f'?dtype={dtype} contradicts the body\'s "dtype": "{body.dtype}"; send one'
-            )
-        wire_dtype = dtype
+    if dtype is not None and body.dtype is not None and body.dtype != dtype:
+        raise ValidationFailed(
+            f'?dtype={dtype} contradicts the body\'s "dtype": "{body.dtype}"; send one'
+        )
+    wire_dtype = dtype or body.dtype or "float32"
     # Lengths alone cannot tell float16 from float32: the model's dimension can.
     dim = service.output_dim
     pair = body.a is not None or body.b is not None
