@@ -6,12 +6,19 @@ that table's variable names without the prefix.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
 
 
 class Precision(StrEnum):
@@ -160,7 +167,22 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            keys = [key.strip() for key in value.split(",") if key.strip()]
+            if value.strip() and not keys:
+                # `$KEY1,$KEY2` with both unset: meant keys, would run with no auth.
+                raise ValueError(
+                    "CLIP_API_KEYS holds separators but no key; set the keys, or leave it "
+                    "empty to run without authentication"
+                )
+            return keys
+        return value
+
+    @field_validator("projection")
+    @classmethod
+    def _check_projection_file(cls, value: str) -> str:
+        # Checked with the other settings, not after the model has loaded.
+        if value and not Path(value).is_file():
+            raise ValueError(f"CLIP_PROJECTION: no file at {value}")
         return value
 
     @field_validator("region_bounds", mode="before")
@@ -214,5 +236,20 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Settings from the environment; raises a readable error naming the bad variable."""
-    return Settings()
+    """Settings from the environment; raises a readable error naming the bad variable,
+    and warns of CLIP_ variables no setting reads (a typo would otherwise go unseen)."""
+    settings = Settings()
+    for name, known in unknown_variables(os.environ).items():
+        hint = f"; did you mean {known}?" if known else ""
+        logger.warning("%s is not a setting of this service and is ignored%s", name, hint)
+    return settings
+
+
+def unknown_variables(environment: Mapping[str, str]) -> dict[str, str | None]:
+    """CLIP_ variables that are not settings, each with the closest setting's name."""
+    names = [f"CLIP_{field.upper()}" for field in Settings.model_fields]
+    return {
+        variable: next(iter(difflib.get_close_matches(variable, names, n=1)), None)
+        for variable in sorted(environment)
+        if variable.startswith("CLIP_") and variable not in names
+    }

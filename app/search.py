@@ -183,7 +183,12 @@ def pair_similarity(a: str, b: str, dtype: str = "float32", dim: int | None = No
     left = unit_rows([a], "a", dtype, indexed=False, dim=dim)
     right = unit_rows([b], "b", dtype, indexed=False, dim=dim)
     same_dim(left, right, "a", "b")
-    return max(-1.0, min(1.0, float(left[0] @ right[0])))
+    # In float64 over the rows' own norms, then to float32, the precision the embeddings
+    # carry: a float32 unit row is unit only to ~1e-7, so its product with itself in
+    # float32 came out 0.99999994 where a client rightly expects 1.
+    l64, r64 = left[0].astype(np.float64), right[0].astype(np.float64)
+    cosine = float(l64 @ r64) / float(np.linalg.norm(l64) * np.linalg.norm(r64))
+    return max(-1.0, min(1.0, float(np.float32(cosine))))
 
 
 def queries_per_chunk(gallery: int, chunk_scores: int = CHUNK_SCORES) -> int:

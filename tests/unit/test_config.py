@@ -1,7 +1,10 @@
+import logging
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from app.config import Precision, ResizeMode, Settings
+from app.config import Precision, ResizeMode, Settings, load_settings, unknown_variables
 
 
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,3 +94,37 @@ def test_every_bound_holds_one_largest_valid_request(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=named):
         Settings()
+
+
+@pytest.mark.parametrize("value", [",", " , ,", ",,"])
+def test_api_keys_of_separators_only_fail_rather_than_disable_auth(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("CLIP_API_KEYS", value)
+    with pytest.raises(ValidationError, match="CLIP_API_KEYS"):
+        Settings()
+    monkeypatch.setenv("CLIP_API_KEYS", "")
+    assert Settings().api_keys == []
+
+
+def test_a_missing_projection_file_fails_with_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CLIP_PROJECTION", str(tmp_path / "pca.safetensors"))
+    with pytest.raises(ValidationError, match="CLIP_PROJECTION: no file at"):
+        Settings()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_meant(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert unknown_variables({"CLIP_MAX_BATCHSIZE": "4", "CLIP_MODEL": "x", "PATH": "/"}) == {
+        "CLIP_MAX_BATCHSIZE": "CLIP_MAX_BATCH_SIZE"
+    }
+    assert unknown_variables({"CLIP_ZZZZZZ": "1"}) == {"CLIP_ZZZZZZ": None}
+    monkeypatch.setenv("CLIP_MAX_BATCHSIZE", "4")
+    with caplog.at_level(logging.WARNING, logger="app.config"):
+        settings = load_settings()
+    assert settings.max_batch_size == 32
+    assert "CLIP_MAX_BATCHSIZE is not a setting" in caplog.text
+    assert "did you mean CLIP_MAX_BATCH_SIZE?" in caplog.text

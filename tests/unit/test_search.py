@@ -184,3 +184,12 @@ def test_search_json_is_the_whole_search() -> None:
     assert (got_indices == expected_indices).mean() > 0.99
     with pytest.raises(ValidationFailed, match="queries has 2 dims but gallery has 3"):
         search_json([encode_embedding([1.0, 0.0])], [encode_embedding([1.0, 0.0, 0.0])], 1)
+
+
+def test_an_embedding_is_exactly_as_similar_to_itself_as_can_be() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        vector = rng.standard_normal(512).astype(np.float32)
+        text = encode_embedding(vector / np.linalg.norm(vector))
+        assert pair_similarity(text, text) == 1.0
+        assert pair_similarity(text, encode_embedding(-vector)) == -1.0
