@@ -132,7 +132,7 @@ async def _from_multipart(
             # Starlette keeps the parts that were whole and drops the rest unsaid.
             raise InvalidRequest(
                 "multipart body ended before its closing boundary "
-                f"`--{framing.boundary.decode('latin-1')}--`: the upload was cut short or "
+                f"`--{shown(framing.boundary.decode('latin-1'))}--`: the upload was cut short or "
                 "is not multipart; send the whole body (curl -F "
                 f"{field_name}=@crop.jpg writes it)",
                 code="invalid_multipart",

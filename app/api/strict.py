@@ -31,7 +31,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise DuplicateKey(f"field `{key[:64]}` appears more than once; send it once")
+                raise DuplicateKey(f"field `{shown(key)}` appears more than once; send it once")
             seen.add(key)
     return document
 
