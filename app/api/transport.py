@@ -112,7 +112,9 @@ def header_deadline_protocol(
 ) -> type[HeaderDeadlineProtocol]:
     """The protocol class for uvicorn.Config(http=...), with this deadline, telling
     `on_refusal` of the answers it gives below the app."""
-    attributes = {"header_timeout_s": timeout_s, "on_refusal": staticmethod(on_refusal)}
+    attributes: dict[str, object] = {"header_timeout_s": timeout_s}
+    if on_refusal is not None:
+        attributes["on_refusal"] = staticmethod(on_refusal)
     return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), attributes)
 
 
