@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
                 "precision": info.get("precision"),
                 "backend": info.get("backend"),
                 "device": info.get("device"),
+                "dim": info.get("dim"),
+                # The service's own CLIP_PROJECTION, if any: its embeddings are not raw.
+                "served_projection": info.get("projection"),
             }
             embeddings, _ = embed_via_service(everything, args.url, args.api_key)
         else:
@@ -162,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
         run["ap_mode"] = args.ap_mode
         query, gallery = embeddings[: len(split.query)], embeddings[len(split.query) :]
 
-        results = {"raw": scores_for(query, gallery, split, args.ap_mode)}
+        served = run.get("served_projection")
+        first = f"as served ({served}, {embeddings.shape[1]}-d)" if served else "raw"
+        results = {first: scores_for(query, gallery, split, args.ap_mode)}
         failed: dict[str, str] = {}
         # Written now, so that hours of embedding survive whatever a projection does next.
         write_results(args.out, str(args.dataset), run, results, failed)
