@@ -24,6 +24,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.errors import error_response, shown
 
 CLIENT_CLOSED_REQUEST = 499
+# Where the server's protocol notes, in the request's scope state, that it refused the
+# rest of the body itself (bytes that are not HTTP) and closed the connection: the app
+# then sees a disconnect, which is not the client's doing.
+REFUSED_BELOW_APP = "refused_below_app"
+
+
+class CodedHTTPException(HTTPException):
+    """An HTTPException that carries its error code (FastAPI lets HTTPExceptions through
+    its body parsing; the JSON error handler reads `code`)."""
+
+    def __init__(self, status_code: int, code: str, detail: str) -> None:
+        super().__init__(status_code, detail)
+        self.code = code
+
+
+INVALID_HTTP_MESSAGE = (
+    "the request is not valid HTTP/1.1 (its request line, headers or chunked framing); "
+    "send it with an HTTP client library"
+)
 
 
 def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
@@ -89,6 +108,8 @@ class BodyLimitMiddleware:
                     headers={"Connection": "close"},
                 ) from None
             if message["type"] == "http.disconnect":
+                if scope.get("state", {}).get(REFUSED_BELOW_APP) == "invalid_http":
+                    raise CodedHTTPException(400, "invalid_http", INVALID_HTTP_MESSAGE)
                 raise HTTPException(
                     CLIENT_CLOSED_REQUEST,
                     f"the client closed the connection after {received} bytes of the body",

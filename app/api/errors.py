@@ -155,7 +155,7 @@ _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     if exc.status_code == 404 and exc.detail == "Not Found":
         message = f"no endpoint at {shown(request.url.path)}; /docs lists the endpoints"

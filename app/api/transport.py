@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP
+
 logger = logging.getLogger(__name__)
 
 # Descriptors kept for the process's own files (weights, caches, pipes, logs).
@@ -84,17 +86,22 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
+        cycle = self.cycle
+        reading_body = cycle is not None and not cycle.response_complete
+        if reading_body:
+            # The app is reading this request's body and will see the connection close:
+            # told why, it answers (to nobody) and counts the request under its endpoint.
+            cycle.scope.setdefault("state", {})[REFUSED_BELOW_APP] = "invalid_http"
         self._answer_and_close(
-            b"400 Bad Request",
-            "invalid_http",
-            "the request is not valid HTTP/1.1 (its request line, headers or chunked "
-            "framing); send it with an HTTP client library",
+            b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE, counted=not reading_body
         )
 
-    def _answer_and_close(self, status: bytes, code: str, message: str) -> None:
+    def _answer_and_close(
+        self, status: bytes, code: str, message: str, *, counted: bool = True
+    ) -> None:
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
         logger.info("refused below the app: %s %s from %s", status.decode(), code, client)
-        if self.on_refusal is not None:
+        if counted and self.on_refusal is not None:
             self.on_refusal(int(status.split()[0]), code)
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.transport.write(

@@ -163,4 +163,43 @@ def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) ->
     assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
     assert closed
     metrics = httpx.get(f"{strict_server.url}/metrics", timeout=10).text
-    assert 'clip_rejections_total{reason="invalid_http"} 1.0' in metrics
+    assert 'clip_rejections_total{reason="invalid_http"}' in metrics
+    assert 'clip_requests_total{endpoint="other",status="400"}' in metrics
+
+
+def counters(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in lines)
+        if name.startswith(("clip_requests_total{", "clip_rejections_total{"))
+    }
+
+
+def test_a_body_with_broken_chunk_framing_is_one_400_under_its_endpoint(
+    strict_server: RunningServer,
+) -> None:
+    """The parser fails while the app reads the body: the app must not take the closed
+    connection for a client that hung up (499)."""
+    before = counters(strict_server.url)
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"ima\r\nZZ\r\nabc\r\n0\r\n\r\n'
+        )
+        status, body, closed = read_response(sock)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
+    assert closed
+    time.sleep(0.3)
+    after = counters(strict_server.url)
+    changed = {
+        k: after[k] - before.get(k, 0.0)
+        for k in after
+        if after[k] != before.get(k) and "/metrics" not in k  # the reading itself
+    }
+    assert changed == {
+        'clip_requests_total{endpoint="/embed",status="400"}': 1.0,
+        'clip_rejections_total{reason="invalid_http"}': 1.0,
+    }
