@@ -1,7 +1,8 @@
 """`python -m app`: the production entry point, uvicorn with a graceful SIGTERM.
 
-On SIGTERM (or SIGINT) the service stops admitting work at once (/ready and new
-requests answer 503 with Retry-After), lets requests in flight finish within
+On SIGTERM (or SIGINT) the service stops admitting work at once (uvicorn closes the
+listening socket and idle connections; a request inside the app that has not reached the
+model yet answers 503 with Retry-After), lets requests in flight finish within
 CLIP_REQUEST_TIMEOUT_S, drains or fails what the batcher holds, and exits 0 — an
 orchestrator reads anything else as a crash. (`uvicorn app.main:app` serves the same
 app, but re-raises the signal after shutting down, so its exit status is -15.)
