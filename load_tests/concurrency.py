@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -316,7 +317,19 @@ def wait_until_ready(
     raise SystemExit(f"{what} not ready after {timeout_s:.0f} s")
 
 
+def stop_servers_on_sigterm() -> None:
+    """SIGTERM (a cancelled CI job, `timeout`, `kill`) as an exit through the tools'
+    `finally` blocks, which stop the servers they started: by default Python dies on it
+    at once and leaves them, the LitServe peer's own session included, holding ports."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def main(argv: list[str] | None = None) -> None:
+    stop_servers_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="drive a running service")

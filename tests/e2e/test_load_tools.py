@@ -8,6 +8,9 @@ import base64
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -210,3 +213,25 @@ def test_the_overhead_tool_serves_the_app_around_a_free_model(
         assert run["non_200"] == 0
         assert run["server_cpu_ms_per_request"] > 0
     assert runs["/embed/batch x3"]["crops_per_request"] == 3
+
+
+def test_a_load_tool_killed_with_sigterm_still_stops_what_it_started(tmp_path: Path) -> None:
+    """A cancelled CI job or `timeout` sends SIGTERM: the tools' finally blocks, which
+    stop their servers (the LitServe peer in its own session), must still run."""
+    marker = tmp_path / "stopped"
+    script = (
+        "import sys, time\n"
+        "from load_tests.concurrency import stop_servers_on_sigterm\n"
+        "stop_servers_on_sigterm()\n"
+        "try:\n"
+        "    print('running', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').write('yes')\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "running"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "yes"
