@@ -151,17 +151,23 @@ def test_idle_and_half_open_connections_leave_probes_and_work_answered(
             sock.close()
 
 
-def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) -> None:
-    host, port = strict_server.url.removeprefix("http://").split(":")
+def refused_as_invalid_http(url: str, request: bytes) -> None:
+    """`request`, sent as it stands, gets the JSON 400 invalid_http and a closed connection."""
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(
-            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
-        )
+        sock.sendall(request)
         status, body, closed = read_response(sock)
     assert status == 400
     assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
     assert closed
+
+
+def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) -> None:
+    refused_as_invalid_http(
+        strict_server.url,
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
     metrics = httpx.get(f"{strict_server.url}/metrics", timeout=10).text
     assert 'clip_rejections_total{reason="invalid_http"}' in metrics
     assert 'clip_requests_total{endpoint="other",status="400"}' in metrics
@@ -182,16 +188,11 @@ def test_a_body_with_broken_chunk_framing_is_one_400_under_its_endpoint(
     """The parser fails while the app reads the body: the app must not take the closed
     connection for a client that hung up (499)."""
     before = counters(strict_server.url)
-    host, port = strict_server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(
-            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"ima\r\nZZ\r\nabc\r\n0\r\n\r\n'
-        )
-        status, body, closed = read_response(sock)
-    assert status == 400
-    assert body["error"]["code"] == "invalid_http"  # type: ignore[index]
-    assert closed
+    refused_as_invalid_http(
+        strict_server.url,
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"ima\r\nZZ\r\nabc\r\n0\r\n\r\n',
+    )
     time.sleep(0.3)
     after = counters(strict_server.url)
     changed = {
