@@ -8,7 +8,8 @@ count passes it. A client that stops sending (a stalled camera uplink, or a slow
 would otherwise hold its admission slot, and the memory of what it sent, for as long as
 its socket stays open: past the deadline it gets 408 and the connection is closed. One
 that closes the connection mid-body is a 499 (nginx's "client closed request") in the
-access log and metrics, not an unhandled error.
+access log and metrics, not an unhandled error; unless the server's protocol closed it,
+refusing body bytes that are not HTTP (app/api/transport.py), which is a 400.
 
 Refusals raise Starlette's HTTPException: it passes through FastAPI's and Starlette's
 body parsing untouched and reaches the JSON error handler.
