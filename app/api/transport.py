@@ -82,7 +82,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 "the request line and headers did not arrive within "
                 f"{self.header_timeout_s:g} s; send them at once",
             )
-        self.transport.close()
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.reid import eval_reid, fit_projection
-from tests.e2e.test_server import PRODUCTION, launch_ready_server
+from tests.e2e.test_server import PRODUCTION, ready_server
 from tests.integration.test_reid_toolkit import FAST, market_dataset
 
 pytestmark = pytest.mark.e2e
@@ -29,13 +29,9 @@ def test_eval_reid_names_a_served_projection_instead_of_calling_it_raw(
         "CLIP_BACKEND": "torch",
         "CLIP_PROJECTION": str(pca),
     }
-    running = launch_ready_server(env, tmp_path / "server.log", PRODUCTION)
-    try:
-        out = tmp_path / "results"
+    out = tmp_path / "results"
+    with ready_server(env, tmp_path / "server.log", PRODUCTION) as running:
         results = eval_reid.main([str(dataset), "--url", running.url, "--out", str(out)])
-    finally:
-        running.process.kill()
-        running.process.wait()
     assert list(results) == ["as served (pca, 4-d)"]
     document = json.loads((out / "reid.json").read_text())
     assert document["served_projection"] == "pca"

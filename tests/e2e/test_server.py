@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,27 +67,33 @@ def start_server(
     )
 
 
-def launch_ready_server(
+@contextmanager
+def ready_server(
     env_overrides: dict[str, str], log: Path, entry: Sequence[str] = UVICORN
-) -> RunningServer:
-    """A server on a free port, once /ready answers 200 (the test fails if it never does)."""
+) -> Iterator[RunningServer]:
+    """A server on a free port, once /ready answers 200 (the test fails if it never
+    does); killed on leaving, if still running."""
     port = free_port()
     process = start_server(env_overrides, port, log, entry)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited at startup:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 120 s")
-    return RunningServer(url, process, log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited at startup:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("server did not become ready in 120 s")
+        yield RunningServer(url, process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +101,13 @@ def server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    running = launch_ready_server(
-        {
-            "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
-            "CLIP_DEVICE": "cpu",
-            "CLIP_MAX_WAIT_MS": "20",
-        },
-        log,
-    )
-    yield running
-    process = running.process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    env = {
+        "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
+        "CLIP_DEVICE": "cpu",
+        "CLIP_MAX_WAIT_MS": "20",
+    }
+    with ready_server(env, log) as running:
+        yield running
 
 
 def test_a_crop_is_embedded_over_real_http(server: RunningServer) -> None:

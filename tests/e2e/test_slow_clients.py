@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_server import PRODUCTION, RunningServer, launch_ready_server
+from tests.e2e.test_server import PRODUCTION, RunningServer, ready_server
 from tests.helpers import noise_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -27,20 +27,15 @@ def strict_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("strict-server") / "server.log"
-    running = launch_ready_server(
-        {
-            "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
-            "CLIP_DEVICE": "cpu",
-            "CLIP_BACKEND": "torch",
-            "CLIP_REQUEST_TIMEOUT_S": str(READ_TIMEOUT_S),
-            "CLIP_MAX_CONCURRENT_REQUESTS": "2",
-        },
-        log,
-        PRODUCTION,
-    )
-    yield running
-    running.process.kill()
-    running.process.wait()
+    env = {
+        "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
+        "CLIP_DEVICE": "cpu",
+        "CLIP_BACKEND": "torch",
+        "CLIP_REQUEST_TIMEOUT_S": str(READ_TIMEOUT_S),
+        "CLIP_MAX_CONCURRENT_REQUESTS": "2",
+    }
+    with ready_server(env, log, PRODUCTION) as running:
+        yield running
 
 
 def start_partial_upload(url: str, declared: int = 1000) -> socket.socket:
