@@ -9,6 +9,9 @@ app, but re-raises the signal after shutting down, so its exit status is -15.)
 
     python -m app --host 0.0.0.0 --port 8000
 
+The port opens before the model loads: until it is loaded and warmed up, /health answers
+200 and every other request a JSON 503 `not_ready` (app.api.loading).
+
 A startup failure of a known cause (bad settings, weights that cannot be had) is logged
 as one line naming the setting to change, with no traceback, and the process exits
 non-zero: 1 for settings, 3 for the model (as uvicorn reports a failed startup).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -30,6 +34,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
 from app.config import Settings, load_settings
 from app.main import create_app
@@ -44,13 +49,44 @@ logger = logging.getLogger("app")
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, header_timeout_s: float) -> None:
         super().__init__(config)
         self._app = app
+        self._header_timeout_s = header_timeout_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._app.state.draining = True  # refuse new work before anything else
         super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if sockets is not None or config.fd is not None or config.uds is not None:
+            await super().startup(sockets)  # not how this entry point is run
+            return
+        # Listen before the lifespan loads the model, answering 503 meanwhile; the app's
+        # server takes the same socket over once the lifespan is done (app.api.loading).
+        listener = config.bind_socket()
+        loading = await answer_while_loading(
+            listener, self._header_timeout_s, partial(count_refusal, self._app), config.backlog
+        )
+        host, port = listener.getsockname()[:2]
+        logger.info(
+            "listening on %s:%d while the model loads: /ready answers 503 until it is ready",
+            host,
+            port,
+        )
+        lifespan_startup = self.lifespan.startup
+
+        async def lifespan_then_hand_over() -> None:
+            try:
+                await lifespan_startup()
+            finally:
+                loading.close()  # before uvicorn accepts on the socket: no 503 after ready
+
+        # uvicorn runs the lifespan and then listens, within one method: this is the
+        # one place between the two.
+        self.lifespan.startup = lifespan_then_hand_over
+        await super().startup([listener])
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -65,6 +101,7 @@ class GracefulServer(uvicorn.Server):
 
 def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
     """Run `app` under uvicorn with the production limits until SIGTERM; the exit status."""
+    header_timeout_s = min(HEADER_TIMEOUT_S, settings.request_timeout_s)
     config = uvicorn.Config(
         app,
         host=host,
@@ -75,14 +112,12 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
         # lets GETs pass; uvicorn's plain-text one, which counts idle connections too and
         # refuses /health as well, only guards the file descriptors.
         limit_concurrency=connection_limit(),
-        http=header_deadline_protocol(
-            min(HEADER_TIMEOUT_S, settings.request_timeout_s), partial(count_refusal, app)
-        ),
+        http=header_deadline_protocol(header_timeout_s, partial(count_refusal, app)),
         backlog=2048,
         timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
         h11_max_incomplete_event_size=64 * 1024,  # request line and headers
     )
-    server = GracefulServer(config, app)
+    server = GracefulServer(config, app, header_timeout_s)
     server.run()
     return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
 

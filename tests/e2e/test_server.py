@@ -220,6 +220,61 @@ def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_pa
     assert any(line.get("endpoint") == "/embed" and line.get("status") == 200 for line in lines)
 
 
+def test_python_m_app_answers_503_while_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """From the moment the port opens: /health 200, /ready and work a JSON 503
+    `not_ready`, then the app, with no refused or reset connection at the hand-over."""
+    log, port = tmp_path / "server.log", free_port()
+    # A cold conversion cache: the model's load includes converting it, a longer window.
+    env = {
+        "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
+        "CLIP_DEVICE": "cpu",
+        "CLIP_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    process = start_server(env, port, log, PRODUCTION)
+    url = f"http://127.0.0.1:{port}"
+    loading: list[httpx.Response] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited at startup:\n{log.read_text()}")
+            try:
+                ready = httpx.get(f"{url}/ready", timeout=10)
+                if ready.status_code == 200:
+                    break
+                loading.append(ready)
+                health = httpx.get(f"{url}/health", timeout=10)
+                work = httpx.post(
+                    f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))}, timeout=10
+                )
+            except httpx.TransportError as exc:
+                # Refused before the port opens (Python's imports); never after.
+                if loading:
+                    pytest.fail(f"{exc!r} after the port had answered:\n{log.read_text()}")
+                time.sleep(0.01)
+                continue
+            assert health.status_code == 200
+            assert health.json() == {"status": "ok"}
+            assert work.status_code in (200, 503)  # the model may be ready by now
+            loading.extend([work] if work.status_code == 503 else [])
+        else:
+            pytest.fail("server did not become ready in 120 s")
+        assert loading, "the port never answered while the model loaded"
+        for answer in loading:
+            assert answer.status_code == 503
+            assert answer.headers["retry-after"] == "5"
+            assert answer.json()["error"]["code"] == "not_ready"
+        embedded = httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))})
+        assert embedded.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'clip_rejections_total{{reason="not_ready"}} {len(loading)}.0' in metrics
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)

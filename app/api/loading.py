@@ -1,0 +1,141 @@
+"""The port while the model loads: open, and saying why it cannot serve yet.
+
+uvicorn runs the app's lifespan, where the model loads and warms up (seconds, or minutes
+with a download or a cold conversion), before it listens. A probe meanwhile met a
+refused connection, which nobody can tell from a crashed process, and a liveness probe
+that fails through a long load restarts the pod that was about to be ready.
+`python -m app` binds the port first and, until the lifespan is done, answers here,
+below the app: `/health` 200 (the process is alive), `/ready` and every other request a
+JSON 503 `not_ready` with Retry-After, each on a connection closed after its answer.
+Then the listening socket itself passes to uvicorn, so the connections queued on it are
+the app's: none is refused or reset at the hand-over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import cast
+from urllib.parse import urlsplit
+
+from app.api.body_limit import INVALID_HTTP_MESSAGE
+from app.api.transport import RefusalObserver
+
+# Longest request line and headers read (uvicorn's own limit for the app's requests).
+_MAX_HEAD_BYTES = 64 * 1024
+# How long what a client still sends after its answer (a body) is read and dropped
+# before closing: closing with unread bytes makes the kernel reset the connection, and
+# a reset can reach the client before it has read the answer.
+_LINGER_S = 2.0
+RETRY_AFTER_S = 5
+NOT_READY_MESSAGE = "the model is loading; retry once /ready answers 200"
+
+
+class LoadingResponder(asyncio.Protocol):
+    """One connection while the model loads: one answer, then close."""
+
+    def __init__(self, header_timeout_s: float, on_refusal: RefusalObserver | None) -> None:
+        self._header_timeout_s = header_timeout_s
+        self._on_refusal = on_refusal
+        self._head = bytearray()
+        self._answered = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._header_timeout_s, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return  # the rest of an answered request: dropped
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end >= 0:
+            self._answer_request(bytes(self._head[:end]))
+        elif len(self._head) > _MAX_HEAD_BYTES:
+            self._answer(
+                b"431 Request Header Fields Too Large",
+                "headers_too_large",
+                f"the request line and headers are over {_MAX_HEAD_BYTES // 1024} KiB; "
+                "send fewer or shorter headers",
+            )
+
+    def eof_received(self) -> bool:
+        return False  # the client is done sending: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def _answer_request(self, head: bytes) -> None:
+        request_line = head.split(b"\r\n", 1)[0]
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
+            return
+        method, target = parts[0], parts[1].decode("latin-1")
+        path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
+        head_only = method == b"HEAD"
+        if path == "/health" and method in (b"GET", b"HEAD"):
+            self._write(b"200 OK", json.dumps({"status": "ok"}).encode(), head_only=head_only)
+            return
+        unavailable = b"503 Service Unavailable"
+        self._answer(unavailable, "not_ready", NOT_READY_MESSAGE, head_only=head_only)
+
+    def _headers_too_slow(self) -> None:
+        self._timer = None
+        self._answer(
+            b"408 Request Timeout",
+            "request_timeout",
+            "the request line and headers did not arrive within "
+            f"{self._header_timeout_s:g} s; send them at once",
+        )
+
+    def _answer(self, status: bytes, code: str, message: str, *, head_only: bool = False) -> None:
+        if self._on_refusal is not None:
+            self._on_refusal(int(status.split()[0]), code)
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        extra = f"retry-after: {RETRY_AFTER_S}\r\n".encode() if code == "not_ready" else b""
+        self._write(status, body, head_only=head_only, extra_headers=extra)
+
+    def _write(
+        self, status: bytes, body: bytes, *, head_only: bool = False, extra_headers: bytes = b""
+    ) -> None:
+        transport = self._transport
+        if transport is None or self._answered:
+            return
+        self._answered = True
+        if self._timer is not None:
+            self._timer.cancel()
+        transport.write(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
+            + extra_headers
+            + b"\r\n"
+            + (b"" if head_only else body)
+        )
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+
+
+async def answer_while_loading(
+    listener: socket.socket,
+    header_timeout_s: float,
+    on_refusal: RefusalObserver | None = None,
+    backlog: int = 2048,
+) -> asyncio.AbstractServer:
+    """Serve LoadingResponder on a duplicate of `listener` until the returned server is
+    closed; `listener` stays open and listening, its queue intact, for the app's server."""
+
+    def respond() -> LoadingResponder:
+        return LoadingResponder(header_timeout_s, on_refusal)
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(respond, sock=listener.dup(), backlog=backlog)

@@ -1,0 +1,168 @@
+"""What the port answers while the model loads (app.api.loading), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from app.api.loading import answer_while_loading
+
+
+def listening_socket() -> socket.socket:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    listener.setblocking(False)
+    return listener
+
+
+@asynccontextmanager
+async def loading_port(
+    header_timeout_s: float = 5.0,
+) -> AsyncIterator[tuple[int, list[tuple[int, str]], socket.socket]]:
+    """A port answered by the loading responder; what it counted as refusals."""
+    listener = listening_socket()
+    refusals: list[tuple[int, str]] = []
+    server = await answer_while_loading(
+        listener, header_timeout_s, lambda status, code: refusals.append((status, code))
+    )
+    try:
+        yield listener.getsockname()[1], refusals, listener
+    finally:
+        server.close()
+        listener.close()
+
+
+async def exchange(port: int, data: bytes, *, then: bytes = b"") -> bytes:
+    """Send `data` (and `then`, after a pause) and read until the server closes: the
+    answer must come with a close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if then:
+            await asyncio.sleep(0.2)  # the answer is sent meanwhile
+            writer.write(then)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+def parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return status, headers, body
+
+
+async def test_ready_and_work_get_a_json_503_that_says_the_model_is_loading() -> None:
+    async with loading_port() as (port, refusals, _):
+        for request in (
+            b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /info?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x/ready HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            status, headers, body = parse(await exchange(port, request))
+            assert status == 503
+            assert headers["content-type"] == "application/json"
+            assert headers["retry-after"] == "5"
+            assert headers["connection"] == "close"
+            error = json.loads(body)["error"]
+            assert error["code"] == "not_ready"
+            assert "/ready" in error["message"]
+        assert refusals == [(503, "not_ready")] * 3
+
+
+async def test_health_is_200_while_loading_and_head_gets_headers_only() -> None:
+    async with loading_port() as (port, refusals, _):
+        status, headers, body = parse(await exchange(port, b"GET /health HTTP/1.1\r\n\r\n"))
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        status, headers, body = parse(await exchange(port, b"HEAD /health HTTP/1.1\r\n\r\n"))
+        assert status == 200
+        assert body == b""
+        assert int(headers["content-length"]) > 0
+        status, _, body = parse(await exchange(port, b"HEAD /ready HTTP/1.1\r\n\r\n"))
+        assert status == 503
+        assert body == b""
+        assert refusals == [(503, "not_ready")]
+
+
+async def test_an_upload_is_answered_whole_not_reset() -> None:
+    """The body is read and dropped after the answer: closing with it unread would make
+    the kernel reset the connection, and the client could lose the 503."""
+    body = b"\xff" * (4 * 1024 * 1024)
+    head = (
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    async with loading_port() as (port, _, _):
+        for _ in range(3):
+            # Most of the body arrives after the answer went out.
+            answer = await exchange(port, head + body[:1024], then=body[1024:])
+            status, _, answer = parse(answer)
+            assert status == 503
+            assert json.loads(answer)["error"]["code"] == "not_ready"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\r\n\r\n", 400, "invalid_http"),
+        (b"GET /ready\r\n\r\n", 400, "invalid_http"),
+        (b"GET /ready HTTP/1.1\r\nX: " + b"a" * (70 * 1024), 431, "headers_too_large"),
+    ],
+    ids=["tls", "http/0.9", "huge headers"],
+)
+async def test_bytes_that_are_not_a_request_get_a_json_4xx(
+    data: bytes, status: int, code: str
+) -> None:
+    async with loading_port() as (port, refusals, _):
+        answered, _, body = parse(await exchange(port, data))
+        assert answered == status
+        assert json.loads(body)["error"]["code"] == code
+        assert refusals == [(status, code)]
+
+
+async def test_headers_that_never_finish_get_408_and_the_connection_closes() -> None:
+    async with loading_port(header_timeout_s=0.3) as (port, refusals, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n")
+        started = asyncio.get_running_loop().time()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        assert asyncio.get_running_loop().time() - started < 5
+        status, _, body = parse(answer)
+        assert status == 408
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert refusals == [(408, "request_timeout")]
+
+
+async def test_the_listening_socket_outlives_the_responder_with_its_queue() -> None:
+    """The hand-over: a connection made while the responder runs but not yet accepted
+    stays queued on the socket, and the app's server answers it; nothing is reset."""
+    listener = listening_socket()
+    loop = asyncio.get_running_loop()
+    loading = await answer_while_loading(listener, 5.0)
+    loading.close()  # stops accepting; the original socket stays open and listening
+    await loading.wait_closed()
+    client = socket.create_connection(listener.getsockname(), timeout=10)  # queued
+    client.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
+
+    async def app_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    app_server = await asyncio.start_server(app_answer, sock=listener)
+    try:
+        answer = await loop.run_in_executor(None, client.recv, 4096)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+    finally:
+        client.close()
+        app_server.close()
