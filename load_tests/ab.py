@@ -32,7 +32,7 @@ from load_tests.compare import (
     spread,
     stop,
 )
-from load_tests.concurrency import make_crops, start_server, stop_servers_on_sigterm
+from load_tests.concurrency import make_crops, start_load_tool, start_server
 
 
 @dataclass
@@ -53,7 +53,7 @@ def ratios(a: list[Slice], b: list[Slice], figure: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[Slice]]:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--a", action="append", default=[], help="CLIP_X=V for A (repeat)")

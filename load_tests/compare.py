@@ -47,8 +47,8 @@ from load_tests.concurrency import (
     ForwardProbe,
     make_crops,
     memory_mb,
+    start_load_tool,
     start_server,
-    stop_servers_on_sigterm,
     wait_until_ready,
 )
 
@@ -301,7 +301,7 @@ def spread(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--clients", default="1,16")

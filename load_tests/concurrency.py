@@ -317,19 +317,26 @@ def wait_until_ready(
     raise SystemExit(f"{what} not ready after {timeout_s:.0f} s")
 
 
-def stop_servers_on_sigterm() -> None:
-    """SIGTERM (a cancelled CI job, `timeout`, `kill`) as an exit through the tools'
+def start_load_tool() -> None:
+    """What every load tool's `main` does first.
+
+    SIGTERM (a cancelled CI job, `timeout`, `kill`) becomes an exit through the tools'
     `finally` blocks, which stop the servers they started: by default Python dies on it
-    at once and leaves them, the LitServe peer's own session included, holding ports."""
+    at once and leaves them, the LitServe peer's own session included, holding ports.
+    And output is written a line at a time even into a file or a pipe (`> run.log`,
+    `| tee`), where Python would hold a run's progress in its buffer until the end.
+    """
 
     def leave(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, leave)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="drive a running service")

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from app.tools.synthetic_people import make_person
-from load_tests.concurrency import memory_mb, start_server, stop_servers_on_sigterm
+from load_tests.concurrency import memory_mb, start_load_tool, start_server
 
 FRAME_SIZE = (1920, 1080)
 JPEG_QUALITY = 85
@@ -164,7 +164,7 @@ def summarize(way: str, clients: int, tallies: list[_Tally], boxes: int) -> WayR
 
 
 def main(argv: list[str] | None = None) -> list[WayResult]:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="drive a running service")

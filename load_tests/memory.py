@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 from load_tests.compare import multipart, parse_settings, run_wrk, stop
-from load_tests.concurrency import make_crops, memory_mb, start_server, stop_servers_on_sigterm
+from load_tests.concurrency import make_crops, memory_mb, start_load_tool, start_server
 
 
 @dataclass
@@ -63,7 +63,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, help="a local-dir open_clip model")
     parser.add_argument(

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from load_tests.compare import Run, multipart, run_wrk, stop
-from load_tests.concurrency import make_crops, stop_servers_on_sigterm, wait_until_ready
+from load_tests.concurrency import make_crops, start_load_tool, wait_until_ready
 
 
 class FreeModel:
@@ -111,7 +111,7 @@ def batch_body(crops: list[bytes]) -> tuple[bytes, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="local-dir model whose preprocessing is used")
     parser.add_argument("--clients", default="1,16")

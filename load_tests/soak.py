@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from load_tests.concurrency import make_crops, memory_mb, start_server, stop_servers_on_sigterm
+from load_tests.concurrency import make_crops, memory_mb, start_load_tool, start_server
 
 
 def flat_png(width: int, height: int) -> bytes:
@@ -141,7 +141,7 @@ async def soak(
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_servers_on_sigterm()
+    start_load_tool()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running service (give --pid for its memory)")

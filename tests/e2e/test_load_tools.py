@@ -217,19 +217,23 @@ def test_the_overhead_tool_serves_the_app_around_a_free_model(
 
 def test_a_load_tool_killed_with_sigterm_still_stops_what_it_started(tmp_path: Path) -> None:
     """A cancelled CI job or `timeout` sends SIGTERM: the tools' finally blocks, which
-    stop their servers (the LitServe peer in its own session), must still run."""
+    stop their servers (the LitServe peer in its own session), must still run. And what
+    a tool prints reaches a pipe as it is printed, not when the tool ends."""
     marker = tmp_path / "stopped"
     script = (
         "import sys, time\n"
-        "from load_tests.concurrency import stop_servers_on_sigterm\n"
-        "stop_servers_on_sigterm()\n"
+        "from load_tests.concurrency import start_load_tool\n"
+        "start_load_tool()\n"
         "try:\n"
-        "    print('running', flush=True)\n"
+        "    print('running')\n"  # no flush: the tool's setup makes stdout line-buffered
         "    time.sleep(60)\n"
         "finally:\n"
         f"    open({str(marker)!r}, 'w').write('yes')\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=buffered
+    )
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "running"
     process.send_signal(signal.SIGTERM)
