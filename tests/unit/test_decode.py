@@ -6,11 +6,11 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app.errors import InvalidImage, PayloadTooLarge
 from app.inference.decode import decode_image, load_rgb, open_image
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, noise_jpeg
 
 LIMIT = 40_000_000
 
@@ -130,3 +130,81 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
     bomb = image_bytes((5000, 5000), fmt="PNG")
     with pytest.raises(PayloadTooLarge, match="CLIP_MAX_IMAGE_PIXELS"):
         open_image(bomb, max_pixels=1_000_000)
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    """What Pillow alone decodes (and orients) from `data`: the reference."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def jpeg_corpus() -> list[tuple[str, bytes]]:
+    """JPEGs as encoders write them: every chroma subsampling, grey, progressive,
+    restart markers, optimised tables, every EXIF orientation, odd sizes."""
+    rng = np.random.default_rng(3)
+    photo = np.cumsum(rng.integers(0, 12, size=(157, 61, 3)), axis=1).astype(np.uint8)
+    picture = Image.fromarray(photo)
+    cases = [
+        (
+            f"subsampling {sub}, q{quality}",
+            encoded(picture, "JPEG", quality=quality, subsampling=sub),
+        )
+        for sub in (0, 1, 2)
+        for quality in (35, 90)
+    ]
+    cases += [
+        ("grey", encoded(picture.convert("L"), "JPEG")),
+        ("progressive", encoded(picture, "JPEG", progressive=True)),
+        ("optimised", encoded(picture, "JPEG", optimize=True)),
+        ("restart markers", encoded(picture, "JPEG", restart_marker_blocks=1)),
+        ("1x1", encoded(Image.new("RGB", (1, 1), (9, 99, 199)), "JPEG")),
+    ]
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        cases.append((f"orientation {orientation}", encoded(picture, "JPEG", exif=exif)))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "data"), jpeg_corpus(), ids=[n for n, _ in jpeg_corpus()])
+def test_jpegs_decode_to_the_same_pixels_as_pillow(name: str, data: bytes) -> None:
+    decoded = decode_image(data, max_pixels=LIMIT)
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), pillow_rgb(data))
+
+
+def cut_then_closed(data: bytes, keep: float) -> bytes:
+    """A JPEG cut inside its scan data, with its end-of-image marker put back: Pillow
+    fills what is missing with grey and raises nothing."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + int((len(data) - scan) * keep)] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.9])
+def test_a_jpeg_cut_short_is_refused_even_when_it_ends_with_an_end_marker(keep: float) -> None:
+    data = cut_then_closed(noise_jpeg(4, (120, 240)), keep)
+    pillow_rgb(data)  # Pillow alone: no error
+    with pytest.raises(InvalidImage, match=r"truncated or corrupt.*premature end"):
+        decode_image(data, max_pixels=LIMIT)
+
+
+def test_jpeg_damage_that_leaves_the_pixels_whole_is_tolerated() -> None:
+    """Stray bytes between the scan and its end marker: libjpeg warns, the picture is
+    intact; decoded as Pillow decodes it."""
+    data = noise_jpeg(5)
+    padded = data[:-2] + b"\x00" * 7 + data[-2:]
+    np.testing.assert_array_equal(
+        np.asarray(decode_image(padded, max_pixels=LIMIT)), pillow_rgb(data)
+    )
+
+
+def test_cmyk_jpegs_still_decode_through_pillow() -> None:
+    cmyk = encoded(Image.new("CMYK", (32, 48), (0, 255, 255, 0)), "JPEG")
+    red = np.asarray(decode_image(cmyk, max_pixels=LIMIT))[10, 10]
+    assert red[0] > 200
+    assert red[1] < 60
+    np.testing.assert_array_equal(
+        np.asarray(decode_image(cmyk, max_pixels=LIMIT)), pillow_rgb(cmyk)
+    )
