@@ -49,6 +49,8 @@ RUN if [ "$BAKE_WEIGHTS" = "1" ]; then \
 USER 10001
 EXPOSE 8000
 VOLUME ["/models"]
+# /ready, not /health: the port answers while the model loads (/health 200 then), and
+# "healthy" is what `depends_on: condition: service_healthy` waits for.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "app.tools.healthcheck", "/health"]
+    CMD ["python", "-m", "app.tools.healthcheck", "/ready"]
 CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

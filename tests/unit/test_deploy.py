@@ -143,8 +143,10 @@ def test_the_image_installs_what_the_project_declares() -> None:
 def test_the_image_runs_unprivileged_with_a_health_check() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER 10001$", dockerfile, re.M)
-    assert "HEALTHCHECK" in dockerfile
-    assert "/health" in dockerfile
+    # "healthy" means serving: the port answers /health while the model still loads.
+    healthcheck = re.search(r"^HEALTHCHECK .*\\\n\s*CMD (.*)$", dockerfile, re.M)
+    assert healthcheck is not None
+    assert '"app.tools.healthcheck", "/ready"' in healthcheck.group(1)
     assert 'CMD ["python", "-m", "app"' in dockerfile
     assert "ARG BAKE_WEIGHTS" in dockerfile
 
