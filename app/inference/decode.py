@@ -140,7 +140,9 @@ def _decode_jpeg(image: Image.Image) -> Image.Image | None:
     is refused: Pillow keeps decoding past it, and a file cut short that still ends with
     an end marker came out with its lower part grey, embedded without a word.
     """
-    if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.decoderconfig:
+    if not isinstance(image, ImageFile.ImageFile) or image.format != "JPEG":
+        return None
+    if image.mode not in ("RGB", "L") or image.decoderconfig:  # CMYK, or set to DCT-scale
         return None
     source = getattr(image, "fp", None)
     if not isinstance(source, io.BytesIO):

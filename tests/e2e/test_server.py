@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,9 +67,17 @@ def start_server(
     )
 
 
+# Told each /ready poll's answer while a server starts (None: no connection).
+StartupWatch = Callable[[httpx.Response | None], None]
+
+
 @contextmanager
 def ready_server(
-    env_overrides: dict[str, str], log: Path, entry: Sequence[str] = UVICORN
+    env_overrides: dict[str, str],
+    log: Path,
+    entry: Sequence[str] = UVICORN,
+    watch: StartupWatch | None = None,
+    poll_s: float = 0.2,
 ) -> Iterator[RunningServer]:
     """A server on a free port, once /ready answers 200 (the test fails if it never
     does); killed on leaving, if still running."""
@@ -82,11 +90,14 @@ def ready_server(
             if process.poll() is not None:
                 pytest.fail(f"server exited at startup:\n{log.read_text()}")
             try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
+                ready: httpx.Response | None = httpx.get(f"{url}/ready", timeout=10)
             except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+                ready = None
+            if ready is not None and ready.status_code == 200:
+                break
+            if watch is not None:
+                watch(ready)
+            time.sleep(poll_s)
         else:
             pytest.fail("server did not become ready in 120 s")
         yield RunningServer(url, process, log)
@@ -225,54 +236,38 @@ def test_python_m_app_answers_503_while_the_model_loads(
 ) -> None:
     """From the moment the port opens: /health 200, /ready and work a JSON 503
     `not_ready`, then the app, with no refused or reset connection at the hand-over."""
-    log, port = tmp_path / "server.log", free_port()
     # A cold conversion cache: the model's load includes converting it, a longer window.
     env = {
         "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
         "CLIP_DEVICE": "cpu",
         "CLIP_CACHE_DIR": str(tmp_path / "cache"),
     }
-    process = start_server(env, port, log, PRODUCTION)
-    url = f"http://127.0.0.1:{port}"
     loading: list[httpx.Response] = []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited at startup:\n{log.read_text()}")
-            try:
-                ready = httpx.get(f"{url}/ready", timeout=10)
-                if ready.status_code == 200:
-                    break
-                loading.append(ready)
-                health = httpx.get(f"{url}/health", timeout=10)
-                work = httpx.post(
-                    f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))}, timeout=10
-                )
-            except httpx.TransportError as exc:
-                # Refused before the port opens (Python's imports); never after.
-                if loading:
-                    pytest.fail(f"{exc!r} after the port had answered:\n{log.read_text()}")
-                time.sleep(0.01)
-                continue
-            assert health.status_code == 200
-            assert health.json() == {"status": "ok"}
-            assert work.status_code in (200, 503)  # the model may be ready by now
-            loading.extend([work] if work.status_code == 503 else [])
-        else:
-            pytest.fail("server did not become ready in 120 s")
+
+    def watch(ready: httpx.Response | None) -> None:
+        if ready is None:  # refused before the port opens (Python's imports); never after
+            if loading:
+                pytest.fail("a connection failed after the port had answered")
+            return
+        loading.append(ready)
+        url = str(ready.url).removesuffix("/ready")
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok"}
+        work = httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))}, timeout=10)
+        assert work.status_code in (200, 503)  # the model may be ready by now
+        loading.extend([work] if work.status_code == 503 else [])
+
+    with ready_server(env, tmp_path / "server.log", PRODUCTION, watch, poll_s=0.01) as running:
         assert loading, "the port never answered while the model loaded"
         for answer in loading:
             assert answer.status_code == 503
             assert answer.headers["retry-after"] == "5"
             assert answer.json()["error"]["code"] == "not_ready"
-        embedded = httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))})
+        embedded = httpx.post(f"{running.url}/embed", files={"image": ("p.jpg", noise_jpeg(0))})
         assert embedded.status_code == 200
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{running.url}/metrics").text
         assert f'clip_rejections_total{{reason="not_ready"}} {len(loading)}.0' in metrics
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
