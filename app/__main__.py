@@ -115,7 +115,6 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
         http=header_deadline_protocol(header_timeout_s, partial(count_refusal, app)),
         backlog=2048,
         timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
-        h11_max_incomplete_event_size=64 * 1024,  # request line and headers
     )
     server = GracefulServer(config, app, header_timeout_s)
     server.run()

@@ -20,10 +20,8 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE
-from app.api.transport import RefusalObserver
+from app.api.transport import HEADERS_TOO_LARGE, MAX_HEAD_BYTES, RefusalObserver
 
-# Longest request line and headers read (uvicorn's own limit for the app's requests).
-_MAX_HEAD_BYTES = 64 * 1024
 # How long what a client still sends after its answer (a body) is read and dropped
 # before closing: closing with unread bytes makes the kernel reset the connection, and
 # a reset can reach the client before it has read the answer.
@@ -53,15 +51,12 @@ class LoadingResponder(asyncio.Protocol):
             return  # the rest of an answered request: dropped
         self._head += data
         end = self._head.find(b"\r\n\r\n")
-        if end >= 0:
+        if (end if end >= 0 else len(self._head)) > MAX_HEAD_BYTES:
+            self._answer(*HEADERS_TOO_LARGE)
+        elif end >= 0:
             self._answer_request(bytes(self._head[:end]))
-        elif len(self._head) > _MAX_HEAD_BYTES:
-            self._answer(
-                b"431 Request Header Fields Too Large",
-                "headers_too_large",
-                f"the request line and headers are over {_MAX_HEAD_BYTES // 1024} KiB; "
-                "send fewer or shorter headers",
-            )
+        elif b"\n\n" in self._head:  # bare line feeds: not HTTP/1.1, as the app's parser says
+            self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
 
     def eof_received(self) -> bool:
         return False  # the client is done sending: close

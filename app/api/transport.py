@@ -36,6 +36,23 @@ _MAX_DESCRIPTORS = 65536
 # Told (status, code) of each answer given here, below the app: for its metrics.
 RefusalObserver = Callable[[int, str], None]
 
+# Longest request line and headers taken (nginx's large_client_header_buffers are 32 KiB).
+# httptools has no limit of its own: it holds a header's bytes until the header ends.
+MAX_HEAD_BYTES = 64 * 1024
+HEADERS_TOO_LARGE_MESSAGE = (
+    f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB; "
+    "send fewer or shorter headers"
+)
+HEADERS_TOO_LARGE = (
+    b"431 Request Header Fields Too Large",
+    "headers_too_large",
+    HEADERS_TOO_LARGE_MESSAGE,
+)
+
+
+class _RefusedHead(Exception):
+    """Raised from a parser callback to stop parsing a request that is refused."""
+
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline on each request's headers."""
@@ -45,8 +62,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._reading_head = True
+        self._head_bytes = 0
+        self._head_refusal: tuple[bytes, str, str] | None = None
         super().connection_made(transport)
         self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self._reading_head
+        if in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing: a read that ends the headers also carries body bytes.
+        if in_head and self._reading_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head(*HEADERS_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -54,7 +83,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_deadline()
+        self._reading_head = False
+        self._head_bytes = 0
+        # Exact, where data_received counted whole reads: the last one may carry body.
+        head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if head > MAX_HEAD_BYTES:
+            self._head_refusal = HEADERS_TOO_LARGE
+            # Stops the parser before the app sees the request; uvicorn then answers
+            # through send_400_response, which gives this refusal instead.
+            raise _RefusedHead
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head = True  # what follows is the next request's head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
@@ -73,20 +115,29 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
+        self._refuse_head(
+            b"408 Request Timeout",
+            "request_timeout",
+            "the request line and headers did not arrive within "
+            f"{self.header_timeout_s:g} s; send them at once",
+        )
+
+    def _refuse_head(self, status: bytes, code: str, message: str) -> None:
+        """Answer a request whose head will not be read, and close; only close where an
+        earlier request's answer is still being sent on this connection."""
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no answer half-sent
-            self._answer_and_close(
-                b"408 Request Timeout",
-                "request_timeout",
-                "the request line and headers did not arrive within "
-                f"{self.header_timeout_s:g} s; send them at once",
-            )
+            self._answer_and_close(status, code, message)
         else:
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
+        refusal, self._head_refusal = self._head_refusal, None
+        if refusal is not None:
+            self._refuse_head(*refusal)
+            return
         cycle = self.cycle
         reading_body = cycle is not None and not cycle.response_complete
         if reading_body:

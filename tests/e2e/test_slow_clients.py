@@ -199,3 +199,65 @@ def test_a_body_with_broken_chunk_framing_is_one_400_under_its_endpoint(
         'clip_requests_total{endpoint="/embed",status="400"}': 1.0,
         'clip_rejections_total{reason="invalid_http"}': 1.0,
     }
+
+
+def resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def send_until_refused(sock: socket.socket, chunk: bytes, limit: int) -> int:
+    """Bytes sent before the peer closed the connection (or `limit`, if it never did)."""
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def test_headers_past_64_kib_get_431_and_are_not_held(strict_server: RunningServer) -> None:
+    """httptools holds a header's bytes until the header ends: one endless header was
+    taken whole (64 MB), and eight at once held the event loop for seconds."""
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    before = resident_mb(strict_server.process.pid)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        sent = send_until_refused(sock, b"a" * 65536, limit=32 * 1024 * 1024)
+        assert sent < 8 * 1024 * 1024  # the server closed the connection long before
+    assert resident_mb(strict_server.process.pid) - before < 50
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
+        status, body, closed = read_response(sock)
+    assert status == 431
+    assert body["error"]["code"] == "headers_too_large"  # type: ignore[index]
+    assert closed
+
+
+def test_large_headers_under_the_limit_and_large_bodies_pass(
+    strict_server: RunningServer,
+) -> None:
+    """Only the head counts: 60 KiB of headers sent in the same write as the body, and a
+    body far over 64 KiB, are an ordinary request."""
+    request = httpx.Request(
+        "POST",
+        f"{strict_server.url}/embed",
+        files={"image": ("p.jpg", noise_jpeg(3, (1200, 2400)))},
+        headers={"X-Pad": "a" * 60_000},
+    )
+    body = request.read()
+    assert len(body) > 100_000
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    head = f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+    head += b"".join(
+        f"{k}: {v}\r\n".encode()
+        for k, v in request.headers.items()
+        if k.lower() in ("content-type", "x-pad")
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        status, answer, _ = read_response(sock)
+    assert status == 200, answer
