@@ -23,8 +23,6 @@ import io
 import logging
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -37,6 +35,7 @@ import torch
 
 from app.config import Backend, Precision
 from app.inference.calibration import Calibration
+from app.inference.conversion_cache import cached
 from app.inference.memory import page_out_files
 from app.inference.weights import WeightsUnavailable
 
@@ -283,38 +282,6 @@ def _library_version(backend: Backend) -> str:
     return f"ort{onnxruntime.__version__}-torch{torch.__version__.split('+')[0]}"
 
 
-def _cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Path:
-    """folder/filename, made by `make(tmp_folder)` on a miss. Written to a temporary
-    folder and renamed into place, so a crash or a concurrent replica never leaves half
-    an artefact; if the cache is not writable the artefact lives in a temporary folder
-    for this process only."""
-    target = folder / filename
-    if target.exists():
-        logger.info("conversion cache hit: %s", folder)
-        return target
-    started = time.perf_counter()
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-    except OSError as exc:
-        logger.warning("conversion cache %s not writable (%s); converting for this run only",
-                       folder.parent, exc)  # fmt: skip
-        staging = Path(tempfile.mkdtemp(prefix="clip-reid-"))
-        make(staging)
-        return staging / filename
-    try:
-        make(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another replica finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("converted the image tower in %.1fs into %s", time.perf_counter() - started, folder)
-    return target
-
-
 def _example(image_size: tuple[int, int]) -> torch.Tensor:
     return torch.zeros((1, 3, *image_size), dtype=torch.float32)
 
@@ -343,7 +310,8 @@ def _openvino_tower(
         # what the compiled model keeps resident, at no cost in parity (tested).
         ov.save_model(model, staging / "tower.xml", compress_to_fp16=precision == Precision.BF16)
 
-    path = _cached(folder, "tower.xml", convert)
+    artefact = cached(folder, "tower.xml", convert)
+    path = artefact.path
     release_source()
     # Streams of a thread or a few each, with a batch in flight on every one: on few
     # cores a single pass across all threads stalls whenever the HTTP side preempts one
@@ -373,6 +341,7 @@ def _openvino_tower(
         solo_config = {**config, "PERFORMANCE_HINT": "LATENCY"}
         solo_config.pop("NUM_STREAMS", None)
         solo = core.compile_model(model, "CPU", solo_config)
+    artefact.release()
     return OpenVinoTower(compiled, solo, path.with_suffix(".bin"))
 
 
@@ -443,11 +412,12 @@ def _onnxruntime_tower(
             fp32.unlink()
 
     filename = "tower.int8.onnx" if precision == Precision.INT8 else "tower.onnx"
-    path = _cached(folder, filename, export)
+    artefact = cached(folder, filename, export)
     release_source()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(artefact.path), options, providers=["CPUExecutionProvider"])
+    artefact.release()
     return OnnxRuntimeTower(session)

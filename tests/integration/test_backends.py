@@ -4,6 +4,7 @@ makes the second start cheap."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,28 @@ def test_a_warm_cache_skips_the_conversion(tiny_model_dir: Path, tmp_path: Path)
     batch = [cold.preprocess(Image.new("RGB", (64, 128), "red"))]
     np.testing.assert_allclose(cold.encode(batch), warm.encode(batch), atol=1e-6)
     print(f"tiny model, onnxruntime: cold start {cold_s:.2f}s, warm {warm_s:.2f}s")
+
+
+def test_a_damaged_cache_entry_is_converted_again_not_served(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Weights overwritten in place (same size, so the runtime loads them) answered with
+    wrong embeddings before entries carried a manifest."""
+    settings = Settings(
+        model=f"local-dir:{tiny_model_dir}", device="cpu", precision="fp32",
+        backend="openvino", cache_dir=str(tmp_path),
+    )  # fmt: skip
+    clean = ClipImageEncoder.load(settings)
+    batch = [clean.preprocess(Image.open(io.BytesIO(noise_jpeg(6))).convert("RGB"))]
+    expected = clean.encode(batch)
+    (weights,) = tmp_path.rglob("tower.bin")
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 3 : len(damaged) // 3 + 4096] = bytes(4096)
+    weights.write_bytes(bytes(damaged))
+    again = ClipImageEncoder.load(settings)
+    assert again.info.backend == "openvino"
+    np.testing.assert_allclose(again.encode(batch), expected, atol=1e-5)
+    assert weights.read_bytes() != bytes(damaged)  # the entry was written anew
 
 
 def test_auto_falls_back_to_torch_when_a_runtime_cannot_take_the_model(

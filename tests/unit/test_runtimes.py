@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from app.config import Backend, Precision
-from app.inference.runtimes import BackendUnavailable, _cached, pick_backend, weights_digest
+from app.inference.runtimes import BackendUnavailable, pick_backend, weights_digest
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -61,34 +59,3 @@ def test_the_weights_hash_follows_the_weights_and_nothing_else() -> None:
     with torch.no_grad():
         same.bias[0] += 1e-6
     assert weights_digest(layer) != weights_digest(same)
-
-
-def test_the_cache_converts_once_and_never_keeps_half_an_artefact(tmp_path: Path) -> None:
-    calls: list[Path] = []
-
-    def make(staging: Path) -> None:
-        calls.append(staging)
-        (staging / "tower.xml").write_text("converted")
-
-    folder = tmp_path / "cache" / "key"
-    first = _cached(folder, "tower.xml", make)
-    second = _cached(folder, "tower.xml", make)
-    assert first == second == folder / "tower.xml"
-    assert first.read_text() == "converted"
-    assert len(calls) == 1
-
-    def broken(staging: Path) -> None:
-        (staging / "tower.xml").write_text("half")
-        raise RuntimeError("conversion died")
-
-    with pytest.raises(RuntimeError):
-        _cached(tmp_path / "cache" / "other", "tower.xml", broken)
-    assert not (tmp_path / "cache" / "other").exists()
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key"]  # no staging left
-
-
-def test_an_unwritable_cache_still_converts_for_this_run(tmp_path: Path) -> None:
-    blocked = tmp_path / "file"
-    blocked.write_text("not a folder")
-    path = _cached(blocked / "key", "tower.xml", lambda d: (d / "tower.xml").write_text("ok"))
-    assert path.read_text() == "ok"

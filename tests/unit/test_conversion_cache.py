@@ -1,0 +1,163 @@
+"""The conversion cache: converted once, never half written, and never loaded damaged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from app.inference import conversion_cache
+from app.inference.conversion_cache import MANIFEST, cached, damage, remove_abandoned
+
+
+class Converter:
+    """A stand-in conversion: writes an IR-like pair of files and counts its calls."""
+
+    def __init__(self, weights: bytes = b"\x01" * 4096) -> None:
+        self.weights = weights
+        self.calls = 0
+
+    def __call__(self, staging: Path) -> None:
+        self.calls += 1
+        (staging / "tower.xml").write_text("<net/>")
+        (staging / "tower.bin").write_bytes(self.weights)
+
+
+def test_the_cache_converts_once_with_a_manifest(tmp_path: Path) -> None:
+    convert, folder = Converter(), tmp_path / "cache" / "key"
+    first = cached(folder, "tower.xml", convert)
+    second = cached(folder, "tower.xml", convert)
+    assert first.path == second.path == folder / "tower.xml"
+    assert not first.temporary
+    assert convert.calls == 1
+    assert (folder / MANIFEST).is_file()
+    assert damage(folder, "tower.xml") is None
+
+
+def test_a_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
+    def broken(staging: Path) -> None:
+        (staging / "tower.xml").write_text("half")
+        raise RuntimeError("conversion died")
+
+    with pytest.raises(RuntimeError):
+        cached(tmp_path / "cache" / "key", "tower.xml", broken)
+    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no staging folder
+
+
+def truncate(entry: Path) -> None:
+    (entry / "tower.bin").write_bytes((entry / "tower.bin").read_bytes()[:100])
+
+
+def flip_a_byte(entry: Path) -> None:
+    weights = bytearray((entry / "tower.bin").read_bytes())
+    weights[2000] ^= 0xFF  # same size: only the hash can tell
+    (entry / "tower.bin").write_bytes(bytes(weights))
+
+
+@pytest.mark.parametrize(
+    ("harm", "said"),
+    [
+        (truncate, "tower.bin is 100 bytes"),
+        (flip_a_byte, "tower.bin does not match its SHA-256"),
+        (lambda entry: (entry / "tower.bin").unlink(), "tower.bin is missing"),
+        (lambda entry: (entry / "tower.xml").unlink(), "tower.xml is missing"),
+        (lambda entry: (entry / MANIFEST).unlink(), "no manifest.json"),
+        (lambda entry: (entry / MANIFEST).write_text("{not json"), "manifest.json unreadable"),
+    ],
+    ids=[
+        "truncated",
+        "bit flip",
+        "weights deleted",
+        "graph deleted",
+        "no manifest",
+        "bad manifest",
+    ],
+)
+def test_a_damaged_entry_is_converted_again_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, harm: object, said: str
+) -> None:
+    convert, folder = Converter(), tmp_path / "cache" / "key"
+    cached(folder, "tower.xml", convert)
+    harm(folder)  # type: ignore[operator]
+    with caplog.at_level(logging.WARNING, logger="app.inference.conversion_cache"):
+        artefact = cached(folder, "tower.xml", convert)
+    assert convert.calls == 2
+    assert artefact.path == folder / "tower.xml"
+    assert (folder / "tower.bin").read_bytes() == convert.weights
+    assert damage(folder, "tower.xml") is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(folder) in warning
+    assert said in warning
+    assert [p.name for p in folder.parent.iterdir()] == ["key"]  # the damaged copy is gone
+
+
+def test_another_process_whole_entry_placed_first_is_used(tmp_path: Path) -> None:
+    folder = tmp_path / "cache" / "key"
+    theirs = Converter(b"\x02" * 4096)
+
+    def slow_conversion(staging: Path) -> None:
+        Converter()(staging)
+        cached(folder, "tower.xml", theirs)  # a replica finishes while we convert
+
+    artefact = cached(folder, "tower.xml", slow_conversion)
+    assert artefact.path == folder / "tower.xml"
+    assert (folder / "tower.bin").read_bytes() == theirs.weights
+    assert [p.name for p in folder.parent.iterdir()] == ["key"]
+
+
+def test_a_damaged_entry_placed_while_converting_is_replaced(tmp_path: Path) -> None:
+    folder = tmp_path / "cache" / "key"
+
+    def conversion_racing_a_bad_copy(staging: Path) -> None:
+        Converter()(staging)
+        folder.mkdir()
+        (folder / "tower.xml").write_text("<net/>")  # copied by hand, no weights, no manifest
+
+    cached(folder, "tower.xml", conversion_racing_a_bad_copy)
+    assert damage(folder, "tower.xml") is None
+    assert (folder / "tower.bin").is_file()
+
+
+def test_an_unwritable_cache_converts_into_a_folder_released_after_loading(
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    artefact = cached(blocked / "key", "tower.xml", Converter())
+    assert artefact.temporary
+    assert artefact.path.read_text() == "<net/>"
+    artefact.release()
+    assert not artefact.path.parent.exists()  # not left in /tmp, start after start
+
+
+def test_a_damaged_entry_that_cannot_be_moved_is_converted_for_this_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    convert, folder = Converter(), tmp_path / "cache" / "key"
+    cached(folder, "tower.xml", convert)
+    truncate(folder)
+
+    def read_only(entry: Path) -> None:
+        raise PermissionError(13, "Read-only file system", str(entry))
+
+    monkeypatch.setattr(conversion_cache, "set_aside", read_only)
+    artefact = cached(folder, "tower.xml", convert)
+    assert artefact.temporary
+    assert (artefact.path.parent / "tower.bin").read_bytes() == convert.weights
+    artefact.release()
+
+
+def test_folders_of_killed_conversions_are_removed_once_old(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    old, fresh, entry = cache / ".staging-old", cache / ".staging-fresh", cache / "key"
+    for folder in (old, fresh, entry):
+        folder.mkdir(parents=True)
+        (folder / "tower.bin").write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(entry, (hours_ago, hours_ago))
+    remove_abandoned(cache)
+    assert sorted(p.name for p in cache.iterdir()) == [".staging-fresh", "key"]
