@@ -10,7 +10,8 @@ app, but re-raises the signal after shutting down, so its exit status is -15.)
     python -m app --host 0.0.0.0 --port 8000
 
 The port opens before the model loads: until it is loaded and warmed up, /health answers
-200 and every other request a JSON 503 `not_ready` (app.api.loading).
+200 and every other request a JSON 503 `not_ready` (app.api.loading); SIGTERM then exits
+at once, 0, as there is nothing to drain.
 
 A startup failure of a known cause (bad settings, weights that cannot be had) is logged
 as one line naming the setting to change, with no traceback, and the process exits
@@ -20,7 +21,9 @@ non-zero: 1 for settings, 3 for the model (as uvicorn reports a failed startup).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -53,8 +56,18 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._header_timeout_s = header_timeout_s
+        self._loading = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loading:
+            # Nothing is served yet, and the load runs in a thread that cannot be
+            # stopped: waiting for it took a cold int8 conversion's 67 s, past any
+            # orchestrator's grace period (then SIGKILL). What a conversion leaves
+            # half-written is in a staging folder, never in the cache.
+            logger.info("%s while the model loads: exiting now", signal.Signals(sig).name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
         self._app.state.draining = True  # refuse new work before anything else
         super().handle_exit(sig, frame)
 
@@ -77,11 +90,28 @@ class GracefulServer(uvicorn.Server):
         )
         lifespan_startup = self.lifespan.startup
 
+        def app_protocol() -> asyncio.Protocol:  # as uvicorn makes them
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
         async def lifespan_then_hand_over() -> None:
+            self._loading = True
             try:
                 await lifespan_startup()
+            except BaseException:
+                loading.close()
+                raise
             finally:
-                loading.close()  # before uvicorn accepts on the socket: no 503 after ready
+                self._loading = False
+            if self.lifespan.should_exit:  # the startup failed; uvicorn exits next
+                loading.close()
+                return
+            # Before uvicorn accepts on the socket; a request still arriving moves to
+            # the app with its bytes, so none gets a 503 once the model is ready.
+            adopted = loading.hand_over(app_protocol)
+            if adopted:
+                logger.info("%d connection(s) opened while loading passed to the app", adopted)
 
         # uvicorn runs the lifespan and then listens, within one method: this is the
         # one place between the two.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -31,18 +32,43 @@ NOT_READY_MESSAGE = "the model is loading; retry once /ready answers 200"
 
 
 class LoadingResponder(asyncio.Protocol):
-    """One connection while the model loads: one answer, then close."""
+    """One connection while the model loads: one answer, then close; or, if its request
+    is still arriving when the model is ready, handed to the app's protocol."""
 
-    def __init__(self, header_timeout_s: float, on_refusal: RefusalObserver | None) -> None:
+    def __init__(
+        self,
+        header_timeout_s: float,
+        on_refusal: RefusalObserver | None,
+        live: set[LoadingResponder] | None = None,
+    ) -> None:
         self._header_timeout_s = header_timeout_s
         self._on_refusal = on_refusal
+        self._live = live if live is not None else set()
         self._head = bytearray()
         self._answered = False
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
 
+    def hand_over(self, make_protocol: Callable[[], asyncio.Protocol]) -> bool:
+        """Pass the connection, and what it has sent so far, to `make_protocol()`'s
+        protocol; False where its answer was given already (it is closing)."""
+        transport = self._transport
+        if self._answered or transport is None or transport.is_closing():
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+        self._live.discard(self)
+        self._transport = None
+        protocol = make_protocol()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._head:
+            protocol.data_received(bytes(self._head))
+        return True
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._live.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._header_timeout_s, self._headers_too_slow)
 
@@ -65,6 +91,7 @@ class LoadingResponder(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._transport = None
+        self._live.discard(self)
 
     def _answer_request(self, head: bytes) -> None:
         request_line = head.split(b"\r\n", 1)[0]
@@ -120,17 +147,39 @@ class LoadingResponder(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
 
+class LoadingPort:
+    """The port's answers while the model loads, until `hand_over`."""
+
+    def __init__(self, server: asyncio.AbstractServer, live: set[LoadingResponder]) -> None:
+        self._server = server
+        self._live = live
+
+    def hand_over(self, make_protocol: Callable[[], asyncio.Protocol]) -> int:
+        """Stop accepting (the listening socket stays open, its queue for the app's
+        server), and pass every connection whose request is still arriving to the app's
+        protocol: so no request gets a 503 once the model is ready. How many passed."""
+        self._server.close()
+        return sum(responder.hand_over(make_protocol) for responder in list(self._live))
+
+    def close(self) -> None:
+        """Stop accepting; what is connected gets its 503 (the startup failed)."""
+        self._server.close()
+
+
 async def answer_while_loading(
     listener: socket.socket,
     header_timeout_s: float,
     on_refusal: RefusalObserver | None = None,
     backlog: int = 2048,
-) -> asyncio.AbstractServer:
-    """Serve LoadingResponder on a duplicate of `listener` until the returned server is
-    closed; `listener` stays open and listening, its queue intact, for the app's server."""
+) -> LoadingPort:
+    """Serve LoadingResponder on a duplicate of `listener` until the port is handed over
+    or closed; `listener` stays open and listening, its queue intact, for the app's
+    server."""
+    live: set[LoadingResponder] = set()
 
     def respond() -> LoadingResponder:
-        return LoadingResponder(header_timeout_s, on_refusal)
+        return LoadingResponder(header_timeout_s, on_refusal, live)
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(respond, sock=listener.dup(), backlog=backlog)
+    server = await loop.create_server(respond, sock=listener.dup(), backlog=backlog)
+    return LoadingPort(server, live)

@@ -270,6 +270,38 @@ def test_python_m_app_answers_503_while_the_model_loads(
         assert f'clip_rejections_total{{reason="not_ready"}} {len(loading)}.0' in metrics
 
 
+def test_sigterm_while_the_model_loads_exits_at_once(vit_b_32_dir: Path, tmp_path: Path) -> None:
+    """The load runs in a thread nothing can stop: waiting for it outlasted the grace
+    period of a pod stopped during a cold conversion (67 s for int8)."""
+    env = {
+        "CLIP_MODEL": f"local-dir:{vit_b_32_dir}",
+        "CLIP_DEVICE": "cpu",
+        "CLIP_CACHE_DIR": str(tmp_path / "cache"),  # cold: a conversion of ViT-B-32
+    }
+    log = tmp_path / "server.log"
+    port = free_port()
+    process = start_server(env, port, log, PRODUCTION)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            assert ready.json()["error"]["code"] == "not_ready", "loaded before the test"
+            break
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - signalled < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "SIGTERM while the model loads: exiting now" in log.read_text()
+
+
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)

@@ -148,8 +148,9 @@ async def test_the_listening_socket_outlives_the_responder_with_its_queue() -> N
     listener = listening_socket()
     loop = asyncio.get_running_loop()
     loading = await answer_while_loading(listener, 5.0)
-    loading.close()  # stops accepting; the original socket stays open and listening
-    await loading.wait_closed()
+    # Stops accepting (nothing connected to pass on); the socket stays open, listening.
+    assert loading.hand_over(asyncio.Protocol) == 0
+    await asyncio.sleep(0.05)
     client = socket.create_connection(listener.getsockname(), timeout=10)  # queued
     client.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
 
@@ -166,3 +167,48 @@ async def test_the_listening_socket_outlives_the_responder_with_its_queue() -> N
     finally:
         client.close()
         app_server.close()
+
+
+async def test_a_request_still_arriving_at_the_hand_over_goes_to_the_app() -> None:
+    """A connection accepted while loading, whose head ends after the model is ready,
+    is answered by the app's protocol with every byte it sent, not with a 503."""
+    listener = listening_socket()
+    port = listener.getsockname()[1]
+    loading = await answer_while_loading(listener, 5.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n")  # the rest comes after the hand-over
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    received: list[bytes] = []
+
+    class App(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+            if b"".join(received).endswith(b"\r\n\r\n"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+                self.transport.close()
+
+    assert loading.hand_over(App) == 1
+    writer.write(b"X-Late: 1\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    listener.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"".join(received) == b"GET /ready HTTP/1.1\r\nHost: x\r\nX-Late: 1\r\n\r\n"
+
+
+async def test_answered_connections_are_not_handed_over() -> None:
+    listener = listening_socket()
+    loading = await answer_while_loading(listener, 5.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+    writer.write(b"GET /ready HTTP/1.1\r\n\r\n")
+    await writer.drain()
+    status, _, _ = parse(await asyncio.wait_for(reader.read(), timeout=10))
+    assert status == 503
+    assert loading.hand_over(asyncio.Protocol) == 0
+    writer.close()
+    listener.close()
