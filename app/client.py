@@ -279,6 +279,10 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise ClipServiceError(response.status_code, code, message)
 
 
+# Longest wait between two /ready polls of wait_until_ready.
+_READY_POLL_CAP_S = 2.0
+
+
 def _backoff(attempt: int, cap_s: float) -> float:
     return min(0.5 * 2.0**attempt, cap_s)
 
@@ -300,6 +304,7 @@ class _Base:
         self._timeout = timeout_s
         self._retries = retries
         self._max_retry_wait_s = max_retry_wait_s
+        self._ready_timeout_s = 0.0
 
     def _delay_after_answer(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before trying again, or None to stop with this answer."""
@@ -318,6 +323,39 @@ class _Base:
         if isinstance(exc, httpx.ConnectError) and attempt < self._retries:
             return _backoff(attempt, self._max_retry_wait_s)
         raise self._connection_error(exc, attempt + 1) from exc
+
+    def _ready_delay(
+        self, outcome: httpx.Response | httpx.TransportError, deadline: float, attempt: int
+    ) -> float | None:
+        """wait_until_ready's decision: None once /ready answered 200, else seconds to
+        wait before asking again; raises once `deadline` (monotonic) would pass."""
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code == 200:
+                return None
+            if outcome.status_code != 503:
+                _raise_for_error(outcome)  # a wrong URL (404) or a proxy's error
+            # Loading answers Retry-After 5; asked more often, readiness is seen sooner.
+            delay = min(_retry_delay(outcome, attempt, _READY_POLL_CAP_S), _READY_POLL_CAP_S)
+        elif isinstance(outcome, httpx.ConnectError | httpx.TimeoutException):
+            delay = _backoff(attempt, _READY_POLL_CAP_S)  # not listening yet: imports
+        else:
+            raise self._connection_error(outcome, attempt + 1) from outcome
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            return min(delay, remaining)
+        waited = f"not ready within {self._ready_timeout_s:g} s"
+        if isinstance(outcome, httpx.Response):
+            try:
+                _raise_for_error(outcome)
+            except ClipServiceError as exc:
+                raise ClipServiceError(exc.status, exc.code, f"{waited}: {exc.message}") from None
+            raise AssertionError("a 503 is an error answer")
+        raise ClipConnectionError(
+            f"the CLIP service at {self._url} was {waited}: {type(outcome).__name__}: "
+            f"{outcome}. Check that it is starting (its log says what it loads) and that the "
+            "URL is right, or wait longer.",
+            self._url,
+        ) from outcome
 
     def _connection_error(self, exc: httpx.TransportError, attempts: int) -> ClipConnectionError:
         tries = f" ({attempts} attempts)" if attempts > 1 else ""
@@ -378,6 +416,25 @@ class ClipClient(_Base):
                 if retry_in is None:
                     return self._answer(call, response)
                 delay = retry_in
+            time.sleep(delay)
+            attempt += 1
+
+    def wait_until_ready(self, timeout_s: float = 300.0) -> None:
+        """Return once the service's /ready answers 200: for a client started beside the
+        service, which refuses connections for a few seconds, then answers 503
+        `not_ready` while the model loads (a minute or more for a first download or
+        conversion). Raises ClipConnectionError or ClipServiceError after `timeout_s`."""
+        self._ready_timeout_s = timeout_s
+        deadline, attempt = time.monotonic() + timeout_s, 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = self._http.get("/ready")
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._ready_delay(outcome, deadline, attempt)
+            if delay is None:
+                return
             time.sleep(delay)
             attempt += 1
 
@@ -460,6 +517,22 @@ class AsyncClipClient(_Base):
                 if retry_in is None:
                     return self._answer(call, response)
                 delay = retry_in
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def wait_until_ready(self, timeout_s: float = 300.0) -> None:
+        """ClipClient.wait_until_ready, awaited."""
+        self._ready_timeout_s = timeout_s
+        deadline, attempt = time.monotonic() + timeout_s, 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = await self._http.get("/ready")
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = self._ready_delay(outcome, deadline, attempt)
+            if delay is None:
+                return
             await asyncio.sleep(delay)
             attempt += 1
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from starlette.types import Message
 
+from app.client import ClipClient
 from app.codec import decode_embedding
 from app.config import Settings
 from app.inference.weights import WeightsUnavailable
@@ -268,6 +269,23 @@ def test_python_m_app_answers_503_while_the_model_loads(
         assert embedded.status_code == 200
         metrics = httpx.get(f"{running.url}/metrics").text
         assert f'clip_rejections_total{{reason="not_ready"}} {len(loading)}.0' in metrics
+
+
+def test_a_client_started_beside_the_service_waits_until_it_is_ready(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {"CLIP_MODEL": f"local-dir:{tiny_model_dir}", "CLIP_DEVICE": "cpu"}
+    process = start_server(env, port, tmp_path / "server.log", PRODUCTION)
+    try:
+        with ClipClient(f"http://127.0.0.1:{port}", retries=0) as client:
+            client.wait_until_ready(timeout_s=120)
+            embedding = client.embed(noise_jpeg(2))  # no retry needed: it is ready
+    finally:
+        process.kill()
+        process.wait()
+    assert embedding.shape == (64,)  # the tiny model's dimension
+    assert float(np.linalg.norm(embedding)) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_sigterm_while_the_model_loads_exits_at_once(vit_b_32_dir: Path, tmp_path: Path) -> None:

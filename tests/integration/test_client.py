@@ -409,3 +409,53 @@ def test_embed_frame_refuses_boxes_the_service_would_refuse_before_sending(boxes
     refused = pytest.raises(ValueError, match="boxes")
     with ClipClient("http://test", transport=transport) as client, refused:
         client.embed_frame(noise_jpeg(1), boxes)
+
+
+def test_wait_until_ready_waits_through_refusals_and_loading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client started beside the service: refused while Python imports, then 503
+    `not_ready` while the model loads (Retry-After 5, polled every 2 s at most)."""
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    answers = ["refused", "refused", 503, 503, 200]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/ready"
+        answer = answers.pop(0)
+        if answer == "refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        if answer == 503:
+            error = {"code": "not_ready", "message": "the model is loading"}
+            return httpx.Response(503, json={"error": error}, headers={"Retry-After": "5"})
+        return httpx.Response(200, json={"status": "ready"})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        client.wait_until_ready(timeout_s=60)
+    assert answers == []
+    assert waits == [0.5, 1.0, 2.0, 2.0]
+
+
+async def test_wait_until_ready_gives_up_at_its_timeout_saying_why() -> None:
+    def loading(request: httpx.Request) -> httpx.Response:
+        error = {"code": "not_ready", "message": "the model is loading"}
+        return httpx.Response(503, json={"error": error}, headers={"Retry-After": "0.05"})
+
+    async with AsyncClipClient("http://svc", transport=httpx.MockTransport(loading)) as aio:
+        with pytest.raises(ClipServiceError, match=r"not ready within 0.3 s: the model") as err:
+            await aio.wait_until_ready(timeout_s=0.3)
+    assert err.value.code == "not_ready"
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    refused = pytest.raises(ClipConnectionError, match=r"not ready within 0.2 s")
+    with ClipClient("http://svc", transport=httpx.MockTransport(refusing)) as client, refused:
+        client.wait_until_ready(timeout_s=0.2)
+
+    def wrong_url(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such path"}})
+
+    not_found = pytest.raises(ClipServiceError, match="404 not_found")
+    with ClipClient("http://svc", transport=httpx.MockTransport(wrong_url)) as client, not_found:
+        client.wait_until_ready(timeout_s=60)
