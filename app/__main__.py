@@ -15,7 +15,8 @@ at once, 0, as there is nothing to drain.
 
 A startup failure of a known cause (bad settings, weights that cannot be had) is logged
 as one line naming the setting to change, with no traceback, and the process exits
-non-zero: 1 for settings, 3 for the model (as uvicorn reports a failed startup).
+non-zero: 1 for settings, 3 for the model or a port already in use (as uvicorn reports a
+failed startup).
 """
 
 from __future__ import annotations

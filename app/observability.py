@@ -237,3 +237,6 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(logging.WARNING)  # open_clip narrates every step at INFO on the root
     logging.getLogger("app").setLevel(level)
     logging.getLogger("uvicorn.access").disabled = True  # ours carries the request id
+    # Libraries' warnings (torch's FutureWarnings while converting) as JSON lines too,
+    # not plain text in the middle of the stream.
+    logging.captureWarnings(True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -28,6 +29,7 @@ from app.api.transport import HEADERS_TOO_LARGE, MAX_HEAD_BYTES, RefusalObserver
 # a reset can reach the client before it has read the answer.
 _LINGER_S = 2.0
 RETRY_AFTER_S = 5
+logger = logging.getLogger(__name__)
 NOT_READY_MESSAGE = "the model is loading; retry once /ready answers 200"
 
 
@@ -45,6 +47,7 @@ class LoadingResponder(asyncio.Protocol):
         self._on_refusal = on_refusal
         self._live = live if live is not None else set()
         self._head = bytearray()
+        self._request = ("-", "-")  # method and path, once the request line is read
         self._answered = False
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
@@ -101,6 +104,7 @@ class LoadingResponder(asyncio.Protocol):
             return
         method, target = parts[0], parts[1].decode("latin-1")
         path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
+        self._request = (method.decode("latin-1")[:16], path[:200])
         head_only = method == b"HEAD"
         if path == "/health" and method in (b"GET", b"HEAD"):
             self._write(b"200 OK", json.dumps({"status": "ok"}).encode(), head_only=head_only)
@@ -133,6 +137,18 @@ class LoadingResponder(asyncio.Protocol):
         self._answered = True
         if self._timer is not None:
             self._timer.cancel()
+        peer = transport.get_extra_info("peername")
+        method, path = self._request
+        # One line per request, as the app's access log writes once it serves.
+        logger.info(
+            "answered while the model loads",
+            extra={
+                "method": method,
+                "path": path,
+                "status": int(status.split()[0]),
+                "client": peer[0] if isinstance(peer, tuple) else "-",
+            },
+        )
         transport.write(
             b"HTTP/1.1 "
             + status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -76,6 +77,15 @@ async def test_ready_and_work_get_a_json_503_that_says_the_model_is_loading() ->
             assert error["code"] == "not_ready"
             assert "/ready" in error["message"]
         assert refusals == [(503, "not_ready")] * 3
+
+
+async def test_every_answer_while_loading_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="app.api.loading"):
+        async with loading_port() as (port, _, _):
+            await exchange(port, b"GET /health HTTP/1.1\r\n\r\n")
+            await exchange(port, b"POST /embed?x=1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    lines = [(r.method, r.path, r.status, r.client) for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == [("GET", "/health", 200, "127.0.0.1"), ("POST", "/embed", 503, "127.0.0.1")]
 
 
 async def test_health_is_200_while_loading_and_head_gets_headers_only() -> None:
