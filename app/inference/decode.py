@@ -131,9 +131,10 @@ def load_rgb(image: Image.Image) -> Image.Image:
 
 
 def _decode_jpeg(image: Image.Image) -> Image.Image | None:
-    """An opened JPEG's pixels through simplejpeg, or None where Pillow decodes instead
-    (other formats, CMYK, a DCT-scaled `draft`, a file not in memory, and the damage
-    libjpeg can tolerate, such as stray bytes before a marker).
+    """An opened JPEG's pixels through simplejpeg, at the size open_image set (its DCT
+    scaling included), or None where Pillow decodes instead (other formats, CMYK, a
+    file not in memory, and the damage libjpeg can tolerate, such as stray bytes before
+    a marker).
 
     Both are libjpeg-turbo with the same defaults, so the pixels are the same (tested),
     in half the time: Pillow parses and loads in Python around it. And damaged scan data
@@ -142,14 +143,23 @@ def _decode_jpeg(image: Image.Image) -> Image.Image | None:
     """
     if not isinstance(image, ImageFile.ImageFile) or image.format != "JPEG":
         return None
-    if image.mode not in ("RGB", "L") or image.decoderconfig:  # CMYK, or set to DCT-scale
+    if image.mode not in ("RGB", "L"):  # CMYK, YCCK
         return None
     source = getattr(image, "fp", None)
     if not isinstance(source, io.BytesIO):
         return None
     colorspace = "RGB" if image.mode == "RGB" else "GRAY"
+    # After `draft`, the size is libjpeg's at Pillow's 1/2, 1/4 or 1/8 scale, and the
+    # smallest of libjpeg's scales giving at least that size is that same scale.
+    width, height = image.size if image.decoderconfig else (0, 0)
     try:
-        pixels = simplejpeg.decode_jpeg(source.getvalue(), colorspace=colorspace, strict=True)
+        pixels = simplejpeg.decode_jpeg(
+            source.getvalue(),
+            colorspace=colorspace,
+            min_width=width,
+            min_height=height,
+            strict=True,
+        )
     except ValueError as exc:
         if any(sign in str(exc).lower() for sign in _MISSING_OR_DAMAGED_PIXELS):
             raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None

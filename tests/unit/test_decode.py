@@ -175,6 +175,27 @@ def test_jpegs_decode_to_the_same_pixels_as_pillow(name: str, data: bytes) -> No
     np.testing.assert_array_equal(np.asarray(decoded), pillow_rgb(data))
 
 
+@pytest.mark.parametrize("size", [(2000, 3000), (2001, 2999), (897, 1793), (4000, 1000)])
+def test_large_jpegs_decode_at_reduced_scale_to_pillows_pixels(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(size[0])
+    pixels = np.cumsum(rng.integers(0, 9, (size[1], size[0], 3)), axis=1).astype(np.uint8)
+    data = encoded(Image.fromarray(pixels), "JPEG", quality=85)
+    reference = open_image(data, max_pixels=10**8, reduce_to=224)
+    reference.load()
+    decoded = load_rgb(open_image(data, max_pixels=10**8, reduce_to=224))
+    assert decoded.size == reference.size
+    assert decoded.size[0] < size[0]  # the DCT scaling did happen
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(reference.convert("RGB")))
+
+
+def test_a_large_jpeg_cut_short_is_refused_at_reduced_scale_too() -> None:
+    data = cut_then_closed(
+        encoded(Image.effect_noise((1200, 2400), 60).convert("RGB"), "JPEG"), 0.5
+    )
+    with pytest.raises(InvalidImage, match=r"truncated or corrupt.*premature end"):
+        load_rgb(open_image(data, max_pixels=10**8, reduce_to=224))
+
+
 def cut_then_closed(data: bytes, keep: float) -> bytes:
     """A JPEG cut inside its scan data, with its end-of-image marker put back: Pillow
     fills what is missing with grey and raises nothing."""
