@@ -228,6 +228,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+def _not_uvicorn_invalid_request(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Invalid HTTP request received."
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
@@ -240,3 +244,6 @@ def configure_logging(level: int = logging.INFO) -> None:
     # Libraries' warnings (torch's FutureWarnings while converting) as JSON lines too,
     # not plain text in the middle of the stream.
     logging.captureWarnings(True)
+    # uvicorn warns of every request its parser stops, before the service's protocol
+    # answers it (431, 400) and logs that answer: one line is enough.
+    logging.getLogger("uvicorn.error").addFilter(_not_uvicorn_invalid_request)

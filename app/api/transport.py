@@ -65,6 +65,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._head_bytes = 0
         self._head_refusal: tuple[bytes, str, str] | None = None
+        self._deferred_refusal: tuple[bytes, str, str] | None = None
         super().connection_made(transport)
         self._arm_header_deadline()
 
@@ -123,14 +124,22 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         )
 
     def _refuse_head(self, status: bytes, code: str, message: str) -> None:
-        """Answer a request whose head will not be read, and close; only close where an
-        earlier request's answer is still being sent on this connection."""
+        """Answer a request whose head will not be read, and close. Where an earlier
+        request on this connection (pipelined) is still being answered, that answer
+        goes out first: nothing more is read meanwhile, and the refusal follows it."""
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:  # no answer half-sent
+        if self.cycle is None or self.cycle.response_complete:
             self._answer_and_close(status, code, message)
         else:
-            self.transport.close()
+            self._deferred_refusal = (status, code, message)
+            self.transport.pause_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        refusal, self._deferred_refusal = self._deferred_refusal, None
+        if refusal is not None and not self.transport.is_closing():
+            self._answer_and_close(*refusal)
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
@@ -139,6 +148,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._refuse_head(*refusal)
             return
         cycle = self.cycle
+        if self.pipeline or (cycle is not None and not cycle.more_body):
+            # The bad bytes are a later request's (queued, or not begun) behind one still
+            # being answered: that answer goes first, and the later one never runs.
+            self.pipeline.clear()
+            self._refuse_head(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
+            return
         reading_body = cycle is not None and not cycle.response_complete
         if reading_body:
             # The app is reading this request's body and will see the connection close:

@@ -261,3 +261,40 @@ def test_large_headers_under_the_limit_and_large_bodies_pass(
         sock.sendall(head + b"\r\n" + body)
         status, answer, _ = read_response(sock)
     assert status == 200, answer
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["oversized head", "bad chunk framing"],
+)
+def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
+    strict_server: RunningServer, refused: bytes
+) -> None:
+    """Both in one write: the first is answered, then the refusal, then the close."""
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    first = httpx.Request(
+        "POST", f"{strict_server.url}/embed", files={"image": ("p.jpg", noise_jpeg(8))}
+    )
+    body = first.read()
+    head = (
+        f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: {first.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body + refused)
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    answers = []
+    while received:
+        response_head, _, rest = received.partition(b"\r\n\r\n")
+        length = int(response_head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((int(response_head.split()[1]), json.loads(rest[:length])))
+        received = rest[length:]
+    assert [status for status, _ in answers] == [200, 431 if b"X-Pad" in refused else 400]
+    code = answers[1][1]["error"]["code"]
+    assert code == ("headers_too_large" if b"X-Pad" in refused else "invalid_http")
