@@ -41,6 +41,7 @@ from pydantic_settings import SettingsError
 from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
 from app.config import Settings, load_settings
+from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
 from app.observability import configure_logging
 
@@ -66,6 +67,7 @@ class GracefulServer(uvicorn.Server):
             # orchestrator's grace period (then SIGKILL). What a conversion leaves
             # half-written is in a staging folder, never in the cache.
             logger.info("%s while the model loads: exiting now", signal.Signals(sig).name)
+            remove_temporary()  # a conversion for this run only (unwritable cache)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(0)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from app.inference import conversion_cache
-from app.inference.conversion_cache import MANIFEST, cached, damage, remove_abandoned
+from app.inference.conversion_cache import (
+    MANIFEST,
+    cached,
+    damage,
+    remove_temporary,
+    set_aside,
+)
 
 
 class Converter:
@@ -57,6 +65,15 @@ def flip_a_byte(entry: Path) -> None:
     (entry / "tower.bin").write_bytes(bytes(weights))
 
 
+def copied_from_another_key(entry: Path) -> None:
+    """Another model's whole entry (its own manifest matching its files) copied in."""
+    other = entry.parent / "other-key"
+    cached(other, "tower.xml", Converter(b"\x07" * 4096))
+    shutil.rmtree(entry)
+    shutil.copytree(other, entry)
+    shutil.rmtree(other)
+
+
 @pytest.mark.parametrize(
     ("harm", "said"),
     [
@@ -66,16 +83,17 @@ def flip_a_byte(entry: Path) -> None:
         (lambda entry: (entry / "tower.xml").unlink(), "tower.xml is missing"),
         (lambda entry: (entry / MANIFEST).unlink(), "no manifest.json"),
         (lambda entry: (entry / MANIFEST).write_text("{not json"), "manifest.json unreadable"),
+        (lambda entry: (entry / MANIFEST).write_text('{"files": []}'), "is not a manifest"),
+        (lambda entry: (entry / MANIFEST).write_text('"files"'), "is not a manifest"),
+        (lambda entry: (entry / MANIFEST).write_text('{"files": {"tower.xml": 3}}'), "not a"),
+        (copied_from_another_key, "manifest.json is other-key's, not this entry's"),
     ],
     ids=[
-        "truncated",
-        "bit flip",
-        "weights deleted",
-        "graph deleted",
-        "no manifest",
-        "bad manifest",
+        "truncated", "bit flip", "weights deleted", "graph deleted", "no manifest",
+        "bad manifest", "files a list", "manifest a string", "file entry a number",
+        "another key's entry",
     ],
-)
+)  # fmt: skip
 def test_a_damaged_entry_is_converted_again_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, harm: object, said: str
 ) -> None:
@@ -150,14 +168,53 @@ def test_a_damaged_entry_that_cannot_be_moved_is_converted_for_this_run(
     artefact.release()
 
 
-def test_folders_of_killed_conversions_are_removed_once_old(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    old, fresh, entry = cache / ".staging-old", cache / ".staging-fresh", cache / "key"
-    for folder in (old, fresh, entry):
-        folder.mkdir(parents=True)
+def test_what_killed_conversions_left_is_removed_once_old_on_any_start(
+    tmp_path: Path,
+) -> None:
+    convert, cache = Converter(), tmp_path / "cache"
+    cached(cache / "key", "tower.xml", convert)
+    old, fresh = cache / ".staging-old", cache / ".staging-fresh"
+    for folder in (old, fresh):
+        folder.mkdir()
         (folder / "tower.bin").write_bytes(b"x")
+    leftover = cache / ".damaged-key-1234"
+    leftover.write_bytes(b"a file, not a folder")
     hours_ago = time.time() - 2 * 3600
-    os.utime(old, (hours_ago, hours_ago))
-    os.utime(entry, (hours_ago, hours_ago))
-    remove_abandoned(cache)
+    for path in (old, leftover, cache / "key"):
+        os.utime(path, (hours_ago, hours_ago))
+    cached(cache / "key", "tower.xml", convert)  # a cache hit sweeps too
+    assert convert.calls == 1
     assert sorted(p.name for p in cache.iterdir()) == [".staging-fresh", "key"]
+
+
+def test_two_processes_setting_aside_one_damaged_entry_both_go_on(tmp_path: Path) -> None:
+    entry = tmp_path / "cache" / "key"
+    cached(entry, "tower.xml", Converter())
+    set_aside(entry)
+    set_aside(entry)  # the other process moved it first: nothing to do, no error
+    assert not entry.exists()
+
+
+def test_a_fast_exit_removes_this_runs_conversion(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    artefact = cached(blocked / "key", "tower.xml", Converter())
+    assert artefact.path.exists()
+    remove_temporary()  # what SIGTERM during the load runs before exiting
+    assert not artefact.path.parent.exists()
+
+
+def test_old_conversions_for_a_run_are_swept_from_the_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed, other = tmp_path / "clip-reid-killed", tmp_path / "someone-elses"
+    hours_ago = time.time() - 2 * 3600
+    for folder in (killed, other):
+        folder.mkdir()
+        os.utime(folder, (hours_ago, hours_ago))
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    artefact = cached(blocked / "key", "tower.xml", Converter())
+    artefact.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "someone-elses"]
