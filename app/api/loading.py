@@ -28,6 +28,10 @@ from app.api.transport import HEADERS_TOO_LARGE, MAX_HEAD_BYTES, RefusalObserver
 # before closing: closing with unread bytes makes the kernel reset the connection, and
 # a reset can reach the client before it has read the answer.
 _LINGER_S = 2.0
+# And at most this much of it: an upload's body (as much as the app would take), or a
+# little of what follows bytes refused as malformed, which a flood sends without end.
+_LINGER_BYTES = 16 * 1024 * 1024
+_LINGER_BYTES_AFTER_REFUSAL = 64 * 1024
 RETRY_AFTER_S = 5
 logger = logging.getLogger(__name__)
 NOT_READY_MESSAGE = "the model is loading; retry once /ready answers 200"
@@ -48,6 +52,7 @@ class LoadingResponder(asyncio.Protocol):
         self._live = live if live is not None else set()
         self._head = bytearray()
         self._request = ("-", "-")  # method and path, once the request line is read
+        self._linger_budget = _LINGER_BYTES
         self._answered = False
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
@@ -76,8 +81,11 @@ class LoadingResponder(asyncio.Protocol):
         self._timer = loop.call_later(self._header_timeout_s, self._headers_too_slow)
 
     def data_received(self, data: bytes) -> None:
-        if self._answered:
-            return  # the rest of an answered request: dropped
+        if self._answered:  # the rest of an answered request: dropped, up to a point
+            self._linger_budget -= len(data)
+            if self._linger_budget < 0 and self._transport is not None:
+                self._transport.close()
+            return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if (end if end >= 0 else len(self._head)) > MAX_HEAD_BYTES:
@@ -124,6 +132,10 @@ class LoadingResponder(asyncio.Protocol):
     def _answer(self, status: bytes, code: str, message: str, *, head_only: bool = False) -> None:
         if self._on_refusal is not None:
             self._on_refusal(int(status.split()[0]), code)
+        if code != "not_ready":  # a refusal of the bytes themselves
+            self._linger_budget = _LINGER_BYTES_AFTER_REFUSAL
+            if self._request == ("-", "-"):
+                self._request = _request_line(bytes(self._head[:1024]))
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         extra = f"retry-after: {RETRY_AFTER_S}\r\n".encode() if code == "not_ready" else b""
         self._write(status, body, head_only=head_only, extra_headers=extra)
@@ -161,6 +173,14 @@ class LoadingResponder(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    """Method and path of a head refused before it was parsed, for its log line."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) < 2:
+        return ("-", "-")
+    return (parts[0].decode("latin-1")[:16], parts[1].decode("latin-1").split("?", 1)[0][:200])
 
 
 class LoadingPort:

@@ -222,3 +222,22 @@ async def test_answered_connections_are_not_handed_over() -> None:
     assert loading.hand_over(asyncio.Protocol) == 0
     writer.close()
     listener.close()
+
+
+async def test_what_follows_a_refused_head_is_not_read_for_long() -> None:
+    """A header flood while loading: after the 431 a client that keeps sending is cut
+    off within a little more, not read for seconds."""
+    async with loading_port() as (port, refusals, _):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ready HTTP/1.1\r\nX-Pad: ")
+        sent = 0
+        try:
+            while sent < 64 * 1024 * 1024:
+                writer.write(b"a" * 65536)
+                await asyncio.wait_for(writer.drain(), timeout=10)
+                sent += 65536
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        writer.close()
+        assert sent < 4 * 1024 * 1024
+        assert refusals == [(431, "headers_too_large")]
