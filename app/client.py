@@ -324,6 +324,11 @@ class _Base:
             return _backoff(attempt, self._max_retry_wait_s)
         raise self._connection_error(exc, attempt + 1) from exc
 
+    def _poll_timeout(self, deadline: float) -> float:
+        """A /ready poll's own timeout: never past wait_until_ready's deadline (a port
+        that accepts and never answers would otherwise hold each poll for timeout_s)."""
+        return max(0.05, min(self._timeout, deadline - time.monotonic()))
+
     def _ready_delay(
         self, outcome: httpx.Response | httpx.TransportError, deadline: float, attempt: int
     ) -> float | None:
@@ -350,9 +355,10 @@ class _Base:
             except ClipServiceError as exc:
                 raise ClipServiceError(exc.status, exc.code, f"{waited}: {exc.message}") from None
             raise AssertionError("a 503 is an error answer")
+        detail = str(outcome) or "no answer"
         raise ClipConnectionError(
             f"the CLIP service at {self._url} was {waited}: {type(outcome).__name__}: "
-            f"{outcome}. Check that it is starting (its log says what it loads) and that the "
+            f"{detail}. Check that it is starting (its log says what it loads) and that the "
             "URL is right, or wait longer.",
             self._url,
         ) from outcome
@@ -429,7 +435,7 @@ class ClipClient(_Base):
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self._http.get("/ready")
+                outcome = self._http.get("/ready", timeout=self._poll_timeout(deadline))
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._ready_delay(outcome, deadline, attempt)
@@ -527,7 +533,7 @@ class AsyncClipClient(_Base):
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = await self._http.get("/ready")
+                outcome = await self._http.get("/ready", timeout=self._poll_timeout(deadline))
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._ready_delay(outcome, deadline, attempt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +460,16 @@ async def test_wait_until_ready_gives_up_at_its_timeout_saying_why() -> None:
     not_found = pytest.raises(ClipServiceError, match="404 not_found")
     with ClipClient("http://svc", transport=httpx.MockTransport(wrong_url)) as client, not_found:
         client.wait_until_ready(timeout_s=60)
+
+
+def test_wait_until_ready_keeps_its_timeout_against_a_port_that_never_answers() -> None:
+    """A frozen service (SIGSTOP) accepts connections and answers nothing: each poll
+    must end with the wait, not after the client's own 60 s timeout_s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with ClipClient(url, timeout_s=60) as client, pytest.raises(ClipConnectionError):
+            client.wait_until_ready(timeout_s=1.0)
+        assert time.monotonic() - started < 5
