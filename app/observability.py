@@ -244,6 +244,13 @@ def configure_logging(level: int = logging.INFO) -> None:
     # Libraries' warnings (torch's FutureWarnings while converting) as JSON lines too,
     # not plain text in the middle of the stream.
     logging.captureWarnings(True)
+    # torch gives its loggers a plain-text handler of its own (glog's format), which
+    # wrote lines like "W1206 ... No CUDA runtime is found" into the JSON stream.
+    for name in list(logging.root.manager.loggerDict):
+        if name == "torch" or name.startswith("torch."):
+            torch_logger = logging.getLogger(name)
+            if torch_logger.handlers:
+                torch_logger.handlers = [handler]
     # uvicorn warns of every request its parser stops, before the service's protocol
     # answers it (431, 400) and logs that answer: one line is enough.
     logging.getLogger("uvicorn.error").addFilter(_not_uvicorn_invalid_request)
