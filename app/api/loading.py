@@ -22,7 +22,12 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE
-from app.api.transport import HEADERS_TOO_LARGE, MAX_HEAD_BYTES, RefusalObserver
+from app.api.transport import (
+    HEADERS_TOO_LARGE,
+    MAX_HEAD_BYTES,
+    RefusalObserver,
+    headers_too_slow,
+)
 
 # How long what a client still sends after its answer (a body) is read and dropped
 # before closing: closing with unread bytes makes the kernel reset the connection, and
@@ -122,12 +127,7 @@ class LoadingResponder(asyncio.Protocol):
 
     def _headers_too_slow(self) -> None:
         self._timer = None
-        self._answer(
-            b"408 Request Timeout",
-            "request_timeout",
-            "the request line and headers did not arrive within "
-            f"{self._header_timeout_s:g} s; send them at once",
-        )
+        self._answer(*headers_too_slow(self._header_timeout_s))
 
     def _answer(self, status: bytes, code: str, message: str, *, head_only: bool = False) -> None:
         if self._on_refusal is not None:

@@ -50,6 +50,14 @@ HEADERS_TOO_LARGE = (
 )
 
 
+def headers_too_slow(timeout_s: float) -> tuple[bytes, str, str]:
+    """The refusal of a request whose line and headers took over `timeout_s`."""
+    message = (
+        f"the request line and headers did not arrive within {timeout_s:g} s; send them at once"
+    )
+    return (b"408 Request Timeout", "request_timeout", message)
+
+
 class _RefusedHead(Exception):
     """Raised from a parser callback to stop parsing a request that is refused."""
 
@@ -116,12 +124,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        self._refuse_head(
-            b"408 Request Timeout",
-            "request_timeout",
-            "the request line and headers did not arrive within "
-            f"{self.header_timeout_s:g} s; send them at once",
-        )
+        self._refuse_head(*headers_too_slow(self.header_timeout_s))
 
     def _refuse_head(self, status: bytes, code: str, message: str) -> None:
         """Answer a request whose head will not be read, and close. Where an earlier
