@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 ABANDONED_AFTER_S = 3600.0
 _STAGING_PREFIX = ".staging-"
 _SET_ASIDE_PREFIX = ".damaged-"
-_TEMPORARY_PREFIX = "clip-reid-"
+_TEMPORARY_PREFIX = "clip-reid-conversion-"  # only ours are swept from the shared /tmp
 # For-this-run conversions not yet released (remove_temporary).
 _TEMPORARY: set[Path] = set()
 

@@ -208,13 +208,15 @@ def test_old_conversions_for_a_run_are_swept_from_the_temporary_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    killed, other = tmp_path / "clip-reid-killed", tmp_path / "someone-elses"
+    killed = tmp_path / "clip-reid-conversion-killed"
+    other = tmp_path / "clip-reid-build.log"  # not a conversion: kept
     hours_ago = time.time() - 2 * 3600
-    for folder in (killed, other):
-        folder.mkdir()
-        os.utime(folder, (hours_ago, hours_ago))
+    killed.mkdir()
+    other.write_text("a log")
+    for path in (killed, other):
+        os.utime(path, (hours_ago, hours_ago))
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     artefact = cached(blocked / "key", "tower.xml", Converter())
     artefact.release()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "someone-elses"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-reid-build.log", "file"]
