@@ -304,7 +304,6 @@ class _Base:
         self._timeout = timeout_s
         self._retries = retries
         self._max_retry_wait_s = max_retry_wait_s
-        self._ready_timeout_s = 0.0
 
     def _delay_after_answer(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before trying again, or None to stop with this answer."""
@@ -330,7 +329,11 @@ class _Base:
         return max(0.05, min(self._timeout, deadline - time.monotonic()))
 
     def _ready_delay(
-        self, outcome: httpx.Response | httpx.TransportError, deadline: float, attempt: int
+        self,
+        outcome: httpx.Response | httpx.TransportError,
+        deadline: float,
+        attempt: int,
+        timeout_s: float,
     ) -> float | None:
         """wait_until_ready's decision: None once /ready answered 200, else seconds to
         wait before asking again; raises once `deadline` (monotonic) would pass."""
@@ -348,7 +351,7 @@ class _Base:
         remaining = deadline - time.monotonic()
         if remaining > 0:
             return min(delay, remaining)
-        waited = f"not ready within {self._ready_timeout_s:g} s"
+        waited = f"not ready within {timeout_s:g} s"
         if isinstance(outcome, httpx.Response):
             try:
                 _raise_for_error(outcome)
@@ -430,7 +433,6 @@ class ClipClient(_Base):
         service, which refuses connections for a few seconds, then answers 503
         `not_ready` while the model loads (a minute or more for a first download or
         conversion). Raises ClipConnectionError or ClipServiceError after `timeout_s`."""
-        self._ready_timeout_s = timeout_s
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             outcome: httpx.Response | httpx.TransportError
@@ -438,7 +440,7 @@ class ClipClient(_Base):
                 outcome = self._http.get("/ready", timeout=self._poll_timeout(deadline))
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._ready_delay(outcome, deadline, attempt)
+            delay = self._ready_delay(outcome, deadline, attempt, timeout_s)
             if delay is None:
                 return
             time.sleep(delay)
@@ -528,7 +530,6 @@ class AsyncClipClient(_Base):
 
     async def wait_until_ready(self, timeout_s: float = 300.0) -> None:
         """ClipClient.wait_until_ready, awaited."""
-        self._ready_timeout_s = timeout_s
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             outcome: httpx.Response | httpx.TransportError
@@ -536,7 +537,7 @@ class AsyncClipClient(_Base):
                 outcome = await self._http.get("/ready", timeout=self._poll_timeout(deadline))
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._ready_delay(outcome, deadline, attempt)
+            delay = self._ready_delay(outcome, deadline, attempt, timeout_s)
             if delay is None:
                 return
             await asyncio.sleep(delay)

@@ -26,6 +26,8 @@ from app.api.transport import (
     HEADERS_TOO_LARGE,
     MAX_HEAD_BYTES,
     RefusalObserver,
+    closing_response,
+    error_body,
     headers_too_slow,
 )
 
@@ -110,16 +112,13 @@ class LoadingResponder(asyncio.Protocol):
         self._live.discard(self)
 
     def _answer_request(self, head: bytes) -> None:
-        request_line = head.split(b"\r\n", 1)[0]
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        self._request, is_http = _request_line(head)
+        if not is_http:
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
             return
-        method, target = parts[0], parts[1].decode("latin-1")
-        path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
-        self._request = (method.decode("latin-1")[:16], path[:200])
-        head_only = method == b"HEAD"
-        if path == "/health" and method in (b"GET", b"HEAD"):
+        method, path = self._request
+        head_only = method == "HEAD"
+        if path == "/health" and method in ("GET", "HEAD"):
             self._write(b"200 OK", json.dumps({"status": "ok"}).encode(), head_only=head_only)
             return
         unavailable = b"503 Service Unavailable"
@@ -135,10 +134,9 @@ class LoadingResponder(asyncio.Protocol):
         if code != "not_ready":  # a refusal of the bytes themselves
             self._linger_budget = _LINGER_BYTES_AFTER_REFUSAL
             if self._request == ("-", "-"):
-                self._request = _request_line(bytes(self._head[:1024]))
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+                self._request, _ = _request_line(bytes(self._head[:1024]))
         extra = f"retry-after: {RETRY_AFTER_S}\r\n".encode() if code == "not_ready" else b""
-        self._write(status, body, head_only=head_only, extra_headers=extra)
+        self._write(status, error_body(code, message), head_only=head_only, extra_headers=extra)
 
     def _write(
         self, status: bytes, body: bytes, *, head_only: bool = False, extra_headers: bytes = b""
@@ -162,25 +160,23 @@ class LoadingResponder(asyncio.Protocol):
             },
         )
         transport.write(
-            b"HTTP/1.1 "
-            + status
-            + b"\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
-            + extra_headers
-            + b"\r\n"
-            + (b"" if head_only else body)
+            closing_response(status, body, extra_headers=extra_headers, head_only=head_only)
         )
         if transport.can_write_eof():
             transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
 
-def _request_line(head: bytes) -> tuple[str, str]:
-    """Method and path of a head refused before it was parsed, for its log line."""
+def _request_line(head: bytes) -> tuple[tuple[str, str], bool]:
+    """(method, path) of a request's head, as far as it can be read (for its log line),
+    and whether its request line is HTTP/1.x."""
     parts = head.split(b"\r\n", 1)[0].split(b" ")
     if len(parts) < 2:
-        return ("-", "-")
-    return (parts[0].decode("latin-1")[:16], parts[1].decode("latin-1").split("?", 1)[0][:200])
+        return ("-", "-"), False
+    target = parts[1].decode("latin-1")
+    path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
+    is_http = len(parts) == 3 and parts[2].startswith(b"HTTP/1.")
+    return (parts[0].decode("latin-1")[:16], path[:200]), is_http
 
 
 class LoadingPort:

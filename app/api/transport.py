@@ -173,15 +173,27 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         logger.info("refused below the app: %s %s from %s", status.decode(), code, client)
         if counted and self.on_refusal is not None:
             self.on_refusal(int(status.split()[0]), code)
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        self.transport.write(
-            b"HTTP/1.1 "
-            + status
-            + b"\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        self.transport.write(closing_response(status, error_body(code, message)))
         self.transport.close()
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def closing_response(
+    status: bytes, body: bytes, *, extra_headers: bytes = b"", head_only: bool = False
+) -> bytes:
+    """A JSON answer written below the app, on a connection closed after it."""
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
+        + extra_headers
+        + b"\r\n"
+        + (b"" if head_only else body)
+    )
 
 
 def header_deadline_protocol(
