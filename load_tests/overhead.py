@@ -68,11 +68,11 @@ class FreeModel:
 
 def serve(port: int, forward_ms: float) -> int:
     """The production entry point's server, with the model replaced by FreeModel."""
-    from app.__main__ import serve as run_server
     from app.config import load_settings
     from app.inference.model import ClipImageEncoder
     from app.main import create_app
     from app.observability import configure_logging
+    from app.server import serve as run_server
 
     configure_logging()
     settings = load_settings()

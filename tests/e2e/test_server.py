@@ -320,6 +320,43 @@ def test_sigterm_while_the_model_loads_exits_at_once(vit_b_32_dir: Path, tmp_pat
     assert "SIGTERM while the model loads: exiting now" in log.read_text()
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler of its own for `sig` (/proc's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_python_imports_exits_0_with_a_json_line(
+    tiny_model_dir: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Before the port opens, Python spends seconds importing torch: SIGTERM then ended
+    it with 143 and no log, SIGINT with a plain-text traceback."""
+    log = tmp_path / "server.log"
+    port = free_port()
+    process = start_server({"CLIP_MODEL": f"local-dir:{tiny_model_dir}"}, port, log, PRODUCTION)
+    try:
+        deadline = time.monotonic() + 10
+        while not catches(process.pid, signal.SIGTERM):  # the first thing it does
+            assert time.monotonic() < deadline
+            assert process.poll() is None
+            time.sleep(0.005)
+        with pytest.raises(ConnectionRefusedError):  # still importing: nothing listens yet
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        process.send_signal(sig)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == [
+        f"{sig.name} before the server started: exiting now"
+    ]
+
+
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)

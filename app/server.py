@@ -1,0 +1,195 @@
+"""The production server behind `python -m app`: uvicorn with a graceful SIGTERM.
+
+On SIGTERM (or SIGINT) the service stops admitting work at once (uvicorn closes the
+listening socket and idle connections; a request inside the app that has not reached the
+model yet answers 503 with Retry-After), lets requests in flight finish within
+CLIP_REQUEST_TIMEOUT_S, drains or fails what the batcher holds, and exits 0 — an
+orchestrator reads anything else as a crash. (`uvicorn app.main:app` serves the same
+app, but re-raises the signal after shutting down, so its exit status is -15.)
+
+    python -m app --host 0.0.0.0 --port 8000
+
+The port opens before the model loads: until it is loaded and warmed up, /health answers
+200 and every other request a JSON 503 `not_ready` (app.api.loading); SIGTERM then exits
+at once, 0, as there is nothing to drain.
+
+A startup failure of a known cause (bad settings, weights that cannot be had) is logged
+as one line naming the setting to change, with no traceback, and the process exits
+non-zero: 1 for settings, 3 for the model or a port already in use (as uvicorn reports a
+failed startup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Generator
+from contextlib import contextmanager
+from functools import partial
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from app.api.loading import answer_while_loading
+from app.api.transport import connection_limit, header_deadline_protocol
+from app.config import Settings, load_settings
+from app.inference.conversion_cache import remove_temporary
+from app.main import create_app
+from app.observability import configure_logging
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Longest a request's line and headers may take to arrive (nginx's client_header_timeout
+# is 60 s; a camera or a load balancer sends them in one packet).
+HEADER_TIMEOUT_S = 10.0
+
+logger = logging.getLogger("app")
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, header_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._header_timeout_s = header_timeout_s
+        self._loading = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loading:
+            # Nothing is served yet, and the load runs in a thread that cannot be
+            # stopped: waiting for it took a cold int8 conversion's 67 s, past any
+            # orchestrator's grace period (then SIGKILL). What a conversion leaves
+            # half-written is in a staging folder, never in the cache.
+            logger.info("%s while the model loads: exiting now", signal.Signals(sig).name)
+            remove_temporary()  # a conversion for this run only (unwritable cache)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
+        self._app.state.draining = True  # refuse new work before anything else
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if sockets is not None or config.fd is not None or config.uds is not None:
+            await super().startup(sockets)  # not how this entry point is run
+            return
+        # Listen before the lifespan loads the model, answering 503 meanwhile; the app's
+        # server takes the same socket over once the lifespan is done (app.api.loading).
+        listener = config.bind_socket()
+        loading = await answer_while_loading(
+            listener, self._header_timeout_s, partial(count_refusal, self._app), config.backlog
+        )
+        host, port = listener.getsockname()[:2]
+        logger.info(
+            "listening on %s:%d while the model loads: /ready answers 503 until it is ready",
+            host,
+            port,
+        )
+        lifespan_startup = self.lifespan.startup
+
+        def app_protocol() -> asyncio.Protocol:  # as uvicorn makes them
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        async def lifespan_then_hand_over() -> None:
+            self._loading = True
+            try:
+                await lifespan_startup()
+            except BaseException:
+                loading.close()
+                raise
+            finally:
+                self._loading = False
+            if self.lifespan.should_exit:  # the startup failed; uvicorn exits next
+                loading.close()
+                return
+            # Before uvicorn accepts on the socket; a request still arriving moves to
+            # the app with its bytes, so none gets a 503 once the model is ready.
+            adopted = loading.hand_over(app_protocol)
+            if adopted:
+                logger.info("%d connection(s) opened while loading passed to the app", adopted)
+
+        # uvicorn runs the lifespan and then listens, within one method: this is the
+        # one place between the two.
+        self.lifespan.startup = lifespan_then_hand_over
+        await super().startup([listener])
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn's own version re-raises the signal after shutdown; we exit 0 instead.
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
+    """Run `app` under uvicorn with the production limits until SIGTERM; the exit status."""
+    header_timeout_s = min(HEADER_TIMEOUT_S, settings.request_timeout_s)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # configure_logging's JSON lines
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        # The service's own JSON 503 refuses work past CLIP_MAX_CONCURRENT_REQUESTS, and
+        # lets GETs pass; uvicorn's plain-text one, which counts idle connections too and
+        # refuses /health as well, only guards the file descriptors.
+        limit_concurrency=connection_limit(),
+        http=header_deadline_protocol(header_timeout_s, partial(count_refusal, app)),
+        backlog=2048,
+        timeout_keep_alive=15,  # above typical client pools' idle time, below LB's 60 s
+    )
+    server = GracefulServer(config, app, header_timeout_s)
+    server.run()
+    return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
+
+
+def count_refusal(app: FastAPI, status: int, code: str) -> None:
+    """A connection answered below the app (headers too slow, not HTTP), in its metrics:
+    no endpoint was reached."""
+    metrics = app.state.metrics
+    metrics.requests.labels("other", str(status)).inc()
+    metrics.rejections.labels(code).inc()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the CLIP re-ID embedding service.")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", describe_invalid_settings(exc))
+        return 1  # what the uncaught error exited with before
+    except SettingsError as exc:  # a value pydantic-settings could not even parse
+        logger.error("invalid settings: %s", exc)
+        return 1
+    return serve(create_app(settings), settings, args.host, args.port)
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """Every problem, by environment variable, in one line. Values are left out: one
+    may be an API key."""
+    problems = []
+    for detail in error.errors(include_url=False, include_input=False):
+        # Field problems are located by field name; the cross-field checks' messages
+        # name their variables themselves.
+        message = detail["msg"].removeprefix("Value error, ")
+        if detail["loc"]:
+            field, *item = detail["loc"]
+            variable = f"CLIP_{str(field).upper()}"
+            if variable not in message:  # `CLIP_REGION_BOUNDS[1]: ...` for a list's item
+                message = f"{variable}{''.join(f'[{i}]' for i in item)}: {message}"
+        problems.append(message)
+    return "; ".join(dict.fromkeys(problems))
