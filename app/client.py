@@ -275,8 +275,23 @@ def _raise_for_error(response: httpx.Response) -> None:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        code, message = "http_error", response.text[:200]
+        code, message = "http_error", _foreign_answer(response)
     raise ClipServiceError(response.status_code, code, message)
+
+
+def _foreign_answer(response: httpx.Response) -> str:
+    """An error answer not in the service's JSON shape (a proxy's page, another server on
+    that port): what to check, and the start of its text on one line, not a page of
+    HTML in the exception."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    text = " ".join(response.text.split())
+    said = f"; it begins: {text[:120]!r}" if text else ""
+    url = response.request.url
+    origin = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    return (
+        f"the answer is not this service's ({kind}, {len(response.content)} bytes): a proxy "
+        f"in between, or {origin} is another server{said}"
+    )
 
 
 # Longest wait between two /ready polls of wait_until_ready.

@@ -108,9 +108,31 @@ def test_non_json_errors_still_raise_typed_errors() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(502, text="bad gateway"))
     with (
         ClipClient("http://svc", transport=transport) as client,
-        pytest.raises(ClipServiceError, match="502 http_error"),
+        pytest.raises(ClipServiceError, match="502 http_error") as caught,
     ):
         client.embed(b"x")
+    assert "bad gateway" in caught.value.message
+
+
+def test_a_foreign_servers_page_is_named_not_carried() -> None:
+    """Another server on the port answers with a page of HTML: the error says what to
+    check, on one line, and keeps only the start of the page."""
+    page = "<html>\n<head><title>404 Not Found</title></head>\n" + "<p>filler</p>\n" * 500
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(404, text=page, headers={"content-type": "text/html"})
+    )
+    with (
+        ClipClient("http://svc:8080", retries=0, transport=transport) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        client.embed(b"x")
+    message = caught.value.message
+    assert (caught.value.status, caught.value.code) == (404, "http_error")
+    assert "text/html" in message
+    assert "http://svc:8080 is another server" in message
+    assert "404 Not Found" in message
+    assert "\n" not in message
+    assert len(message) < 300
 
 
 class _LoopBridge(httpx.BaseTransport):
