@@ -1,0 +1,73 @@
+"""`auto` precision on CPU: bf16 only where the CPU has it and oneDNN may use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.inference.model import cpu_has_fast_bf16, onednn_isa_cap
+
+AMX = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+BF16_ONLY = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+NEITHER = "flags\t\t: fpu avx2 avx512f avx512_vnni\n"
+
+
+@pytest.fixture(autouse=True)
+def no_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+
+def cpuinfo(tmp_path: Path, flags: str) -> str:
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\n" + flags)
+    return str(path)
+
+
+@pytest.mark.parametrize(("flags", "fast"), [(AMX, True), (BF16_ONLY, True), (NEITHER, False)])
+def test_bf16_follows_the_cpu_flags(tmp_path: Path, flags: str, fast: bool) -> None:
+    assert cpu_has_fast_bf16(cpuinfo(tmp_path, flags)) is fast
+
+
+def test_unreadable_cpuinfo_means_fp32(tmp_path: Path) -> None:
+    assert cpu_has_fast_bf16(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize(
+    ("cap", "fast"),
+    [
+        ("AVX512_CORE_VNNI", False),  # below AVX512-BF16: bf16 would be emulated
+        ("avx2", False),
+        ("AVX512_CORE", False),
+        ("AVX2_VNNI_2", False),  # bf16 conversions only, no bf16 dot products
+        ("AVX512_CORE_BF16", True),
+        ("AVX512_CORE_AMX", True),
+        ("AVX10_1_512_AMX_FP16", True),
+        ("ALL", True),
+        ("default", True),
+        ("AVX10_9_FUTURE", True),  # newer than the table: not a cap below bf16
+    ],
+)
+def test_a_onednn_cap_below_bf16_means_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: str, fast: bool
+) -> None:
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu_has_fast_bf16(cpuinfo(tmp_path, AMX)) is fast
+
+
+def test_the_cap_never_adds_what_the_cpu_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_has_fast_bf16(cpuinfo(tmp_path, NEITHER)) is False
+
+
+def test_onednn_name_wins_over_the_older_dnnl_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert onednn_isa_cap() is None
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    assert onednn_isa_cap() == "AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", " avx512_core_bf16 ")
+    assert onednn_isa_cap() == "AVX512_CORE_BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "all")
+    assert onednn_isa_cap() is None
