@@ -23,7 +23,7 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
         "ts": round(time.time(), 3),
         "level": "info",
         "logger": "app",
-        "message": f"{signal.Signals(signum).name} before the server started: exiting now",
+        "message": f"{signal.Signals(signum).name} while the server is not running: exiting now",
     }
     try:
         sys.stderr.write(json.dumps(line) + "\n")
@@ -33,6 +33,7 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 
 
 def exit_at_once_on_signals() -> None:
-    """Until the server installs its own (app.server.GracefulServer.capture_signals)."""
+    """Until the server installs its own (app.server.GracefulServer.capture_signals),
+    and again once it has stopped and puts these back."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_now)

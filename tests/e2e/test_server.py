@@ -353,7 +353,7 @@ def test_a_signal_while_python_imports_exits_0_with_a_json_line(
             process.wait()
     lines = log.read_text().splitlines()
     assert [json.loads(line)["message"] for line in lines] == [
-        f"{sig.name} before the server started: exiting now"
+        f"{sig.name} while the server is not running: exiting now"
     ]
 
 
