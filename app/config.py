@@ -49,11 +49,15 @@ ANALYZE_IMAGES = 3
 # there is no garment to see.
 MIN_PERSON_CROP = (8, 16)
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore", frozen=True)
+    # No inf or NaN in any number: `CLIP_REQUEST_TIMEOUT_S=inf` passed `gt=0` and then
+    # crashed uvicorn's setup with a traceback.
+    model_config = SettingsConfigDict(
+        env_prefix="CLIP_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     model: str = Field(
         "ViT-B-32",
@@ -160,7 +164,7 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
         if not _DEVICE_PATTERN.match(value):
-            raise ValueError("CLIP_DEVICE must be one of auto, cpu, cuda, cuda:N, mps")
+            raise ValueError("CLIP_DEVICE must be one of auto, cpu, cuda, cuda:N")
         return value
 
     @field_validator("api_keys", mode="before")

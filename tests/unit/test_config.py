@@ -51,14 +51,20 @@ def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) ->
         ("CLIP_MAX_WAIT_MS", "-1"),
         ("CLIP_RESIZE_MODE", "stretch"),
         ("CLIP_MODEL", "local-dir:"),
+        ("CLIP_DEVICE", "mps"),  # no Apple GPU path: it used to pass, then crash the load
+        ("CLIP_REQUEST_TIMEOUT_S", "inf"),  # passed gt=0, then crashed uvicorn's setup
+        ("CLIP_MAX_WAIT_MS", "nan"),
+        ("CLIP_REQUEST_TIMEOUT_S", "-inf"),
     ],
 )
 def test_bad_values_fail_at_startup_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError, match=name.removeprefix("CLIP_").lower()):
+    with pytest.raises(ValidationError, match=name.removeprefix("CLIP_").lower()) as caught:
         Settings()
+    if value.lstrip("-") in ("inf", "nan"):
+        assert "finite number" in str(caught.value)
 
 
 def test_the_queue_must_hold_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
