@@ -80,7 +80,16 @@ class GracefulServer(uvicorn.Server):
             return
         # Listen before the lifespan loads the model, answering 503 meanwhile; the app's
         # server takes the same socket over once the lifespan is done (app.api.loading).
-        listener = config.bind_socket()
+        try:
+            listener = config.bind_socket()
+        except SystemExit:  # uvicorn has logged the OSError alone, no address
+            logger.error(
+                "cannot listen on %s:%d: stop what holds the port, or choose another "
+                "with --port (and --host)",
+                config.host,
+                config.port,
+            )
+            raise
         loading = await answer_while_loading(
             listener, self._header_timeout_s, partial(count_refusal, self._app), config.backlog
         )
@@ -162,9 +171,11 @@ def count_refusal(app: FastAPI, status: int, code: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve the CLIP re-ID embedding service.")
+    parser = argparse.ArgumentParser(
+        prog="python -m app", description="Serve the CLIP re-ID embedding service."
+    )
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     args = parser.parse_args(argv)
     configure_logging()
     try:
@@ -176,6 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("invalid settings: %s", exc)
         return 1
     return serve(create_app(settings), settings, args.host, args.port)
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: out of range was a plain-text OverflowError from bind."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0-65535 (0: any free port)")
+    return port
 
 
 def describe_invalid_settings(error: ValidationError) -> str:

@@ -357,6 +357,33 @@ def test_a_signal_while_python_imports_exits_0_with_a_json_line(
     ]
 
 
+def test_a_port_in_use_is_named_with_what_to_do(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """uvicorn logs only "[Errno 98] Address already in use": no address, no advice."""
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    log = tmp_path / "server.log"
+    try:
+        process = start_server({"CLIP_MODEL": f"local-dir:{tiny_model_dir}"}, port, log, PRODUCTION)
+        assert process.wait(timeout=60) != 0
+    finally:
+        holder.close()
+    messages = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    assert any(f"cannot listen on 127.0.0.1:{port}" in m and "--port" in m for m in messages)
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(port: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2  # argparse's usage error
+    assert "argument --port" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     process = start_server({"CLIP_MODEL": f"local-dir:{tmp_path}/nothing"}, free_port(), log)
