@@ -1,6 +1,6 @@
 """Limits on reading a request body: its size (CLIP_MAX_UPLOAD_BYTES), its time
-(CLIP_REQUEST_TIMEOUT_S) and its coding (identity only), and a client that hangs up
-half-way.
+(CLIP_REQUEST_TIMEOUT_S) and its codings (identity only; chunked framing alone), and a
+client that hangs up half-way.
 
 A pure ASGI middleware, so the limits hold for every route: a body with a Content-Length
 over the size is refused before a byte is read, a chunked one as soon as the running
@@ -75,6 +75,24 @@ class BodyLimitMiddleware:
                 f"Content-Encoding {shown(coding.decode('latin-1'), 32)} is not taken; send "
                 "the body uncompressed (JPEG and PNG crops are compressed already)",
                 {"Accept-Encoding": "identity"},
+            )
+            await response(scope, receive, send)
+            return
+        transfer_codings = [
+            coding.strip().lower()
+            for name, value in scope["headers"]
+            if name == b"transfer-encoding"
+            for coding in value.split(b",")
+        ]
+        unframed = [c for c in transfer_codings if c not in (b"chunked", b"identity", b"")]
+        if unframed:
+            # The server removes the chunked framing only: a `gzip, chunked` body reached
+            # the routes still compressed, and was read as if it were not.
+            response = error_response(
+                415,
+                "unsupported_media_type",
+                f"Transfer-Encoding {shown(b', '.join(unframed).decode('latin-1'), 32)} is not "
+                "taken; send the body as it is (chunked alone is fine)",
             )
             await response(scope, receive, send)
             return

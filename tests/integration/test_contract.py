@@ -401,6 +401,30 @@ async def test_a_compressed_body_is_415_naming_the_coding(
     assert plain.status_code == 200
 
 
+@pytest.mark.parametrize("codings", ["gzip, chunked", "deflate,chunked", "x-custom, chunked"])
+async def test_a_transfer_coding_besides_chunked_is_415_naming_it(
+    client: httpx.AsyncClient, codings: str
+) -> None:
+    """The server takes the chunked framing off and nothing else: a `gzip, chunked`
+    body reached the routes compressed, and was read as if it were not."""
+    body = b'{"image": "%s"}' % base64.b64encode(noise_jpeg(1))
+    response = await client.post(
+        "/embed",
+        content=body,
+        headers={"content-type": "application/json", "transfer-encoding": codings},
+    )
+    status, code, message = error_of(response)
+    assert (status, code) == (415, "unsupported_media_type")
+    assert codings.split(",")[0] in message
+    assert "chunked alone" in message
+    plain = await client.post(
+        "/embed",
+        content=body,
+        headers={"content-type": "application/json", "transfer-encoding": "chunked"},
+    )
+    assert plain.status_code == 200
+
+
 @pytest.mark.parametrize("body", [b'{"a":', b"not json", b'{"a": "x",}'])
 async def test_similarity_answers_malformed_json_as_every_route_does(
     client: httpx.AsyncClient, body: bytes
