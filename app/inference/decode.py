@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,6 +45,12 @@ _MISSING_OR_DAMAGED_PIXELS = (
     "bad arithmetic code",
     "instead of rst",  # a restart marker lost: the blocks after it are misplaced
 )
+# "N extraneous bytes before marker 0xd9": the decoder had every block it needed and
+# bytes of scan data were left before the end marker. A few are an encoder's padding, the
+# picture whole; hundreds mean the scan was misread (a span of it overwritten decoded
+# to garbage in every row, and Pillow said nothing).
+_LEFTOVER_BEFORE_END = re.compile(r"(\d+) extraneous bytes before marker 0xd9")
+_MOST_PADDING_BEFORE_END = 64
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -163,6 +170,12 @@ def _decode_jpeg(image: Image.Image) -> Image.Image | None:
     except ValueError as exc:
         if any(sign in str(exc).lower() for sign in _MISSING_OR_DAMAGED_PIXELS):
             raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+        leftover = _LEFTOVER_BEFORE_END.search(str(exc))
+        if leftover and int(leftover.group(1)) > _MOST_PADDING_BEFORE_END:
+            raise InvalidImage(
+                f"image is corrupt: its compressed data decodes {leftover.group(1)} bytes "
+                "short of its end (misread scan data); send the file as the camera wrote it"
+            ) from None
         return None
     if pixels.shape[:2] != (image.height, image.width):
         return None  # never seen; Pillow's reading of the header decides
@@ -217,8 +230,14 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
         peak = float(values.max()) if values.size else 1.0
         if peak <= 1.0:
             values *= 255.0
+    elif image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        # 32-bit integers beyond the 16-bit range (a 32-bit TIFF): its own range to
+        # 0..255, where dividing by 257 made a full-range image white.
+        low, high = min(float(values.min()), 0.0), float(values.max())
+        values -= low
+        values *= 255.0 / (high - low)
     else:
-        values /= 257.0  # 65535 -> 255
+        values /= 257.0  # 65535 -> 255 (mode I holds 16-bit PNGs in older Pillow)
     np.rint(values, out=values)
     np.clip(values, 0, 255, out=values)
     grey = values.astype(np.uint8)

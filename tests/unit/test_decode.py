@@ -221,6 +221,47 @@ def test_jpeg_damage_that_leaves_the_pixels_whole_is_tolerated() -> None:
     )
 
 
+def test_a_span_of_scan_data_overwritten_is_refused() -> None:
+    """Found from outside: 200 bytes mid-scan overwritten decode to garbage in every
+    row, with hundreds of bytes left before the end marker; Pillow raised nothing."""
+    noise = np.random.default_rng(0).random((256, 128, 3)) * 255
+    damaged = bytearray(encoded(Image.fromarray(noise.astype(np.uint8)), "JPEG"))
+    damaged[1000:1200] = b"\xab" * 200
+    pillow_rgb(bytes(damaged))  # Pillow alone: no error
+    with pytest.raises(InvalidImage, match=r"corrupt.*bytes short of its end"):
+        decode_image(bytes(damaged), max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize(("padding", "refused"), [(16, False), (66, False), (120, True)])
+def test_padding_before_the_end_marker_is_bounded(padding: int, refused: bool) -> None:
+    """libjpeg counts what its bit buffer has not taken: 66 bytes of padding are 64."""
+    data = noise_jpeg(5)
+    padded = data[:-2] + b"\x00" * padding + data[-2:]
+    if refused:
+        with pytest.raises(InvalidImage):
+            decode_image(padded, max_pixels=LIMIT)
+    else:
+        np.testing.assert_array_equal(
+            np.asarray(decode_image(padded, max_pixels=LIMIT)), pillow_rgb(data)
+        )
+
+
+def test_thirty_two_bit_integers_are_scaled_by_their_range_not_clipped() -> None:
+    """A full-range 32-bit TIFF was divided by 257 as if 16-bit, then clipped: white."""
+    ramp = np.linspace(0, 2**31 - 1, 64 * 32).reshape(64, 32).astype(np.int32)
+    image = decode_image(encoded(Image.fromarray(ramp), "TIFF"), max_pixels=LIMIT)
+    grey = np.asarray(image)[:, :, 0]
+    assert grey.min() == 0
+    assert grey.max() == 255
+    assert 120 <= int(np.median(grey)) <= 135  # a ramp keeps its middle grey
+
+
+def test_mode_i_within_sixteen_bits_is_still_read_as_sixteen_bit() -> None:
+    pixels = np.full((8, 8), 32768, dtype=np.int32)  # 16-bit mid grey held in mode I
+    image = decode_image(encoded(Image.fromarray(pixels), "TIFF"), max_pixels=LIMIT)
+    assert abs(int(np.asarray(image)[0, 0, 0]) - 128) <= 1
+
+
 def test_cmyk_jpegs_still_decode_through_pillow() -> None:
     cmyk = encoded(Image.new("CMYK", (32, 48), (0, 255, 255, 0)), "JPEG")
     red = np.asarray(decode_image(cmyk, max_pixels=LIMIT))[10, 10]
