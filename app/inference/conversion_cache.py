@@ -33,7 +33,8 @@ ABANDONED_AFTER_S = 3600.0
 _STAGING_PREFIX = ".staging-"
 _SET_ASIDE_PREFIX = ".damaged-"
 _TEMPORARY_PREFIX = "clip-reid-conversion-"  # only ours are swept from the shared /tmp
-# For-this-run conversions not yet released (remove_temporary).
+# For-this-run conversions not yet released, and conversions under way in the cache's
+# staging folders: what remove_temporary deletes at an exit that skips the cleanup.
 _TEMPORARY: set[Path] = set()
 
 
@@ -87,6 +88,7 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
             Artefact(staging / filename, temporary=True).release()
             raise
         return Artefact(staging / filename, temporary=True)
+    _TEMPORARY.add(staging)  # a SIGTERM mid-conversion left 170 MB here until an hour passed
     try:
         make(staging)
         write_manifest(staging, folder.name)
@@ -94,6 +96,8 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _TEMPORARY.discard(staging)
     seconds = time.perf_counter() - started
     if placed:
         logger.info("converted the image tower in %.1fs into %s", seconds, folder)
@@ -205,8 +209,8 @@ def remove_abandoned(
 
 
 def remove_temporary() -> None:
-    """Delete this process's for-this-run conversions now: for an exit that skips
-    Python's cleanup (SIGTERM while the model loads)."""
+    """Delete this process's for-this-run conversions and its unfinished staging folders
+    now: for an exit that skips Python's cleanup (SIGTERM while the model loads)."""
     for folder in list(_TEMPORARY):
         shutil.rmtree(folder, ignore_errors=True)
         _TEMPORARY.discard(folder)

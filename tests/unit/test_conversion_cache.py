@@ -204,6 +204,29 @@ def test_a_fast_exit_removes_this_runs_conversion(tmp_path: Path) -> None:
     assert not artefact.path.parent.exists()
 
 
+def test_a_fast_exit_mid_conversion_removes_its_staging_folder(tmp_path: Path) -> None:
+    """A SIGTERM during a cold conversion left its staging folder (170 MB for ViT-B-32)
+    for an hour, and a pod that kept being stopped while starting piled them up."""
+    cache = tmp_path / "cache"
+    left: list[bool] = []
+
+    def exit_midway(staging: Path) -> None:
+        (staging / "tower.bin").write_bytes(b"\x01" * 4096)
+        remove_temporary()  # the signal handler, in the middle of the conversion...
+        left.append(staging.exists())  # ...which then ends the process: no unwinding
+        raise SystemExit
+
+    with pytest.raises(SystemExit):
+        cached(cache / "key", "tower.xml", exit_midway)
+    assert left == [False]
+
+
+def test_a_finished_conversion_is_not_this_runs_to_remove(tmp_path: Path) -> None:
+    artefact = cached(tmp_path / "cache" / "key", "tower.xml", Converter())
+    remove_temporary()
+    assert artefact.path.exists()
+
+
 def test_old_conversions_for_a_run_are_swept_from_the_temporary_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
