@@ -18,7 +18,12 @@ from starlette.formparsers import MultiPartException
 
 from app.api.errors import describe_validation_errors, shown
 from app.api.multipart_framing import MultipartFraming
-from app.api.strict import DuplicateKey, loads_unique, refuse_unknown_query_parameters
+from app.api.strict import (
+    DuplicateKey,
+    json_error,
+    loads_unique,
+    refuse_unknown_query_parameters,
+)
 from app.codec import Base64Error, decode_base64
 from app.config import Settings
 from app.errors import (
@@ -77,7 +82,9 @@ def _from_json(
     except DuplicateKey as exc:
         raise ValidationFailed(str(exc)) from None
     except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
-        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+        raise InvalidRequest(
+            f"body is not valid JSON: {json_error(exc)}", code="invalid_json"
+        ) from None
     except RecursionError:  # [[[[...]]]] a hundred thousand deep
         raise InvalidRequest("body JSON is nested too deeply", code="invalid_json") from None
     if many and isinstance(document, dict) and isinstance(document.get(field_name), list):
@@ -123,7 +130,8 @@ async def _from_multipart(
                 f"{settings.max_batch_images} images (CLIP_MAX_BATCH_IMAGES); split the batch"
             ) from None
         raise InvalidRequest(
-            f"multipart body could not be parsed: {reason}; send multipart/form-data with "
+            f"multipart body could not be parsed: {str(reason).rstrip('.')}; send "
+            "multipart/form-data with "
             f"its boundary (curl -F {field_name}=@crop.jpg sets both)",
             code="invalid_multipart",
         ) from None

@@ -36,6 +36,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
+def json_error(exc: ValueError) -> str:
+    """What is wrong with JSON that would not parse, for a client: Python's own message
+    for an over-long integer says to call sys.set_int_max_str_digits()."""
+    if "integer string conversion" in str(exc):
+        return "it holds an integer of more than 4300 digits"
+    return str(exc)
+
+
 def loads_unique(body: bytes | str) -> Any:
     """json.loads, but DuplicateKey for an object with a repeated key."""
     return json.loads(body, object_pairs_hook=_unique_keys)

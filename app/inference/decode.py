@@ -82,7 +82,7 @@ def open_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None) ->
             "file is not a decodable image; send JPEG, PNG, WebP, BMP, GIF or TIFF"
         ) from None
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(_too_many_pixels("far more", max_pixels)) from None
+        raise PayloadTooLarge(_too_many_pixels(None, max_pixels)) from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
 
@@ -245,11 +245,14 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")  # uint8 2-D is mode L
 
 
-def _too_many_pixels(amount: str, limit: int) -> str:
-    return (
-        f"image is {amount} pixels, over the limit of {limit} (CLIP_MAX_IMAGE_PIXELS); "
-        "downscale or crop it before sending"
+def _too_many_pixels(amount: str | None, limit: int) -> str:
+    """`amount` None: Pillow's own check refused it, far over, before the size was read."""
+    over = (
+        f"far more pixels than allowed, over the limit of {limit}"
+        if amount is None
+        else f"{amount} pixels, over the limit of {limit}"
     )
+    return f"image has {over} (CLIP_MAX_IMAGE_PIXELS); downscale or crop it before sending"
 
 
 def _describe(exc: Exception) -> str:

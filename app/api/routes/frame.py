@@ -21,7 +21,7 @@ from app.api.schemas import (
     EmbedFrameResponse,
     OutfitDescriptor,
 )
-from app.api.strict import StrictRoute
+from app.api.strict import StrictRoute, json_error
 from app.codec import encode_embeddings
 from app.errors import ValidationFailed
 from app.inference.frames import read_boxes
@@ -143,5 +143,5 @@ def _boxes_field(value: Any) -> Any:
         ) from None
     except ValueError as exc:  # not JSON, or an integer of over 4300 digits
         raise ValidationFailed(
-            f"`boxes` is not valid JSON ({exc}); send [[x1, y1, x2, y2], ...]"
+            f"`boxes` is not valid JSON ({json_error(exc)}); send [[x1, y1, x2, y2], ...]"
         ) from None
