@@ -70,6 +70,12 @@ class GracefulServer(uvicorn.Server):
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(0)
+        if not self.should_exit:  # the first signal; a second forces the exit
+            logger.info(
+                "%s: draining, no new work; requests in flight have up to %d s",
+                signal.Signals(sig).name,
+                self.config.timeout_graceful_shutdown,
+            )
         self._app.state.draining = True  # refuse new work before anything else
         super().handle_exit(sig, frame)
 
@@ -159,7 +165,10 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
     )
     server = GracefulServer(config, app, header_timeout_s)
     server.run()
-    return 0 if server.started else 3  # 3: startup failed, as uvicorn reports it
+    if not server.started:
+        return 3  # startup failed, as uvicorn reports it
+    logger.info("stopped")  # an operator reads a clean stop in the log, not only exit 0
+    return 0
 
 
 def count_refusal(app: FastAPI, status: int, code: str) -> None:

@@ -230,6 +230,9 @@ def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_pa
     assert process.wait(timeout=60) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(line.get("endpoint") == "/embed" and line.get("status") == 200 for line in lines)
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("SIGTERM: draining") for m in messages)
+    assert messages[-1] == "stopped"  # the log says it stopped cleanly, not only the status
 
 
 def test_python_m_app_answers_503_while_the_model_loads(
