@@ -31,7 +31,7 @@ class ConcurrencyLimitMiddleware:
             # A request without a valid key is told so, not to come back in a second:
             # retrying as Retry-After says could never succeed.
             unauthorized = refusal_for_key(
-                key_from_headers(dict(scope["headers"])), getattr(state, "api_keys", [])
+                key_from_headers(scope["headers"]), getattr(state, "api_keys", [])
             )
             if unauthorized is not None:
                 if metrics is not None:

@@ -28,19 +28,39 @@ def key_matches(candidate: str, keys: list[bytes]) -> bool:
     return matched
 
 
-def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
+# What a request carrying its key more than once gets: servers and proxies differ on
+# which copy counts (Starlette reads the first, a dict of the headers the last), so a
+# valid first key could carry any second one past a proxy that checked the second.
+class Repeated:
+    """The key a request carrying it more than once has."""
+
+
+REPEATED = Repeated()
+
+
+def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | Repeated | None:
     """The key a request carries, read from raw ASGI headers as the dependency reads it
-    (the Bearer credentials first, then X-API-Key)."""
-    scheme, _, credentials = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    (the Bearer credentials first, then X-API-Key); REPEATED if either header is."""
+    authorizations = [value for name, value in headers if name == b"authorization"]
+    api_keys = [value for name, value in headers if name == b"x-api-key"]
+    if len(authorizations) > 1 or len(api_keys) > 1:
+        return REPEATED
+    authorization = authorizations[0] if authorizations else b""
+    scheme, _, credentials = authorization.decode("latin-1").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return headers.get(b"x-api-key", b"").decode("latin-1") or None
+    return api_keys[0].decode("latin-1") if api_keys and api_keys[0] else None
 
 
-def refusal_for_key(candidate: str | None, keys: list[bytes]) -> Unauthorized | None:
+def refusal_for_key(candidate: str | Repeated | None, keys: list[bytes]) -> Unauthorized | None:
     """The 401 a request with `candidate` gets, or None if it may pass."""
     if not keys:
         return None
+    if isinstance(candidate, Repeated):
+        return Unauthorized(
+            "the request carries more than one Authorization or X-API-Key header; send "
+            "the API key once"
+        )
     if not candidate:
         return Unauthorized(
             "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
@@ -55,7 +75,9 @@ async def require_api_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_header)],
 ) -> None:
-    candidate = bearer.credentials if bearer is not None else header_key
+    candidate = key_from_headers(request.scope["headers"])
+    if not isinstance(candidate, Repeated):  # FastAPI's own reading of the same headers
+        candidate = bearer.credentials if bearer is not None else header_key
     refusal = refusal_for_key(candidate, request.app.state.api_keys)
     if refusal is not None:
         raise refusal

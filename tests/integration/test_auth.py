@@ -64,3 +64,26 @@ def test_key_comparison() -> None:
     assert not key_matches("bet", keys)
     assert not key_matches("", keys)
     assert not key_matches("\u00e9", keys)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-API-Key", "first-key-123"), ("X-API-Key", "not-a-key")],
+        [("X-API-Key", "not-a-key"), ("X-API-Key", "first-key-123")],
+        [("Authorization", "Bearer first-key-123"), ("Authorization", "Bearer nope")],
+    ],
+)
+async def test_a_key_sent_twice_is_refused_whichever_copy_is_valid(
+    tiny_settings: Callable[..., Settings], headers: list[tuple[str, str]]
+) -> None:
+    """Servers and proxies differ on which copy of a repeated header counts: a valid
+    first key carried any second one through."""
+    crop = {"image": ("c.jpg", noise_jpeg(1))}
+    async with serve(tiny_settings(api_keys=KEYS)) as (_, client):
+        response = await client.post("/embed", files=crop, headers=httpx.Headers(headers))
+        assert response.status_code == 401
+        assert "more than one" in response.json()["error"]["message"]
+        both = [("Authorization", "Bearer first-key-123"), ("X-API-Key", "first-key-123")]
+        accepted = await client.post("/embed", files=crop, headers=httpx.Headers(both))
+        assert accepted.status_code == 200  # one of each is not a repeat
