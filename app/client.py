@@ -9,8 +9,13 @@
 
 `AsyncClipClient` has the same methods as coroutines.
 
-Images may be paths, bytes (an encoded file), PIL images or numpy arrays. Arrays must be
-(H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, and are sent as PNG:
+Images may be paths, bytes (an encoded file), PIL images or numpy arrays. PIL images are
+sent as PNG in the modes PNG stores (1, L, LA, P, RGB, RGBA, I;16), and in the others
+(CMYK, YCbCr, LAB, I, F, I;16B...) as uncompressed TIFF, which the service reads in any
+mode: it sees the same pixels either way. The few modes neither format stores are
+converted first: HSV to RGB (as the service would), La and RGBa to un-premultiplied LA and
+RGBA, I;16N to I. Arrays must be (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, and are
+sent as PNG:
 
 - uint8: used as is;
 - float (any width): NaN and inf are refused. If every value lies in [0, 1] the array is
@@ -19,14 +24,16 @@ Images may be paths, bytes (an encoded file), PIL images or numpy arrays. Arrays
 - other integer types: values must lie in [0, 255];
 - anything else (bool, complex, negative or > 255 values, other shapes) raises ValueError.
 
-`embed_batch` needs at least one image (ValueError otherwise, before any request).
+`embed_batch` takes a list (or any iterable, read once) of at least one image; one image
+on its own, or none, raises ValueError before any request.
 
 Errors: every error the client raises about the service is a `ClipClientError`:
 `ClipServiceError` when the service answered with an error (`.status`, `.code`,
-`.message`), `ClipConnectionError` when it could not be reached or did not answer in time
-(the httpx error is its `__cause__`). 429/503 answers are retried after the server's
-Retry-After, and refused connections (a service still starting) after a short backoff,
-`retries` times at most.
+`.message`), or with a success that is not in this service's shape (code
+`unexpected_answer`: another server on that port, a proxy), `ClipConnectionError` when it
+could not be reached or did not answer in time (the httpx error is its `__cause__`).
+429/503 answers are retried after the server's Retry-After, and refused connections (a
+service still starting) after a short backoff, `retries` times at most.
 """
 
 from __future__ import annotations
@@ -36,21 +43,21 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from app.codec import decode_embedding, encode_embedding
+from app.codec import WIRE_DTYPES, decode_embedding, encode_embedding
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image | npt.NDArray[Any]
-# A detector's boxes: an (n, 4) array or a list of [x1, y1, x2, y2].
-Boxes = npt.NDArray[Any] | Sequence[Sequence[float]]
+# A detector's boxes: an (n, 4) array or a list (any iterable) of [x1, y1, x2, y2].
+Boxes = npt.NDArray[Any] | Iterable[Sequence[float]]
 RETRIED_STATUSES = (429, 503)
 
 T = TypeVar("T")
@@ -114,8 +121,19 @@ def _array_to_uint8(array: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return array.astype(np.uint8)
 
 
+# Modes PNG stores as they are. Pillow writes every other mode as TIFF but those below,
+# and the service reads TIFF in any mode (CMYK, YCbCr and LAB to RGB, 16-bit and float
+# scaled), so nothing is lost on the way. Uncompressed: Pillow writes that without libtiff,
+# and libtiff's compressed YCbCr would be read back as libtiff's RGB, not these pixels.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
+# Modes neither format stores, and the mode each is sent in: what the service itself would
+# make of them (HSV to RGB, alpha un-premultiplied), or a wider mode that keeps every value.
+_SENT_AS = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "I;16N": "I"}
+
+
 def image_bytes(image: ImageInput) -> bytes:
-    """Any accepted image form to encoded file bytes (numpy and PIL become PNG)."""
+    """Any accepted image form to encoded file bytes (numpy and PIL become PNG, or TIFF
+    for the PIL modes PNG cannot store)."""
     if isinstance(image, bytes):
         return image
     if isinstance(image, (str, os.PathLike)):
@@ -123,8 +141,10 @@ def image_bytes(image: ImageInput) -> bytes:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(_array_to_uint8(image))
     if isinstance(image, Image.Image):
+        if image.mode in _SENT_AS:
+            image = image.convert(_SENT_AS[image.mode])
         buffer = io.BytesIO()
-        image.save(buffer, "PNG")
+        image.save(buffer, "PNG" if image.mode in _PNG_MODES else "TIFF")
         return buffer.getvalue()
     raise TypeError(f"cannot send {type(image).__name__} as an image")
 
@@ -142,8 +162,22 @@ class _Call(Generic[T]):
 
     path: str
     kwargs: dict[str, Any]  # files / data / json / params for httpx's request()
-    parse: Callable[[Any], T]
+    parse: Callable[[dict[str, Any]], T]  # raises _Unexpected for an answer of another shape
     method: str = "POST"
+
+
+# One image where a list of them is expected: iterated, a path is its characters, bytes
+# its byte values and an array its rows, none of which says what went wrong.
+_ONE_IMAGE = (str, bytes, os.PathLike, Image.Image, np.ndarray)
+
+
+def _image_list(images: Iterable[ImageInput], method: str) -> list[ImageInput]:
+    """The images as a list, read once (a generator cannot be read twice)."""
+    if isinstance(images, _ONE_IMAGE):
+        raise ValueError(
+            f"{method} takes a list of images, got one {type(images).__name__}: pass [image]"
+        )
+    return list(images)
 
 
 def _files(field: str, images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
@@ -158,32 +192,114 @@ def _vector(embedding: npt.ArrayLike | str, dtype: str) -> str:
     return encode_embedding(np.asarray(embedding), dtype)
 
 
+class _Unexpected(Exception):
+    """A success answer without a field this service sends, or with it in another shape."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _field(body: dict[str, Any], name: str, read: Callable[[Any], T]) -> T:
+    """`read(body[name])`, or _Unexpected naming the field: an answer of another shape
+    (another server on the port) fails here, never as a KeyError in the caller's code or
+    as its JSON returned as if it were this service's."""
+    if name not in body:
+        raise _Unexpected(f"no {name!r} field")
+    try:
+        return read(body[name])
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise _Unexpected(f"a malformed {name!r} field") from exc
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise ValueError("not in this service's shape")
+
+
+def _known_dtype(value: Any) -> str:
+    _require(value in WIRE_DTYPES)  # a list or an object: TypeError, also caught
+    return str(value)
+
+
+def _wire_dtype(body: dict[str, Any]) -> str:
+    """The answer's embedding encoding; float32 where it does not say."""
+    return _field(body, "dtype", _known_dtype) if "dtype" in body else "float32"
+
+
+def _rows(texts: Any, dtype: str, count: int) -> list[npt.NDArray[np.float32]]:
+    """`count` embeddings of one dimension: one per image or box sent."""
+    _require(isinstance(texts, list) and len(texts) == count)
+    rows = [decode_embedding(text, dtype) for text in texts]
+    _require(len({row.size for row in rows}) <= 1)
+    return rows
+
+
+def _whole(value: Any) -> int:
+    """A JSON integer >= 0 (bool is an int to Python, not to JSON)."""
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    return int(value)
+
+
+def _number(value: Any) -> float:
+    """A JSON number (float() would also take "0.5" and true)."""
+    _require(isinstance(value, int | float) and not isinstance(value, bool))
+    return float(value)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    _require(isinstance(value, dict))
+    return dict(value)
+
+
+def _outfits(value: Any, count: int) -> list[dict[str, Any]]:
+    """/embed/frame's descriptors: {"top": Garment, "bottom": Garment} per box sent."""
+    _require(isinstance(value, list) and len(value) == count)
+    outfits = [_object(outfit) for outfit in value]
+    for outfit in outfits:
+        _require(isinstance(outfit.get("top"), dict) and isinstance(outfit.get("bottom"), dict))
+    return outfits
+
+
 def _embed_call(image: ImageInput, dtype: str) -> _Call[npt.NDArray[np.float32]]:
-    def parse(body: Any) -> npt.NDArray[np.float32]:
-        return decode_embedding(body["embedding"], body.get("dtype", "float32"))
+    def parse(body: dict[str, Any]) -> npt.NDArray[np.float32]:
+        wire = _wire_dtype(body)
+        return _field(body, "embedding", lambda text: decode_embedding(text, wire))
 
     return _Call("/embed", {"files": _files("image", [image]), "params": {"dtype": dtype}}, parse)
 
 
-def _embed_batch_call(images: Sequence[ImageInput], dtype: str) -> _Call[npt.NDArray[np.float32]]:
-    if len(images) == 0:
+def _embed_batch_call(images: Iterable[ImageInput], dtype: str) -> _Call[npt.NDArray[np.float32]]:
+    listed = _image_list(images, "embed_batch")
+    if not listed:
         # The server can only answer an empty multipart body with a puzzling 415.
         raise ValueError("embed_batch needs at least one image")
 
-    def parse(body: Any) -> npt.NDArray[np.float32]:
-        wire = body.get("dtype", "float32")
-        return np.stack([decode_embedding(e, wire) for e in body["embeddings"]])
+    def parse(body: dict[str, Any]) -> npt.NDArray[np.float32]:
+        wire = _wire_dtype(body)
+        return np.stack(_field(body, "embeddings", lambda e: _rows(e, wire, len(listed))))
 
-    files = _files("images", images)
+    files = _files("images", listed)
     return _Call("/embed/batch", {"files": files, "params": {"dtype": dtype}}, parse)
 
 
 def _similarity_call(a: npt.ArrayLike | str, b: npt.ArrayLike | str, dtype: str) -> _Call[float]:
-    def parse(body: Any) -> float:
-        return float(body["similarity"])
+    def parse(body: dict[str, Any]) -> float:
+        return _field(body, "similarity", _number)
 
     payload = {"a": _vector(a, dtype), "b": _vector(b, dtype), "dtype": dtype}
     return _Call("/similarity", {"json": payload}, parse)
+
+
+def _matches(value: Any, queries: int) -> list[list[dict[str, Any]]]:
+    """A list of matches per query, each match an object with an index and a similarity."""
+    _require(isinstance(value, list) and len(value) == queries)
+    for row in value:
+        _require(isinstance(row, list))
+        for match in row:
+            _whole(_object(match)["index"])
+            _number(match["similarity"])
+    return cast("list[list[dict[str, Any]]]", value)
 
 
 def _search_call(
@@ -192,11 +308,13 @@ def _search_call(
     top_k: int,
     dtype: str,
 ) -> _Call[list[list[dict[str, Any]]]]:
-    def parse(body: Any) -> list[list[dict[str, Any]]]:
-        return list(body["matches"])
+    encoded = [_vector(q, dtype) for q in queries]
+
+    def parse(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        return _field(body, "matches", lambda matches: _matches(matches, len(encoded)))
 
     payload = {
-        "queries": [_vector(q, dtype) for q in queries],
+        "queries": encoded,
         "gallery": [_vector(g, dtype) for g in gallery],
         "top_k": top_k,
         "dtype": dtype,
@@ -238,14 +356,31 @@ def _box_list(boxes: Boxes) -> list[list[float]]:
     return listed
 
 
+def _int_boxes(value: Any, count: int) -> list[list[int]]:
+    """The boxes the service used: one [x1, y1, x2, y2] of whole pixels per box sent."""
+    _require(isinstance(value, list) and len(value) == count)
+    for box in value:
+        _require(isinstance(box, list) and len(box) == 4)
+        for coordinate in box:
+            _require(isinstance(coordinate, int) and not isinstance(coordinate, bool))
+    return cast("list[list[int]]", value)
+
+
 def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _Call[FrameResult]:
     listed = _box_list(boxes)
 
-    def parse(body: Any) -> FrameResult:
-        wire = body.get("dtype", "float32")
-        rows = [decode_embedding(e, wire) for e in body["embeddings"]]
-        embeddings = np.stack(rows) if rows else np.zeros((0, body["dim"]), np.float32)
-        return FrameResult(embeddings, body["boxes"], body.get("descriptors"))
+    def parse(body: dict[str, Any]) -> FrameResult:
+        wire = _wire_dtype(body)
+        rows = _field(body, "embeddings", lambda e: _rows(e, wire, len(listed)))
+        if rows:
+            embeddings = np.stack(rows)
+        else:  # no box, no row to tell the dimension: the answer's `dim` does
+            embeddings = np.zeros((0, _field(body, "dim", _whole)), np.float32)
+        used = _field(body, "boxes", lambda b: _int_boxes(b, len(listed)))
+        descriptors = None
+        if analyze:
+            descriptors = _field(body, "descriptors", lambda d: _outfits(d, len(listed)))
+        return FrameResult(embeddings, used, descriptors)
 
     data = {"boxes": json.dumps(listed), "analyze": "true" if analyze else "false"}
     files = _files("image", [frame])
@@ -253,13 +388,13 @@ def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _
 
 
 def _analyze_call(image: ImageInput, include_embedding: bool) -> _Call[dict[str, Any]]:
-    def parse(body: Any) -> dict[str, Any]:
-        outfit: dict[str, Any] = body
-        if outfit.get("embedding"):
-            outfit["embedding"] = decode_embedding(
-                outfit["embedding"], outfit.get("dtype", "float32")
-            )
-        return outfit
+    def parse(body: dict[str, Any]) -> dict[str, Any]:
+        _field(body, "top", _object)
+        _field(body, "bottom", _object)
+        if include_embedding or body.get("embedding") is not None:
+            wire = _wire_dtype(body)
+            body["embedding"] = _field(body, "embedding", lambda text: decode_embedding(text, wire))
+        return body
 
     data = {"include_embedding": "true" if include_embedding else "false"}
     return _Call("/analyze", {"files": _files("image", [image]), "data": data}, parse)
@@ -279,18 +414,39 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise ClipServiceError(response.status_code, code, message)
 
 
-def _foreign_answer(response: httpx.Response) -> str:
-    """An error answer not in the service's JSON shape (a proxy's page, another server on
-    that port): what to check, and the start of its text on one line, not a page of
-    HTML in the exception."""
+def _parse_answer(call: _Call[T], response: httpx.Response) -> T:
+    """A success answer read by `call`, or ClipServiceError `unexpected_answer` when it is
+    not in this service's shape: not JSON, or a field missing or malformed."""
+    try:
+        body = response.json()
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not text
+        raise _unexpected_answer(response, "not JSON") from exc
+    if not isinstance(body, dict):
+        raise _unexpected_answer(response, "not a JSON object")
+    try:
+        return call.parse(body)
+    except _Unexpected as exc:
+        raise _unexpected_answer(response, exc.problem) from exc
+
+
+def _unexpected_answer(response: httpx.Response, problem: str) -> ClipServiceError:
+    message = _foreign_answer(response, problem)
+    return ClipServiceError(response.status_code, "unexpected_answer", message)
+
+
+def _foreign_answer(response: httpx.Response, problem: str = "") -> str:
+    """An answer not in the service's JSON shape (a proxy's page, another server on that
+    port): what is wrong with it, what to check, and the start of its text on one line,
+    not a page of HTML in the exception."""
     kind = response.headers.get("content-type", "no content type").split(";")[0]
     text = " ".join(response.text.split())
     said = f"; it begins: {text[:120]!r}" if text else ""
     url = response.request.url
     origin = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    what = f"; {problem}" if problem else ""
     return (
-        f"the answer is not this service's ({kind}, {len(response.content)} bytes): a proxy "
-        f"in between, or {origin} is another server{said}"
+        f"the answer is not this service's ({kind}, {len(response.content)} bytes{what}): a "
+        f"proxy in between, or {origin} is another server{said}"
     )
 
 
@@ -399,7 +555,7 @@ class _Base:
 
     def _answer(self, call: _Call[T], response: httpx.Response) -> T:
         _raise_for_error(response)
-        return call.parse(response.json())
+        return _parse_answer(call, response)
 
 
 class ClipClient(_Base):
@@ -466,7 +622,7 @@ class ClipClient(_Base):
         return self._send(_embed_call(image, dtype))
 
     def embed_batch(
-        self, images: Sequence[ImageInput], dtype: str = "float32"
+        self, images: Iterable[ImageInput], dtype: str = "float32"
     ) -> npt.NDArray[np.float32]:
         return self._send(_embed_batch_call(images, dtype))
 
@@ -498,7 +654,8 @@ class ClipClient(_Base):
     ) -> FrameResult:
         """Embeddings of the people boxed in a whole frame: `boxes` as the detector gives
         them, `[[x1, y1, x2, y2], ...]` in the frame's pixels (a list or an (n, 4) array).
-        Send the camera's JPEG bytes as they are: arrays and PIL images go as PNG."""
+        Send the camera's JPEG bytes as they are: arrays and PIL images go as PNG
+        (or TIFF)."""
         return self._send(_frame_call(frame, boxes, analyze, dtype))
 
 
@@ -563,7 +720,7 @@ class AsyncClipClient(_Base):
         return await self._send(_embed_call(image, dtype))
 
     async def embed_batch(
-        self, images: Sequence[ImageInput], dtype: str = "float32"
+        self, images: Iterable[ImageInput], dtype: str = "float32"
     ) -> npt.NDArray[np.float32]:
         return await self._send(_embed_batch_call(images, dtype))
 

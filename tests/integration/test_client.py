@@ -6,6 +6,7 @@ import asyncio
 import io
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -495,3 +496,333 @@ def test_wait_until_ready_keeps_its_timeout_against_a_port_that_never_answers() 
         with ClipClient(url, timeout_s=60) as client, pytest.raises(ClipConnectionError):
             client.wait_until_ready(timeout_s=1.0)
         assert time.monotonic() - started < 5
+
+
+# --- answers of another shape: another server on the port, a proxy ------------------
+
+# Each call with the field the client reads first from its answer.
+_EVERY_CALL: list[tuple[str, str, Callable[[Any], Any]]] = [
+    ("embed", "embedding", lambda c: c.embed(b"x")),
+    ("embed_batch", "embeddings", lambda c: c.embed_batch([b"x", b"y"])),
+    ("embed_frame", "embeddings", lambda c: c.embed_frame(b"x", [[0, 0, 8, 16]])),
+    ("embed_frame_empty", "embeddings", lambda c: c.embed_frame(b"x", [])),
+    ("similarity", "similarity", lambda c: c.similarity([1.0, 0.0], [0.0, 1.0])),
+    ("search", "matches", lambda c: c.search([[1.0, 0.0]], [[0.0, 1.0]])),
+    ("analyze", "top", lambda c: c.analyze(b"x")),
+]
+_CALL_IDS = [name for name, _, _ in _EVERY_CALL]
+
+
+def _hello(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"hello": "world"})
+
+
+def _assert_unexpected(error: ClipServiceError, says: str, status: int = 200) -> None:
+    assert (error.status, error.code) == (status, "unexpected_answer")
+    assert "the answer is not this service's" in error.message
+    assert says in error.message
+    assert "http://svc:8080 is another server" in error.message
+    assert "\n" not in error.message
+
+
+@pytest.mark.parametrize(("name", "field", "call"), _EVERY_CALL, ids=_CALL_IDS)
+def test_a_foreign_200_is_a_service_error_naming_the_missing_field(
+    name: str, field: str, call: Callable[[ClipClient], Any]
+) -> None:
+    """A 200 of another server's JSON used to raise KeyError (or, from analyze, come back
+    as if it were an outfit)."""
+    with (
+        ClipClient("http://svc:8080", transport=httpx.MockTransport(_hello)) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        call(client)
+    _assert_unexpected(caught.value, f"no {field!r} field")
+    assert "hello" in caught.value.message  # the start of what it said
+
+
+@pytest.mark.parametrize(("name", "field", "call"), _EVERY_CALL, ids=_CALL_IDS)
+async def test_a_foreign_200_is_a_service_error_for_the_async_client_too(
+    name: str, field: str, call: Callable[[AsyncClipClient], Any]
+) -> None:
+    async with AsyncClipClient("http://svc:8080", transport=httpx.MockTransport(_hello)) as aio:
+        with pytest.raises(ClipClientError) as caught:
+            await call(aio)
+    assert isinstance(caught.value, ClipServiceError)
+    _assert_unexpected(caught.value, f"no {field!r} field")
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "says"),
+    [
+        (200, {"text": "OK"}, "not JSON"),
+        (200, {"content": b"\xff\xfe\x00\x81"}, "not JSON"),
+        (200, {"text": "<html><body>It works!</body></html>"}, "not JSON"),
+        (200, {"json": ["a", "list"]}, "not a JSON object"),
+        (204, {}, "not JSON"),
+    ],
+    ids=["text", "binary", "html", "json-list", "no-content"],
+)
+async def test_a_success_that_is_not_a_json_object_is_a_service_error(
+    status: int, answer: dict[str, Any], says: str
+) -> None:
+    """These used to raise JSONDecodeError, or AttributeError from a list."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, **answer))
+    with (
+        ClipClient("http://svc:8080", transport=transport) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        client.embed(b"x")
+    _assert_unexpected(caught.value, says, status)
+    async with AsyncClipClient("http://svc:8080", transport=transport) as aio:
+        with pytest.raises(ClipServiceError) as caught:
+            await aio.analyze(b"x")
+    _assert_unexpected(caught.value, says, status)
+
+
+_GARMENT = {"type": "t-shirt", "type_score": 0.5, "color": "blue", "colors": []}
+_OUTFIT = {"top": _GARMENT, "bottom": _GARMENT}
+_VECTOR = encode_embedding([0.6, 0.8])
+
+
+@pytest.mark.parametrize(
+    ("body", "call", "says"),
+    [
+        ({"embedding": 5}, lambda c: c.embed(b"x"), "a malformed 'embedding'"),
+        ({"embedding": "not base64!"}, lambda c: c.embed(b"x"), "a malformed 'embedding'"),
+        (
+            {"embedding": _VECTOR, "dtype": "float64"},
+            lambda c: c.embed(b"x"),
+            "a malformed 'dtype'",
+        ),
+        (
+            {"embeddings": [_VECTOR]},
+            lambda c: c.embed_batch([b"x", b"y"]),
+            "a malformed 'embeddings'",
+        ),
+        ({"embeddings": _VECTOR}, lambda c: c.embed_batch([b"x"]), "a malformed 'embeddings'"),
+        (
+            {"embeddings": [_VECTOR, encode_embedding([1.0, 0.0, 0.0])]},
+            lambda c: c.embed_batch([b"x", b"y"]),
+            "a malformed 'embeddings'",
+        ),
+        ({"similarity": "0.5"}, lambda c: c.similarity([1.0], [1.0]), "a malformed 'similarity'"),
+        ({"similarity": None}, lambda c: c.similarity([1.0], [1.0]), "a malformed 'similarity'"),
+        ({"matches": "abc"}, lambda c: c.search([[1.0]], [[1.0]]), "a malformed 'matches'"),
+        (
+            {"matches": [[{"index": 0}]]},
+            lambda c: c.search([[1.0]], [[1.0]]),
+            "a malformed 'matches'",
+        ),
+        ({"top": "shirt", "bottom": _GARMENT}, lambda c: c.analyze(b"x"), "a malformed 'top'"),
+        ({"top": _GARMENT}, lambda c: c.analyze(b"x"), "no 'bottom' field"),
+        (
+            {**_OUTFIT, "embedding": None},
+            lambda c: c.analyze(b"x", True),
+            "a malformed 'embedding'",
+        ),
+        (
+            {"embeddings": [_VECTOR], "boxes": [[0.5, 0, 8, 16]], "dim": 2},
+            lambda c: c.embed_frame(b"x", [[0.5, 0, 8, 16]]),
+            "a malformed 'boxes'",
+        ),
+        (
+            {"embeddings": [_VECTOR], "boxes": [[0, 0, 8, 16]], "descriptors": None},
+            lambda c: c.embed_frame(b"x", [[0, 0, 8, 16]], analyze=True),
+            "a malformed 'descriptors'",
+        ),
+        ({"embeddings": [], "boxes": []}, lambda c: c.embed_frame(b"x", []), "no 'dim' field"),
+    ],
+)
+def test_a_200_with_a_missing_or_malformed_field_names_that_field(
+    body: dict[str, Any], call: Callable[[ClipClient], Any], says: str
+) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    with (
+        ClipClient("http://svc:8080", transport=transport) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        call(client)
+    _assert_unexpected(caught.value, says)
+
+
+def test_answers_in_the_services_shape_are_still_read() -> None:
+    """The checks above against the shapes the service sends (mocked: every field)."""
+    frame_answer = {
+        "embeddings": [_VECTOR],
+        "boxes": [[0, 0, 8, 16]],
+        "dim": 2,
+        "model": "m",
+        "dtype": "float32",
+        "descriptors": [_OUTFIT],
+    }
+    answers = {
+        "/embed/frame": frame_answer,
+        "/analyze": {**_OUTFIT, "embedding": None, "dtype": "float32"},
+        "/similarity": {"matches": [[{"index": 0, "similarity": 1}]]},
+    }
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, json=answers[request.url.path])
+    )
+    with ClipClient("http://svc", transport=transport) as client:
+        frame = client.embed_frame(b"x", [[0, 0, 8, 16]], analyze=True)
+        outfit = client.analyze(b"x")
+        matches = client.search([[1.0]], [[1.0]])
+    assert frame.embeddings.dtype == np.float32
+    assert frame.embeddings.tolist() == [pytest.approx([0.6, 0.8])]
+    assert frame.descriptors == [_OUTFIT]
+    assert outfit == {**_OUTFIT, "embedding": None, "dtype": "float32"}
+    assert matches == [[{"index": 0, "similarity": 1}]]
+
+
+# --- PIL images in modes PNG cannot store ---------------------------------------------
+
+
+def _image_in_mode(mode: str, size: tuple[int, int] = (7, 5)) -> Image.Image:
+    """Random pixels in `mode` (floats finite, so that the pixels compare equal)."""
+    rng = np.random.default_rng(len(mode))
+    if mode == "F":
+        return Image.fromarray(rng.random((size[1], size[0]), dtype=np.float32) * 300)
+    raw = rng.integers(0, 256, len(Image.new(mode, size).tobytes()), dtype=np.uint8)
+    return Image.frombytes(mode, size, raw.tobytes())
+
+
+def _sent_image(image: Image.Image) -> Image.Image:
+    """The file the client sends for `image`, as the service's Pillow opens it."""
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.read())
+        return httpx.Response(200, json={"embedding": _VECTOR})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        client.embed(image)
+    body = sent[0]
+    start = body.index(b"\r\n\r\n") + 4  # the multipart part's headers end there
+    end = body.rindex(b"\r\n--")
+    decoded = Image.open(io.BytesIO(body[start:end]))
+    decoded.load()
+    return decoded
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "F", "YCbCr", "LAB", "I", "I;16B", "PA", "RGBX"])
+def test_pil_modes_png_cannot_store_are_sent_as_tiff_with_the_same_pixels(mode: str) -> None:
+    """These used to raise a raw OSError "cannot write mode CMYK as PNG"."""
+    image = _image_in_mode(mode)
+    sent = _sent_image(image)
+    assert sent.format == "TIFF"
+    if mode == "RGBX":  # X is padding: TIFF drops it
+        image = image.convert("RGB")
+    assert sent.mode == image.mode
+    assert sent.size == image.size
+    np.testing.assert_array_equal(np.asarray(sent), np.asarray(image))
+
+
+@pytest.mark.parametrize(
+    ("mode", "as_mode"), [("HSV", "RGB"), ("La", "LA"), ("RGBa", "RGBA"), ("I;16N", "I")]
+)
+def test_pil_modes_neither_png_nor_tiff_store_are_converted_first(mode: str, as_mode: str) -> None:
+    image = _image_in_mode(mode)
+    sent = _sent_image(image)
+    expected = image.convert(as_mode)
+    assert sent.mode == as_mode
+    np.testing.assert_array_equal(np.asarray(sent), np.asarray(expected))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "RGB", "RGBA", "I;16"])
+def test_pil_modes_png_stores_are_still_sent_as_png(mode: str) -> None:
+    image = _image_in_mode(mode)
+    sent = _sent_image(image)
+    assert (sent.format, sent.mode) == ("PNG", mode)
+    np.testing.assert_array_equal(np.asarray(sent), np.asarray(image))
+
+
+async def test_cmyk_16_bit_and_float_images_embed_as_the_service_reads_them(
+    tiny_app: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """Through the real service: a CMYK image embeds as its RGB conversion, a 16-bit or a
+    0..1 float grey image as the 8-bit grey image it scales to."""
+    app, _ = tiny_app
+    rgb = Image.fromarray(_pixels(6))
+    grey = _pixels(7)[..., 0]
+    wide = Image.frombytes(
+        "I;16B", (grey.shape[1], grey.shape[0]), (grey.astype(">u2") * 257).tobytes()
+    )
+    async with AsyncClipClient("http://test", transport=httpx.ASGITransport(app=app)) as aio:
+        cmyk = await aio.embed(rgb.convert("CMYK"))
+        from_rgb = await aio.embed(rgb.convert("CMYK").convert("RGB"))
+        floats = await aio.embed(Image.fromarray(grey.astype(np.float32) / 255.0))
+        sixteen = await aio.embed(wide)
+        from_grey = await aio.embed(grey)
+    np.testing.assert_allclose(cmyk, from_rgb, atol=1e-6)
+    np.testing.assert_allclose(floats, from_grey, atol=1e-6)
+    np.testing.assert_allclose(sixteen, from_grey, atol=1e-6)
+
+
+# --- one image where a list is expected; iterables --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "one",
+    [
+        "crop.jpg",
+        Path("crop.jpg"),
+        noise_jpeg(1),
+        Image.new("RGB", (8, 16)),
+        np.zeros((16, 8, 3), dtype=np.uint8),
+    ],
+    ids=["str", "path", "bytes", "pil", "array"],
+)
+async def test_embed_batch_of_one_image_not_in_a_list_is_refused_before_sending(
+    one: Any,
+) -> None:
+    """A path used to be read as its characters (IsADirectoryError: '/'), an array as
+    its rows."""
+
+    def no_request(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing should be sent")
+
+    transport = httpx.MockTransport(no_request)
+    refused = r"embed_batch takes a list of images, got one \w+: pass \[image\]"
+    with (
+        ClipClient("http://svc", transport=transport) as client,
+        pytest.raises(ValueError, match=refused),
+    ):
+        client.embed_batch(one)
+    async with AsyncClipClient("http://svc", transport=transport) as aio:
+        with pytest.raises(ValueError, match=refused):
+            await aio.embed_batch(one)
+
+
+def _batch_echo(request: httpx.Request) -> httpx.Response:
+    """/embed/batch's answer: one embedding per image part sent."""
+    count = request.read().count(b'name="images"')
+    return httpx.Response(200, json={"embeddings": [_VECTOR] * count, "dim": 2})
+
+
+async def test_embed_batch_takes_any_iterable_reading_it_once() -> None:
+    """A generator used to raise TypeError: object of type 'generator' has no len()."""
+    crops = [noise_jpeg(seed) for seed in (1, 2, 3)]
+    with ClipClient("http://svc", transport=httpx.MockTransport(_batch_echo)) as client:
+        from_generator = client.embed_batch(crop for crop in crops)
+        from_tuple = client.embed_batch(tuple(crops))
+        with pytest.raises(ValueError, match="at least one image"):
+            client.embed_batch(crop for crop in [])
+    async with AsyncClipClient("http://svc", transport=httpx.MockTransport(_batch_echo)) as aio:
+        from_async = await aio.embed_batch(iter(crops))
+    assert from_generator.shape == from_tuple.shape == from_async.shape == (3, 2)
+
+
+def test_embed_frame_takes_boxes_from_a_generator() -> None:
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        sent.append(body.split(b'name="boxes"\r\n\r\n')[1].split(b"\r\n")[0].decode())
+        answer = {"embeddings": [_VECTOR] * 2, "boxes": [[0, 0, 8, 16], [1, 1, 9, 17]]}
+        return httpx.Response(200, json=answer)
+
+    boxes = [(0, 0, 8, 16), (1, 1, 9, 17)]
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        result = client.embed_frame(noise_jpeg(1), (box for box in boxes))
+    assert sent == ["[[0.0, 0.0, 8.0, 16.0], [1.0, 1.0, 9.0, 17.0]]"]
+    assert result.embeddings.shape == (2, 2)
