@@ -97,7 +97,11 @@ class GracefulServer(uvicorn.Server):
             )
             raise
         loading = await answer_while_loading(
-            listener, self._header_timeout_s, partial(count_refusal, self._app), config.backlog
+            listener,
+            self._header_timeout_s,
+            partial(count_refusal, self._app),
+            config.backlog,
+            on_health=partial(count_health, self._app),
         )
         host, port = listener.getsockname()[:2]
         logger.info(
@@ -177,6 +181,12 @@ def count_refusal(app: FastAPI, status: int, code: str) -> None:
     metrics = app.state.metrics
     metrics.requests.labels("other", str(status)).inc()
     metrics.rejections.labels(code).inc()
+
+
+def count_health(app: FastAPI) -> None:
+    """A /health answered while the model loads, in the app's request count: a dashboard
+    of liveness probes otherwise starts only once the model is ready."""
+    app.state.metrics.requests.labels("/health", "200").inc()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,9 +53,11 @@ class LoadingResponder(asyncio.Protocol):
         header_timeout_s: float,
         on_refusal: RefusalObserver | None,
         live: set[LoadingResponder] | None = None,
+        on_health: Callable[[], None] | None = None,
     ) -> None:
         self._header_timeout_s = header_timeout_s
         self._on_refusal = on_refusal
+        self._on_health = on_health
         self._live = live if live is not None else set()
         self._head = bytearray()
         self._request = ("-", "-")  # method and path, once the request line is read
@@ -119,6 +121,8 @@ class LoadingResponder(asyncio.Protocol):
         method, path = self._request
         head_only = method == "HEAD"
         if path == "/health" and method in ("GET", "HEAD"):
+            if self._on_health is not None:
+                self._on_health()
             self._write(b"200 OK", json.dumps({"status": "ok"}).encode(), head_only=head_only)
             return
         unavailable = b"503 Service Unavailable"
@@ -203,6 +207,7 @@ async def answer_while_loading(
     header_timeout_s: float,
     on_refusal: RefusalObserver | None = None,
     backlog: int = 2048,
+    on_health: Callable[[], None] | None = None,
 ) -> LoadingPort:
     """Serve LoadingResponder on a duplicate of `listener` until the port is handed over
     or closed; `listener` stays open and listening, its queue intact, for the app's
@@ -210,7 +215,7 @@ async def answer_while_loading(
     live: set[LoadingResponder] = set()
 
     def respond() -> LoadingResponder:
-        return LoadingResponder(header_timeout_s, on_refusal, live)
+        return LoadingResponder(header_timeout_s, on_refusal, live, on_health)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(respond, sock=listener.dup(), backlog=backlog)

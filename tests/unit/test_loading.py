@@ -241,3 +241,29 @@ async def test_what_follows_a_refused_head_is_not_read_for_long() -> None:
         writer.close()
         assert sent < 4 * 1024 * 1024
         assert refusals == [(431, "headers_too_large")]
+
+
+async def test_health_answers_while_loading_are_counted() -> None:
+    """/health answered below the app is in the request count, as once the app serves:
+    a dashboard of liveness probes otherwise began only when the model was ready."""
+    from fastapi import FastAPI
+
+    from app.observability import Metrics
+    from app.server import count_health
+
+    app = FastAPI()
+    app.state.metrics = Metrics.create()
+    listener = listening_socket()
+    server = await answer_while_loading(listener, 5.0, on_health=lambda: count_health(app))
+    try:
+        port = listener.getsockname()[1]
+        for request in (b"GET /health HTTP/1.1\r\n\r\n", b"HEAD /health HTTP/1.1\r\n\r\n"):
+            await exchange(port, request)
+        await exchange(port, b"GET /ready HTTP/1.1\r\n\r\n")  # a refusal: counted elsewhere
+    finally:
+        server.close()
+        listener.close()
+    counted = app.state.metrics.registry.get_sample_value(
+        "clip_requests_total", {"endpoint": "/health", "status": "200"}
+    )
+    assert counted == 2
