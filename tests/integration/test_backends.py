@@ -216,3 +216,30 @@ def test_the_source_weights_are_released_once_the_artefact_is_on_disk(
     # Once per start, each time with the converted tower already written.
     assert len(seen) == 2
     assert all(seen), seen
+
+
+@pytest.mark.parametrize(("streams", "pinned"), [(0, False), (2, False), (1, True)])
+def test_openvino_streams_may_move_between_cores(
+    tiny_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    streams: int,
+    pinned: bool,
+) -> None:
+    """A stream pinned to a core waited while a decode thread ran there, the other core
+    idle: the streams' threads (and the pass over every core beside them) are left free
+    to move; one stream keeps OpenVINO's default."""
+    import openvino as ov
+
+    compiled: list[object] = []
+    compile_model = ov.Core.compile_model
+
+    def recording(core: ov.Core, *args: object, **kwargs: object) -> object:
+        model = compile_model(core, *args, **kwargs)  # type: ignore[arg-type]
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    ClipImageEncoder.load(tiny_settings(backend="openvino", forward_streams=streams))
+    assert compiled
+    for model in compiled:
+        assert model.get_property("ENABLE_CPU_PINNING") is pinned  # type: ignore[attr-defined]
