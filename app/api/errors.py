@@ -161,6 +161,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"no endpoint at {shown(request.url.path)}; /docs lists the endpoints"
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = dict(exc.headers or {}).get("Allow", "")
+        methods = [m.strip() for m in allowed.split(",") if m.strip()]
+        if "GET" in methods and "HEAD" not in methods:  # app.api.head answers HEAD too
+            allowed = ", ".join([*methods, "HEAD"])
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
         message = (
             f"{shown(request.method, 16)} is not taken at {shown(request.url.path)}; it takes "
             f"{allowed or 'other methods'} (see /docs)"

@@ -377,6 +377,11 @@ async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient)
     assert "POST" in message
     assert response.headers["allow"] == "POST"
     assert (await client.head("/embed")).status_code == 405
+    for path in ("/health", "/ready", "/info", "/metrics"):  # HEAD is answered there too
+        refused = await client.post(path)
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == "GET, HEAD"
+        assert "GET, HEAD" in error_of(refused)[2]
 
 
 @pytest.mark.parametrize(
