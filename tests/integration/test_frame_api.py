@@ -273,7 +273,16 @@ async def test_analyze_describes_each_box(client: httpx.AsyncClient) -> None:
         assert descriptor["top"]["color"] == person.top
         assert descriptor["bottom"]["color"] == person.bottom
         analyzed = await client.post("/analyze", files={"image": ("p.png", encoded(crop))})
-        assert descriptor == {k: analyzed.json()[k] for k in ("top", "bottom")}
+        alone = analyzed.json()
+        for region in ("top", "bottom"):
+            # A crop's colours are the same pixels either way; its garment score comes out of
+            # a forward pass in another batch, which may round differently in the last bits
+            # (oneDNN picks kernels by batch size: seen on AMD EPYC, not on Intel Xeon).
+            served_region, alone_region = dict(descriptor[region]), dict(alone[region])
+            assert served_region.pop("type_score") == pytest.approx(
+                alone_region.pop("type_score"), rel=1e-5
+            )
+            assert served_region == alone_region
         assert cosine(served, await embed_crop(client, crop)) >= 0.99999
 
 
