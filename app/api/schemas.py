@@ -8,8 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from app.codec import encode_embedding
 
-# A real 512-dim example would fill the page; a 4-dim one shows the format.
-_EXAMPLE_EMBEDDING = encode_embedding([0.5, -0.5, 0.5, -0.5])
+# A whole 512-value, unit-length vector: beside `dim: 512`, a shorter one would decode to
+# fewer values than the example says, and a client checking its decoder on it would fail.
+_EXAMPLE_DIM = 512
+_EXAMPLE_EMBEDDING = encode_embedding([(-1) ** i / _EXAMPLE_DIM**0.5 for i in range(_EXAMPLE_DIM)])
 # A whole, valid image (an 8x16 PNG: red top, blue bottom), so "Try it out" in /docs and
 # schema-driven clients get a 200 from the examples as they stand.
 EXAMPLE_IMAGE = (
@@ -49,7 +51,7 @@ class EmbedBatchJSONRequest(_Strict):
 
 class EmbedResponse(BaseModel):
     embedding: str = Field(..., description=EMBEDDING_DESCRIPTION, examples=[_EXAMPLE_EMBEDDING])
-    dim: int = Field(..., description="Number of values in the embedding.", examples=[512])
+    dim: int = Field(..., description="Number of values in the embedding.", examples=[_EXAMPLE_DIM])
     model: str = Field(..., description="The model that made it.", examples=["ViT-B-32/openai"])
     dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
 
@@ -60,7 +62,7 @@ class EmbedBatchResponse(BaseModel):
         description=f"One embedding per input image, in input order. {EMBEDDING_DESCRIPTION}",
         examples=[[_EXAMPLE_EMBEDDING, _EXAMPLE_EMBEDDING]],
     )
-    dim: int = Field(..., examples=[512])
+    dim: int = Field(..., examples=[_EXAMPLE_DIM])
     model: str = Field(..., examples=["ViT-B-32/openai"])
     dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
 
@@ -190,7 +192,7 @@ class LimitsInfo(BaseModel):
 
 class InfoResponse(BaseModel):
     model: str = Field(..., examples=["ViT-B-32/openai"])
-    dim: int = Field(..., examples=[512])
+    dim: int = Field(..., examples=[_EXAMPLE_DIM])
     device: str = Field(..., examples=["cpu"])
     precision: str = Field(..., examples=["fp32"])
     backend: str = Field(
@@ -305,7 +307,7 @@ class EmbedFrameResponse(BaseModel):
         description="Each box as used: whole pixels, clipped to the frame, in box order.",
         examples=[[[0, 0, 8, 16]]],
     )
-    dim: int = Field(..., examples=[512])
+    dim: int = Field(..., examples=[_EXAMPLE_DIM])
     model: str = Field(..., examples=["ViT-B-32/openai"])
     dtype: WireDtype = Field("float32", description="Encoding of the values: 4 or 2 bytes each.")
     descriptors: list[OutfitDescriptor] | None = Field(

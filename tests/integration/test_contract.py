@@ -189,6 +189,26 @@ async def test_the_schemas_request_examples_are_served(client: httpx.AsyncClient
     assert tried >= 5  # /embed, /embed/batch, /analyze, both /similarity forms
 
 
+async def test_the_schemas_response_examples_decode_to_their_dim(
+    client: httpx.AsyncClient,
+) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    checked = 0
+    for name, schema in schemas.items():
+        properties = schema.get("properties", {})
+        fields = [f for f in ("embedding", "embeddings") if f in properties]
+        if "dim" not in properties or not fields:
+            continue  # /info has a dim and no vectors
+        dim = properties["dim"]["examples"][0]
+        examples = properties[fields[0]]["examples"][0]
+        for encoded in [examples] if isinstance(examples, str) else examples:
+            values = decode_embedding(encoded, "float32")
+            assert values.shape == (dim,), name
+            assert np.linalg.norm(values) == pytest.approx(1.0, abs=1e-5), name
+            checked += 1
+    assert checked >= 4  # /embed, /embed/batch, /embed/frame, /analyze
+
+
 def _examples(schema: dict[str, Any], schemas: dict[str, Any]) -> list[dict[str, Any]]:
     if "$ref" in schema:
         return _examples(schemas[schema["$ref"].rsplit("/", 1)[-1]], schemas)
