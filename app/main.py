@@ -127,6 +127,10 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /embed/ is a 404 naming /embed, not a 307 with an empty body: clients that do not
+        # follow redirects saw nothing to act on, and behind a TLS proxy the Location
+        # Starlette builds says http://.
+        redirect_slashes=False,
     )
     metrics = Metrics.create()
     app.state.metrics = metrics

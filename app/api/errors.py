@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from app.errors import (
     ClientDisconnected,
@@ -153,12 +154,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
+def _is_routed(request: Request, path: str) -> bool:
+    """Whether the app has an endpoint at `path` (Starlette's own redirect_slashes test)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     if exc.status_code == 404 and exc.detail == "Not Found":
         message = f"no endpoint at {shown(request.url.path)}; /docs lists the endpoints"
+        bare = request.url.path.rstrip("/")
+        if bare and bare != request.url.path and _is_routed(request, bare):
+            message = f"no endpoint at {shown(request.url.path)}; the endpoint is {bare}"
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = dict(exc.headers or {}).get("Allow", "")
         methods = [m.strip() for m in allowed.split(",") if m.strip()]

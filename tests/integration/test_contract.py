@@ -374,6 +374,19 @@ async def test_errors_quote_client_input_at_bounded_length(client: httpx.AsyncCl
 
 
 @pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/embed/"), ("POST", "/embed/batch//"), ("GET", "/health/")]
+)
+async def test_a_trailing_slash_is_a_404_naming_the_endpoint(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    response = await client.request(method, path, files={"image": ("p.png", b"x")})
+    status, code, message = error_of(response)
+    assert (status, code) == (404, "not_found")  # not a 307 with an empty body
+    assert "location" not in response.headers
+    assert message.endswith(f"the endpoint is {path.rstrip('/')}")
+
+
+@pytest.mark.parametrize(
     "path", ["/health", "/ready", "/info", "/metrics", "/docs", "/openapi.json"]
 )
 async def test_head_is_answered_wherever_get_is(client: httpx.AsyncClient, path: str) -> None:
