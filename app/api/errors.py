@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -100,10 +101,24 @@ def shown(text: object, limit: int = 80) -> str:
     return f"{value[:limit]}... ({len(value)} characters)"
 
 
+def _location(loc: Sequence[object]) -> str:
+    """A field's place as the service's own messages write it: `images[2]`, `boxes[0][3]`,
+    `top_k`; pydantic's own `images.2` read differently from the same item elsewhere."""
+    location = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            location += f"[{part}]"
+        else:
+            location += f"{'.' if location else ''}{shown(part)}"
+    return location
+
+
 def describe_validation_errors(errors: list[Any]) -> str:
     parts = []
     for error in errors[:5]:
-        location = ".".join(shown(p) for p in error.get("loc", ()) if p not in ("body",))
+        location = _location(error.get("loc", ()))
         parts.append(f"{location or 'body'}: {shown(error.get('msg', 'invalid'), 300)}")
     if len(errors) > 5:
         parts.append(f"and {len(errors) - 5} more")

@@ -399,6 +399,19 @@ async def test_head_is_answered_wherever_get_is(client: httpx.AsyncClient, path:
         assert head.headers["content-length"] == str(len(get.content))
 
 
+async def test_validation_errors_name_items_as_the_other_errors_do(
+    client: httpx.AsyncClient,
+) -> None:
+    image = base64.b64encode(noise_jpeg(0)).decode()
+    response = await client.post("/embed/batch", json={"images": [image, 5]})
+    status, code, message = error_of(response)
+    assert (status, code) == (422, "validation_error")
+    assert message.startswith("images[1]: "), message  # as invalid_image says images[1]
+    search = {"queries": [encode_embedding(np.ones(512, np.float32))], "gallery": ["a", 5]}
+    message = error_of(await client.post("/similarity", json=search))[2]
+    assert message.startswith("gallery[1]: "), message
+
+
 async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient) -> None:
     status, code, message = error_of(await client.get("/embeds"))
     assert (status, code) == (404, "not_found")
