@@ -40,16 +40,20 @@ REPEATED = Repeated()
 
 def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | Repeated | None:
     """The key a request carries, read from raw ASGI headers as the dependency reads it
-    (the Bearer credentials first, then X-API-Key); REPEATED if either header is."""
+    (the Bearer credentials first, then X-API-Key); REPEATED if either header is, or if
+    both carry keys and they differ."""
     authorizations = [value for name, value in headers if name == b"authorization"]
     api_keys = [value for name, value in headers if name == b"x-api-key"]
     if len(authorizations) > 1 or len(api_keys) > 1:
         return REPEATED
     authorization = authorizations[0] if authorizations else b""
     scheme, _, credentials = authorization.decode("latin-1").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return api_keys[0].decode("latin-1") if api_keys and api_keys[0] else None
+    bearer = credentials.strip() if scheme.lower() == "bearer" else ""
+    header_key = api_keys[0].decode("latin-1") if api_keys else ""
+    if bearer and header_key and bearer != header_key:
+        # Two different keys: whichever one this service read, a proxy may check the other.
+        return REPEATED
+    return bearer or header_key or None
 
 
 def refusal_for_key(candidate: str | Repeated | None, keys: list[bytes]) -> Unauthorized | None:
@@ -58,8 +62,8 @@ def refusal_for_key(candidate: str | Repeated | None, keys: list[bytes]) -> Unau
         return None
     if isinstance(candidate, Repeated):
         return Unauthorized(
-            "the request carries more than one Authorization or X-API-Key header; send "
-            "the API key once"
+            "the request carries more than one API key (an Authorization or X-API-Key "
+            "header twice, or the two headers with different keys); send the API key once"
         )
     if not candidate:
         return Unauthorized(

@@ -72,6 +72,8 @@ def test_key_comparison() -> None:
         [("X-API-Key", "first-key-123"), ("X-API-Key", "not-a-key")],
         [("X-API-Key", "not-a-key"), ("X-API-Key", "first-key-123")],
         [("Authorization", "Bearer first-key-123"), ("Authorization", "Bearer nope")],
+        [("Authorization", "Bearer first-key-123"), ("X-API-Key", "nope")],
+        [("X-API-Key", "first-key-123"), ("Authorization", "Bearer nope")],
     ],
 )
 async def test_a_key_sent_twice_is_refused_whichever_copy_is_valid(
