@@ -52,6 +52,24 @@ HEADER_TIMEOUT_S = 10.0
 logger = logging.getLogger("app")
 
 
+def _what_to_do(host: str) -> str:
+    """What to change when the listening socket could not be bound: uvicorn logs only
+    the OSError, and 'address already in use' is not the only way to get there."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return f"this machine cannot resolve {host!r} to an address; fix --host"
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)  # port 0: any free port, so only the host is tested
+    except OSError:
+        return (
+            f"{host!r} is not an address of this machine; use one of its own with --host "
+            "(0.0.0.0 for every interface)"
+        )
+    return "stop what holds the port, or choose another with --port (below 1024 needs privileges)"
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, header_timeout_s: float) -> None:
         super().__init__(config)
@@ -90,10 +108,7 @@ class GracefulServer(uvicorn.Server):
             listener = config.bind_socket()
         except SystemExit:  # uvicorn has logged the OSError alone, no address
             logger.error(
-                "cannot listen on %s:%d: stop what holds the port, or choose another "
-                "with --port (and --host)",
-                config.host,
-                config.port,
+                "cannot listen on %s:%d: %s", config.host, config.port, _what_to_do(config.host)
             )
             raise
         loading = await answer_while_loading(
