@@ -25,6 +25,7 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP
+from app.api.errors import shown
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if refusal is not None:
             self._refuse_head(*refusal)
             return
+        message = unframed_body_message(self.headers) or INVALID_HTTP_MESSAGE
         cycle = self.cycle
         if self.pipeline or (cycle is not None and not cycle.more_body):
             # The bad bytes are a later request's (queued, or not begun) behind one still
             # being answered: that answer goes first, and the later one never runs.
             self.pipeline.clear()
-            self._refuse_head(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
+            self._refuse_head(b"400 Bad Request", "invalid_http", message)
             return
         reading_body = cycle is not None and not cycle.response_complete
         if reading_body:
@@ -163,7 +165,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             # told why, it answers (to nobody) and counts the request under its endpoint.
             cycle.scope.setdefault("state", {})[REFUSED_BELOW_APP] = "invalid_http"
         self._answer_and_close(
-            b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE, counted=not reading_body
+            b"400 Bad Request", "invalid_http", message, counted=not reading_body
         )
 
     def _answer_and_close(
@@ -175,6 +177,28 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.on_refusal(int(status.split()[0]), code)
         self.transport.write(closing_response(status, error_body(code, message)))
         self.transport.close()
+
+
+def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What to fix when the parser refused a request whose Transfer-Encoding does not end
+    in chunked (`gzip`, `identity`): its body's length is unknown, so
+    RFC 9112 makes it a 400 and a closed connection, but "not valid HTTP" alone does
+    not tell the sender that the header is what to change. None for other refusals."""
+    codings = [
+        coding.strip().lower().decode("latin-1")
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip()
+    ]
+    lengths = [value for name, value in headers if name.lower() == b"content-length"]
+    if not codings or codings[-1] == "chunked" or lengths:
+        return None  # both framings at once stays the generic refusal: a smuggling shape
+    return (
+        f"Transfer-Encoding {shown(', '.join(codings), 32)} does not end in chunked, so "
+        "the body's length is unknown; send the body as it is, with Content-Length or "
+        "Transfer-Encoding: chunked alone"
+    )
 
 
 def error_body(code: str, message: str) -> bytes:
