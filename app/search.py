@@ -146,7 +146,10 @@ def unit_rows(
 def wrong_dim_message(where: str, got: int, dim: int, dtype: str) -> str:
     """Why an embedding of the wrong length was refused, and the likely fix: the same
     bytes read as float32 give half as many values as float16 would."""
-    message = f"{where} has {got} values read as {dtype}, but this service's embeddings have {dim}"
+    values = "value" if got == 1 else "values"
+    message = (
+        f"{where} has {got} {values} read as {dtype}, but this service's embeddings have {dim}"
+    )
     if dtype == "float32" and got * 2 == dim:
         return message + '; it looks like float16: send "dtype": "float16" with it'
     if dtype == "float16" and got == dim * 2:

@@ -187,8 +187,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = dict(exc.headers or {}).get("Allow", "")
         methods = [m.strip() for m in allowed.split(",") if m.strip()]
-        if "GET" in methods and "HEAD" not in methods:  # app.api.head answers HEAD too
-            allowed = ", ".join([*methods, "HEAD"])
+        if "GET" in methods:  # app.api.head answers HEAD too; one order for every route
+            rest = [m for m in methods if m not in ("GET", "HEAD")]
+            allowed = ", ".join(["GET", "HEAD", *rest])
             exc.headers = {**(exc.headers or {}), "Allow": allowed}
         message = (
             f"{shown(request.method, 16)} is not taken at {shown(request.url.path)}; it takes "

@@ -423,7 +423,7 @@ async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient)
     assert "POST" in message
     assert response.headers["allow"] == "POST"
     assert (await client.head("/embed")).status_code == 405
-    for path in ("/health", "/ready", "/info", "/metrics"):  # HEAD is answered there too
+    for path in ("/health", "/ready", "/info", "/metrics", "/openapi.json", "/docs"):
         refused = await client.post(path)
         assert refused.status_code == 405
         assert refused.headers["allow"] == "GET, HEAD"

@@ -18,6 +18,7 @@ from app.search import (
     search_json,
     top_k,
     unit_rows,
+    wrong_dim_message,
 )
 
 LIMITS = SearchLimits(max_queries=10, max_gallery=100, max_top_k=20, max_scores=500, max_matches=60)
@@ -193,3 +194,8 @@ def test_an_embedding_is_exactly_as_similar_to_itself_as_can_be() -> None:
         text = encode_embedding(vector / np.linalg.norm(vector))
         assert pair_similarity(text, text) == 1.0
         assert pair_similarity(text, encode_embedding(-vector)) == -1.0
+
+
+def test_the_wrong_length_message_counts_in_words_that_agree() -> None:
+    assert "has 1 value read as float32" in wrong_dim_message("b", 1, 512, "float32")
+    assert "has 3 values read as float32" in wrong_dim_message("b", 3, 512, "float32")
