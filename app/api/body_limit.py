@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response, shown
+from app.api.security import unauthorized_answer
 
 CLIENT_CLOSED_REQUEST = 499
 # Where the server's protocol notes, in the request's scope state, that it refused the
@@ -54,6 +56,14 @@ def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
     )
 
 
+async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a refusal made from the headers alone; a POST without a valid key gets its
+    401 instead, as the routes would have answered it."""
+    if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+        response = unauthorized_answer(scope) or response
+    await response(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
@@ -76,7 +86,7 @@ class BodyLimitMiddleware:
                 "the body uncompressed (JPEG and PNG crops are compressed already)",
                 {"Accept-Encoding": "identity"},
             )
-            await response(scope, receive, send)
+            await _refuse(response, scope, receive, send)
             return
         transfer_codings = [
             coding.strip().lower()
@@ -94,14 +104,14 @@ class BodyLimitMiddleware:
                 f"Transfer-Encoding {shown(b', '.join(unframed).decode('latin-1'), 32)} is not "
                 "taken; send the body as it is (chunked alone is fine)",
             )
-            await response(scope, receive, send)
+            await _refuse(response, scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(
                 413, "payload_too_large", too_large_message(int(declared), self.max_bytes)
             )
-            await response(scope, receive, send)
+            await _refuse(response, scope, receive, send)
             return
 
         loop = asyncio.get_running_loop()

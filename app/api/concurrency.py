@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_response, headers_of
-from app.api.security import key_from_headers, refusal_for_key
+from app.api.errors import error_response
+from app.api.security import unauthorized_answer
 
 
 class ConcurrencyLimitMiddleware:
@@ -26,21 +26,13 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_requests:
-            state = scope["app"].state if "app" in scope else None
-            metrics = getattr(state, "metrics", None)
             # A request without a valid key is told so, not to come back in a second:
             # retrying as Retry-After says could never succeed.
-            unauthorized = refusal_for_key(
-                key_from_headers(scope["headers"]), getattr(state, "api_keys", [])
-            )
+            unauthorized = unauthorized_answer(scope)
             if unauthorized is not None:
-                if metrics is not None:
-                    metrics.rejections.labels(unauthorized.code).inc()
-                response = error_response(
-                    401, unauthorized.code, unauthorized.message, headers_of(unauthorized)
-                )
-                await response(scope, receive, send)
+                await unauthorized(scope, receive, send)
                 return
+            metrics = getattr(scope["app"].state if "app" in scope else None, "metrics", None)
             if metrics is not None:
                 metrics.rejections.labels("overloaded").inc()
             response = error_response(

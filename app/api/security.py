@@ -11,8 +11,11 @@ import hmac
 from typing import Annotated
 
 from fastapi import Request, Security
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope
 
+from app.api.errors import error_response, headers_of
 from app.errors import Unauthorized
 
 # auto_error=False: a missing key is our JSON 401, not FastAPI's 403.
@@ -72,6 +75,21 @@ def refusal_for_key(candidate: str | Repeated | None, keys: list[bytes]) -> Unau
     if not key_matches(candidate, keys):
         return Unauthorized("the API key is not valid")
     return None
+
+
+def unauthorized_answer(scope: Scope) -> JSONResponse | None:
+    """The 401 for a POST refused below the routes (busy, too large, compressed) whose
+    key is missing or wrong, counted; None if its key passes. Without a valid key a
+    refusal says only that: a limit is no business of a caller without one, and a 503
+    it would retry for ever."""
+    state = scope["app"].state if "app" in scope else None
+    refusal = refusal_for_key(key_from_headers(scope["headers"]), getattr(state, "api_keys", []))
+    if refusal is None:
+        return None
+    metrics = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.rejections.labels(refusal.code).inc()
+    return error_response(401, refusal.code, refusal.message, headers_of(refusal))
 
 
 async def require_api_key(

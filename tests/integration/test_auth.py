@@ -89,3 +89,28 @@ async def test_a_key_sent_twice_is_refused_whichever_copy_is_valid(
         both = [("Authorization", "Bearer first-key-123"), ("X-API-Key", "first-key-123")]
         accepted = await client.post("/embed", files=crop, headers=httpx.Headers(both))
         assert accepted.status_code == 200  # one of each is not a repeat
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Length": "99999999"},  # over CLIP_MAX_UPLOAD_BYTES: 413 with a key
+        {"Content-Encoding": "gzip"},  # 415 with a key
+        {"Transfer-Encoding": "gzip, chunked"},  # 415 with a key
+    ],
+)
+async def test_refusals_from_the_headers_answer_a_caller_without_a_key_with_401(
+    tiny_settings: Callable[..., Settings], headers: dict[str, str]
+) -> None:
+    """A limit is no business of a caller without a key: it gets the 401 the routes give."""
+    async with serve(tiny_settings(api_keys=KEYS)) as (_, client):
+        for key, refused in ((None, True), ("nope", True), ("first-key-123", False)):
+            sent = {"Content-Type": "application/json", **headers}
+            if key is not None:
+                sent["X-API-Key"] = key
+            response = await client.post("/embed", content=b"{}", headers=sent)
+            if refused:
+                assert response.status_code == 401, response.text
+                assert response.json()["error"]["code"] == "unauthorized"
+            else:  # with a valid key, the limit itself
+                assert response.status_code in (413, 415), response.text
