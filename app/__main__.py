@@ -9,7 +9,10 @@ exit_at_once_on_signals()  # before the seconds of importing torch (app.early_ex
 
 import sys  # noqa: E402
 
-from app.server import main  # noqa: E402
+from app.arguments import parse_arguments  # noqa: E402
 
 if __name__ == "__main__":
+    parse_arguments()  # a usage error exits here, before the imports below take seconds
+    from app.server import main
+
     sys.exit(main())

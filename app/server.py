@@ -21,7 +21,6 @@ failed startup).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -39,6 +38,7 @@ from pydantic_settings import SettingsError
 
 from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
+from app.arguments import parse_arguments
 from app.config import Settings, load_settings
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
@@ -205,12 +205,7 @@ def count_health(app: FastAPI) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m app", description="Serve the CLIP re-ID embedding service."
-    )
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=_port, default=8000)
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv)
     configure_logging()
     try:
         settings = load_settings()
@@ -221,17 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("invalid settings: %s", exc)
         return 1
     return serve(create_app(settings), settings, args.host, args.port)
-
-
-def _port(text: str) -> int:
-    """A TCP port for argparse: out of range was a plain-text OverflowError from bind."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port: use 0-65535 (0: any free port)")
-    return port
 
 
 def describe_invalid_settings(error: ValidationError) -> str:

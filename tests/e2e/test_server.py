@@ -377,7 +377,7 @@ def test_a_port_in_use_is_named_with_what_to_do(tiny_model_dir: Path, tmp_path: 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(port: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "app", "--port", port],
+        [sys.executable, "-X", "importtime", "-m", "app", "--port", port],
         capture_output=True,
         text=True,
         timeout=60,
@@ -385,6 +385,8 @@ def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(port: str) -> None
     assert done.returncode == 2  # argparse's usage error
     assert "argument --port" in done.stderr
     assert "Traceback" not in done.stderr
+    imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()}
+    assert "torch" not in imported  # answered before the seconds of importing it
 
 
 def test_missing_weights_fail_startup_fast_with_the_setting_named(tmp_path: Path) -> None:
