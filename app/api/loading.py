@@ -14,7 +14,6 @@ the app's: none is refused or reset at the hand-over.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from app.api.transport import (
     closing_response,
     error_body,
     headers_too_slow,
+    json_body,
 )
 
 # How long what a client still sends after its answer (a body) is read and dropped
@@ -123,7 +123,7 @@ class LoadingResponder(asyncio.Protocol):
         if path == "/health" and method in ("GET", "HEAD"):
             if self._on_health is not None:
                 self._on_health()
-            self._write(b"200 OK", json.dumps({"status": "ok"}).encode(), head_only=head_only)
+            self._write(b"200 OK", json_body({"status": "ok"}), head_only=head_only)
             return
         unavailable = b"503 Service Unavailable"
         self._answer(unavailable, "not_ready", NOT_READY_MESSAGE, head_only=head_only)

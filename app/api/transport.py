@@ -201,8 +201,13 @@ def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
     )
 
 
+def json_body(content: object) -> bytes:
+    """JSON written below the app, byte for byte as the app's JSONResponse writes it."""
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    return json_body({"error": {"code": code, "message": message}})
 
 
 def closing_response(

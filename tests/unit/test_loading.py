@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from fastapi.responses import JSONResponse
 
 from app.api.loading import answer_while_loading
 
@@ -59,6 +60,16 @@ def parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
     status = int(lines[0].split()[1])
     headers = dict(line.lower().split(": ", 1) for line in lines[1:])
     return status, headers, body
+
+
+async def test_answers_below_the_app_are_written_as_the_app_writes_json() -> None:
+    """Byte for byte: a client comparing bodies, or a cache keyed on them, sees one format."""
+    async with loading_port() as (port, _, _):
+        for path in (b"/health", b"/ready", b"/info\xc3\xa9"):  # 200, 503, a quoted path
+            request = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            _, headers, body = parse(await exchange(port, request))
+            assert body == JSONResponse(json.loads(body)).body
+            assert headers["content-length"] == str(len(body))
 
 
 async def test_ready_and_work_get_a_json_503_that_says_the_model_is_loading() -> None:
