@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartException
 from app.api.errors import describe_validation_errors, shown
 from app.api.multipart_framing import MultipartFraming
 from app.api.strict import (
+    NESTED_TOO_DEEPLY,
     DuplicateKey,
     json_error,
     loads_unique,
@@ -86,7 +87,7 @@ def _from_json(
             f"body is not valid JSON: {json_error(exc)}", code="invalid_json"
         ) from None
     except RecursionError:  # [[[[...]]]] a hundred thousand deep
-        raise InvalidRequest("body JSON is nested too deeply", code="invalid_json") from None
+        raise InvalidRequest(NESTED_TOO_DEEPLY, code="invalid_json") from None
     if many and isinstance(document, dict) and isinstance(document.get(field_name), list):
         _check_count(len(document[field_name]), settings)
     try:

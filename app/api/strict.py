@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from app.api.body_limit import CodedHTTPException
 from app.api.errors import shown
 from app.errors import ValidationFailed
 
@@ -34,6 +35,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise DuplicateKey(f"field `{shown(key)}` appears more than once; send it once")
             seen.add(key)
     return document
+
+
+NESTED_TOO_DEEPLY = "body JSON is nested too deeply ([[[[...]]]]); send the flat shape /docs shows"
 
 
 def json_error(exc: ValueError) -> str:
@@ -75,6 +79,8 @@ class _StrictJSONRequest(Request):
             except DuplicateKey as exc:
                 # HTTPException: FastAPI's body parsing lets it through as it stands.
                 raise HTTPException(422, str(exc)) from None
+            except RecursionError:  # FastAPI would call it a parse error of any kind
+                raise CodedHTTPException(400, "invalid_json", NESTED_TOO_DEEPLY) from None
         return self._json
 
 

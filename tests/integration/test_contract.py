@@ -412,6 +412,16 @@ async def test_validation_errors_name_items_as_the_other_errors_do(
     assert message.startswith("gallery[1]: "), message
 
 
+@pytest.mark.parametrize("path", ["/embed", "/embed/batch", "/analyze", "/similarity"])
+async def test_json_nested_past_the_parser_is_named_as_such(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+    assert error_of(response)[:2] == (400, "invalid_json")
+    assert "nested too deeply" in error_of(response)[2]
+
+
 async def test_a_wrong_path_or_method_says_what_to_do(client: httpx.AsyncClient) -> None:
     status, code, message = error_of(await client.get("/embeds"))
     assert (status, code) == (404, "not_found")
