@@ -12,7 +12,7 @@ import sys  # noqa: E402
 from app.arguments import parse_arguments  # noqa: E402
 
 if __name__ == "__main__":
-    parse_arguments()  # a usage error exits here, before the imports below take seconds
+    arguments = parse_arguments()  # a usage error exits here, before the imports below
     from app.server import main
 
-    sys.exit(main())
+    sys.exit(main(arguments))

@@ -17,6 +17,9 @@ import sys
 import time
 from types import FrameType
 
+# The signals that stop the service, whichever handler holds them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:
     line = {
@@ -35,5 +38,5 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 def exit_at_once_on_signals() -> None:
     """Until the server installs its own (app.server.GracefulServer.capture_signals),
     and again once it has stopped and puts these back."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _exit_now)

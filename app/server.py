@@ -21,6 +21,7 @@ failed startup).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -38,13 +39,12 @@ from pydantic_settings import SettingsError
 
 from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
-from app.arguments import parse_arguments
 from app.config import Settings, load_settings
+from app.early_exit import STOP_SIGNALS
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
 from app.observability import configure_logging
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Longest a request's line and headers may take to arrive (nginx's client_header_timeout
 # is 60 s; a camera or a load balancer sends them in one packet).
 HEADER_TIMEOUT_S = 10.0
@@ -157,7 +157,7 @@ class GracefulServer(uvicorn.Server):
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         # uvicorn's own version re-raises the signal after shutdown; we exit 0 instead.
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -204,8 +204,7 @@ def count_health(app: FastAPI) -> None:
     app.state.metrics.requests.labels("/health", "200").inc()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_arguments(argv)
+def main(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         settings = load_settings()

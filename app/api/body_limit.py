@@ -56,6 +56,18 @@ def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
     )
 
 
+def transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """A request's Transfer-Encoding codings in order, lower case, from lower-case header
+    names (ASGI's and the HTTP parser's)."""
+    return [
+        coding.strip().lower()
+        for name, value in headers
+        if name == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip()
+    ]
+
+
 async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer a refusal made from the headers alone; a POST without a valid key gets its
     401 instead, as the routes would have answered it."""
@@ -88,13 +100,9 @@ class BodyLimitMiddleware:
             )
             await _refuse(response, scope, receive, send)
             return
-        transfer_codings = [
-            coding.strip().lower()
-            for name, value in scope["headers"]
-            if name == b"transfer-encoding"
-            for coding in value.split(b",")
+        unframed = [
+            c for c in transfer_codings(scope["headers"]) if c not in (b"chunked", b"identity")
         ]
-        unframed = [c for c in transfer_codings if c not in (b"chunked", b"identity", b"")]
         if unframed:
             # The server removes the chunked framing only: a `gzip, chunked` body reached
             # the routes still compressed, and was read as if it were not.

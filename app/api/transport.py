@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP
+from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP, transfer_codings
 from app.api.errors import shown
 
 logger = logging.getLogger(__name__)
@@ -184,18 +184,12 @@ def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
     in chunked (`gzip`, `identity`): its body's length is unknown, so
     RFC 9112 makes it a 400 and a closed connection, but "not valid HTTP" alone does
     not tell the sender that the header is what to change. None for other refusals."""
-    codings = [
-        coding.strip().lower().decode("latin-1")
-        for name, value in headers
-        if name.lower() == b"transfer-encoding"
-        for coding in value.split(b",")
-        if coding.strip()
-    ]
-    lengths = [value for name, value in headers if name.lower() == b"content-length"]
-    if not codings or codings[-1] == "chunked" or lengths:
+    codings = transfer_codings(headers)
+    if not codings or codings[-1] == b"chunked" or any(n == b"content-length" for n, _ in headers):
         return None  # both framings at once stays the generic refusal: a smuggling shape
+    named = b", ".join(codings).decode("latin-1")
     return (
-        f"Transfer-Encoding {shown(', '.join(codings), 32)} does not end in chunked, so "
+        f"Transfer-Encoding {shown(named, 32)} does not end in chunked, so "
         "the body's length is unknown; send the body as it is, with Content-Length or "
         "Transfer-Encoding: chunked alone"
     )
