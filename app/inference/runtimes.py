@@ -12,7 +12,8 @@ second instead of converting again.
     torch         fp32 fp16 bf16  weights cast; int8 = torch dynamic quantisation
     openvino      fp32 bf16 int8  IR from ov.convert_model; bf16 as an inference hint;
                                   int8 = static quantisation by NNCF, calibrated on crops
-    onnxruntime   fp32 int8       torch.onnx export; int8 = dynamic quantisation (QInt8)
+    onnxruntime   fp32 int8       torch.onnx (torch.export) export; int8 = dynamic
+                                  quantisation (QInt8)
 """
 
 from __future__ import annotations
@@ -380,6 +381,64 @@ def _quantize_static(model: Any, pixels: torch.Tensor) -> Any:
     return quantized
 
 
+# Libraries that log every pass of an ONNX export at INFO (hundreds of lines a start).
+_CHATTY_EXPORT_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch.__trace")
+
+
+def _export_onnx(visual: torch.nn.Module, image_size: tuple[int, int], path: Path) -> None:
+    """The tower as ONNX at `path`, its weights in a data file beside it.
+
+    torch.export's exporter writes the weights tensor by tensor from where they lie:
+    on ViT-B-32 it added nothing to the process's peak, where the TorchScript exporter
+    held the model twice more in memory (+1 GB: a first start peaked past 2 GB). A
+    tower torch.export cannot trace takes the TorchScript exporter."""
+    # The fused attention kernel torch picks for inference has no ONNX symbol.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    levels = {name: logging.getLogger(name).level for name in _CHATTY_EXPORT_LOGGERS}
+    try:
+        for name in levels:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                # An example batch of 1 would be specialised: the graph would take 1 only.
+                torch.onnx.export(
+                    visual,
+                    (torch.zeros((2, 3, *image_size), dtype=torch.float32),),
+                    str(path),
+                    input_names=["pixels"],
+                    output_names=["features"],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    opset_version=18,
+                    dynamo=True,
+                    external_data=True,
+                    verbose=False,
+                )
+            except Exception as exc:
+                logger.warning(
+                    "torch.export could not export the image tower (%s); using the "
+                    "TorchScript exporter, which holds more memory while it runs",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                for part in path.parent.glob(f"{path.name}*"):
+                    part.unlink()
+                torch.onnx.export(
+                    visual,
+                    (_example(image_size),),
+                    str(path),
+                    input_names=["pixels"],
+                    output_names=["features"],
+                    dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
+                )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _onnxruntime_tower(
     visual: torch.nn.Module,
     precision: Precision,
@@ -392,29 +451,16 @@ def _onnxruntime_tower(
 
     def export(staging: Path) -> None:
         fp32 = staging / "tower.onnx"
-        # The fused attention kernel torch picks for inference has no ONNX symbol.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    visual,
-                    (_example(image_size),),
-                    str(fp32),
-                    input_names=["pixels"],
-                    output_names=["features"],
-                    dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-                    opset_version=17,
-                    dynamo=False,
-                )
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        _export_onnx(visual, image_size, fp32)
         if precision == Precision.INT8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            # The fp32 graph is on disk: the tower's mapped weights need not stay
+            # resident while the quantiser holds its own copies.
+            release_source()
             quantize_dynamic(fp32, staging / "tower.int8.onnx", weight_type=QuantType.QInt8)
-            fp32.unlink()
+            for part in staging.glob("tower.onnx*"):
+                part.unlink()
 
     filename = "tower.int8.onnx" if precision == Precision.INT8 else "tower.onnx"
     artefact = cached(folder, filename, export)

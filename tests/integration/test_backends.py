@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.codec import decode_embedding
 from app.config import Settings
 from app.inference.model import ClipImageEncoder
-from app.inference.runtimes import BackendUnavailable
+from app.inference.runtimes import BackendUnavailable, Tower
 from app.inference.weights import WeightsUnavailable
 from tests.conftest import serve
 from tests.helpers import cosine, noise_jpeg
@@ -243,3 +244,59 @@ def test_openvino_streams_may_move_between_cores(
     assert compiled
     for model in compiled:
         assert model.get_property("ENABLE_CPU_PINNING") is pinned  # type: ignore[attr-defined]
+
+
+def _onnx_tower_and_reference(tiny_model_dir: Path, cache: Path) -> tuple[Tower, torch.nn.Module]:
+    import open_clip
+
+    from app.config import Backend, Precision
+    from app.inference.runtimes import build_tower
+
+    visual = (
+        open_clip.create_model(f"local-dir:{tiny_model_dir}").eval().requires_grad_(False).visual
+    )
+    tower = build_tower(
+        visual, Backend.ONNXRUNTIME, Precision.FP32, torch.device("cpu"), (64, 64), cache,
+        threads=1,
+    )  # fmt: skip
+    return tower, visual
+
+
+def lowest_agreement(tower: Tower, visual: torch.nn.Module, pixels: torch.Tensor) -> float:
+    """The lowest cosine between the tower's rows and the torch tower's, one per image."""
+    with torch.inference_mode():
+        expected = visual(pixels)
+    served = tower(pixels)
+    assert served.shape == expected.shape
+    return min(cosine(a.numpy(), b.numpy()) for a, b in zip(served, expected, strict=True))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_onnx_export_keeps_weights_beside_the_graph_and_takes_any_batch(
+    tiny_model_dir: Path, tmp_path: Path, batch: int
+) -> None:
+    """torch.export's exporter writes the weights to a data file (no second copy in
+    memory); its example batch must not be baked into the graph."""
+    tower, visual = _onnx_tower_and_reference(tiny_model_dir, tmp_path)
+    (graph,) = tmp_path.rglob("tower.onnx")
+    assert graph.with_name("tower.onnx.data").stat().st_size > graph.stat().st_size
+    assert lowest_agreement(tower, visual, torch.randn(batch, 3, 64, 64)) >= 0.99999
+
+
+def test_a_tower_torch_export_cannot_trace_takes_the_torchscript_exporter(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    export = torch.onnx.export
+
+    def no_torch_export(*args: object, dynamo: bool = True, **kwargs: object) -> object:
+        if dynamo:
+            raise RuntimeError("data-dependent control flow\nmore detail")
+        return export(*args, dynamo=dynamo, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.onnx, "export", no_torch_export)
+    tower, visual = _onnx_tower_and_reference(tiny_model_dir, tmp_path)
+    assert "TorchScript exporter" in caplog.text
+    assert "data-dependent control flow" in caplog.text
+    assert not list(tmp_path.rglob("*.data"))  # nothing of the failed try was kept
+    assert lowest_agreement(tower, visual, torch.randn(2, 3, 64, 64)) >= 0.99999
