@@ -37,6 +37,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from app.api.errors import missing_endpoint
 from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
 from app.config import Settings, load_settings
@@ -117,6 +118,7 @@ class GracefulServer(uvicorn.Server):
             partial(count_refusal, self._app),
             config.backlog,
             on_health=partial(count_health, self._app),
+            missing_endpoint=partial(missing_endpoint, self._app),
         )
         host, port = listener.getsockname()[:2]
         logger.info(

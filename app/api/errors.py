@@ -169,10 +169,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
-def _is_routed(request: Request, path: str) -> bool:
+def _is_routed(app: FastAPI, path: str) -> bool:
     """Whether the app has an endpoint at `path` (Starlette's own redirect_slashes test)."""
-    scope = {**request.scope, "path": path}
-    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": ""}
+    return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
+
+
+def missing_endpoint(app: FastAPI, path: str) -> str | None:
+    """The 404 message for a request to `path`, or None where the app has an endpoint
+    there. One wording while the model loads (app.api.loading) and after."""
+    if _is_routed(app, path):
+        return None
+    bare = path.rstrip("/")
+    if bare and bare != path and _is_routed(app, bare):
+        return f"no endpoint at {shown(path)}; the endpoint is {bare}"
+    return f"no endpoint at {shown(path)}; /docs lists the endpoints"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -180,10 +191,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     if exc.status_code == 404 and exc.detail == "Not Found":
-        message = f"no endpoint at {shown(request.url.path)}; /docs lists the endpoints"
-        bare = request.url.path.rstrip("/")
-        if bare and bare != request.url.path and _is_routed(request, bare):
-            message = f"no endpoint at {shown(request.url.path)}; the endpoint is {bare}"
+        message = missing_endpoint(request.app, request.url.path) or message
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = dict(exc.headers or {}).get("Allow", "")
         methods = [m.strip() for m in allowed.split(",") if m.strip()]

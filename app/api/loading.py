@@ -5,8 +5,9 @@ with a download or a cold conversion), before it listens. A probe meanwhile met 
 refused connection, which nobody can tell from a crashed process, and a liveness probe
 that fails through a long load restarts the pod that was about to be ready.
 `python -m app` binds the port first and, until the lifespan is done, answers here,
-below the app: `/health` 200 (the process is alive), `/ready` and every other request a
-JSON 503 `not_ready` with Retry-After, each on a connection closed after its answer.
+below the app: `/health` 200 (the process is alive), a path the app has no endpoint at
+the 404 the app will give it, `/ready` and every other request a JSON 503 `not_ready`
+with Retry-After, each on a connection closed after its answer.
 Then the listening socket itself passes to uvicorn, so the connections queued on it are
 the app's: none is refused or reset at the hand-over.
 """
@@ -18,7 +19,7 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE
 from app.api.transport import (
@@ -54,10 +55,14 @@ class LoadingResponder(asyncio.Protocol):
         on_refusal: RefusalObserver | None,
         live: set[LoadingResponder] | None = None,
         on_health: Callable[[], None] | None = None,
+        missing_endpoint: Callable[[str], str | None] | None = None,
     ) -> None:
         self._header_timeout_s = header_timeout_s
         self._on_refusal = on_refusal
         self._on_health = on_health
+        # A path no endpoint will ever take (a probe at /health/) gets its 404 at once:
+        # a 503 would have it retried until the load ends, and then fail anyway.
+        self._missing_endpoint = missing_endpoint
         self._live = live if live is not None else set()
         self._head = bytearray()
         self._request = ("-", "-")  # method and path, once the request line is read
@@ -125,6 +130,10 @@ class LoadingResponder(asyncio.Protocol):
                 self._on_health()
             self._write(b"200 OK", json_body({"status": "ok"}), head_only=head_only)
             return
+        missing = self._missing_endpoint(unquote(path)) if self._missing_endpoint else None
+        if missing is not None:
+            self._answer(b"404 Not Found", "not_found", missing, head_only=head_only)
+            return
         unavailable = b"503 Service Unavailable"
         self._answer(unavailable, "not_ready", NOT_READY_MESSAGE, head_only=head_only)
 
@@ -135,7 +144,7 @@ class LoadingResponder(asyncio.Protocol):
     def _answer(self, status: bytes, code: str, message: str, *, head_only: bool = False) -> None:
         if self._on_refusal is not None:
             self._on_refusal(int(status.split()[0]), code)
-        if code != "not_ready":  # a refusal of the bytes themselves
+        if code not in ("not_ready", "not_found"):  # a refusal of the bytes themselves
             self._linger_budget = _LINGER_BYTES_AFTER_REFUSAL
             if self._request == ("-", "-"):
                 self._request, _ = _request_line(bytes(self._head[:1024]))
@@ -208,6 +217,7 @@ async def answer_while_loading(
     on_refusal: RefusalObserver | None = None,
     backlog: int = 2048,
     on_health: Callable[[], None] | None = None,
+    missing_endpoint: Callable[[str], str | None] | None = None,
 ) -> LoadingPort:
     """Serve LoadingResponder on a duplicate of `listener` until the port is handed over
     or closed; `listener` stays open and listening, its queue intact, for the app's
@@ -215,7 +225,7 @@ async def answer_while_loading(
     live: set[LoadingResponder] = set()
 
     def respond() -> LoadingResponder:
-        return LoadingResponder(header_timeout_s, on_refusal, live, on_health)
+        return LoadingResponder(header_timeout_s, on_refusal, live, on_health, missing_endpoint)
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(respond, sock=listener.dup(), backlog=backlog)

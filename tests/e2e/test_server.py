@@ -239,7 +239,8 @@ def test_python_m_app_answers_503_while_the_model_loads(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """From the moment the port opens: /health 200, /ready and work a JSON 503
-    `not_ready`, then the app, with no refused or reset connection at the hand-over."""
+    `not_ready`, a path with no endpoint the app's own 404, then the app, with no
+    refused or reset connection at the hand-over."""
     # A cold conversion cache: the model's load includes converting it, a longer window.
     env = {
         "CLIP_MODEL": f"local-dir:{tiny_model_dir}",
@@ -247,6 +248,7 @@ def test_python_m_app_answers_503_while_the_model_loads(
         "CLIP_CACHE_DIR": str(tmp_path / "cache"),
     }
     loading: list[httpx.Response] = []
+    misplaced: list[httpx.Response] = []  # a probe at /health/: no endpoint, before or after
 
     def watch(ready: httpx.Response | None) -> None:
         if ready is None:  # refused before the port opens (Python's imports); never after
@@ -261,6 +263,7 @@ def test_python_m_app_answers_503_while_the_model_loads(
         work = httpx.post(f"{url}/embed", files={"image": ("p.jpg", noise_jpeg(0))}, timeout=10)
         assert work.status_code in (200, 503)  # the model may be ready by now
         loading.extend([work] if work.status_code == 503 else [])
+        misplaced.append(httpx.get(f"{url}/health/", timeout=10))
 
     with ready_server(env, tmp_path / "server.log", PRODUCTION, watch, poll_s=0.01) as running:
         assert loading, "the port never answered while the model loaded"
@@ -272,6 +275,9 @@ def test_python_m_app_answers_503_while_the_model_loads(
         assert embedded.status_code == 200
         metrics = httpx.get(f"{running.url}/metrics").text
         assert f'clip_rejections_total{{reason="not_ready"}} {len(loading)}.0' in metrics
+        after = httpx.get(f"{running.url}/health/")
+        assert after.status_code == 404
+        assert all((r.status_code, r.json()) == (404, after.json()) for r in misplaced)
 
 
 def test_a_client_started_beside_the_service_waits_until_it_is_ready(

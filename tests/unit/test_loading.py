@@ -8,10 +8,14 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
 
+from app.api.errors import install_error_handlers, missing_endpoint
 from app.api.loading import answer_while_loading
 
 
@@ -23,13 +27,17 @@ def listening_socket() -> socket.socket:
 
 @asynccontextmanager
 async def loading_port(
-    header_timeout_s: float = 5.0,
+    header_timeout_s: float = 5.0, app: FastAPI | None = None
 ) -> AsyncIterator[tuple[int, list[tuple[int, str]], socket.socket]]:
-    """A port answered by the loading responder; what it counted as refusals."""
+    """A port answered by the loading responder (for `app`, when given); what it
+    counted as refusals."""
     listener = listening_socket()
     refusals: list[tuple[int, str]] = []
     server = await answer_while_loading(
-        listener, header_timeout_s, lambda status, code: refusals.append((status, code))
+        listener,
+        header_timeout_s,
+        lambda status, code: refusals.append((status, code)),
+        missing_endpoint=partial(missing_endpoint, app) if app is not None else None,
     )
     try:
         yield listener.getsockname()[1], refusals, listener
@@ -278,3 +286,24 @@ async def test_health_answers_while_loading_are_counted() -> None:
         "clip_requests_total", {"endpoint": "/health", "status": "200"}
     )
     assert counted == 2
+
+
+@pytest.mark.parametrize("path", ["/health/", "/embed/", "/nowhere", "/emb%65d/"])
+async def test_a_path_no_endpoint_takes_gets_the_apps_404_not_a_503(path: str) -> None:
+    """A probe misconfigured at /health/ learns it at once, in the words the app will
+    use once it serves, instead of retrying a 503 until the load ends."""
+    app = FastAPI(redirect_slashes=False)  # as app.main builds it
+    install_error_handlers(app)
+    app.get("/health")(lambda: {"status": "ok"})
+    app.post("/embed")(lambda: {})
+    app.get("/ready")(lambda: {})
+    after = TestClient(app).get(path)
+    async with loading_port(app=app) as (port, refusals, _):
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        status, headers, body = parse(await exchange(port, request))
+        assert (status, json.loads(body)) == (404, after.json())
+        assert "retry-after" not in headers
+        for routed in (b"/embed", b"/health?probe=1", b"/ready"):
+            request = b"POST " + routed + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            assert parse(await exchange(port, request))[0] in (200, 503)
+    assert refusals[0] == (404, "not_found")
