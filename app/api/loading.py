@@ -25,11 +25,14 @@ from app.api.body_limit import INVALID_HTTP_MESSAGE
 from app.api.transport import (
     HEADERS_TOO_LARGE,
     MAX_HEAD_BYTES,
+    TLS_HANDSHAKE,
+    TLS_TO_PLAIN_HTTP,
     RefusalObserver,
     closing_response,
     error_body,
     headers_too_slow,
     json_body,
+    unknown_method_refusal,
 )
 
 # How long what a client still sends after its answer (a body) is read and dropped
@@ -106,6 +109,8 @@ class LoadingResponder(asyncio.Protocol):
             self._answer(*HEADERS_TOO_LARGE)
         elif end >= 0:
             self._answer_request(bytes(self._head[:end]))
+        elif self._head.startswith(TLS_HANDSHAKE):  # its "head" never ends: answered now
+            self._answer(*TLS_TO_PLAIN_HTTP)
         elif b"\n\n" in self._head:  # bare line feeds: not HTTP/1.1, as the app's parser says
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
 
@@ -120,6 +125,10 @@ class LoadingResponder(asyncio.Protocol):
 
     def _answer_request(self, head: bytes) -> None:
         self._request, is_http = _request_line(head)
+        refusal = unknown_method_refusal(head)  # as the app's server will answer it
+        if refusal is not None:
+            self._answer(*refusal)
+            return
         if not is_http:
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
             return

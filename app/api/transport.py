@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import resource
+import sys
 from collections.abc import Callable
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP, transfer_codings
@@ -51,6 +54,47 @@ HEADERS_TOO_LARGE = (
 )
 
 
+# RFC 9110's token: what a method may be made of.
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
+TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x
+TLS_TO_PLAIN_HTTP = (
+    b"400 Bad Request",
+    "invalid_http",
+    "a TLS handshake reached a port that speaks plain HTTP; use http://, or put a "
+    "TLS-terminating proxy in front of the service",
+)
+
+
+def unknown_method_refusal(head: bytes) -> tuple[bytes, str, str] | None:
+    """The answer to a request whose method the parser does not know, from the first
+    bytes of its head: a 400 naming the method, or saying that a TLS handshake reached
+    this plain-HTTP port. None where the head is neither (the generic refusal). (RFC
+    9110 suggests a 501 for an unknown method; a client's mistake stays a 4xx here, as
+    every other.)"""
+    if head.startswith(TLS_HANDSHAKE):
+        return TLS_TO_PLAIN_HTTP
+    method, space, _ = head.partition(b" ")
+    if not space or not _METHOD_TOKEN.fullmatch(method) or _parser_knows(method):
+        return None  # a known method: the bytes refused were a later, pipelined request's
+    return (
+        b"400 Bad Request",
+        "invalid_http",
+        f"{method.decode('ascii')} is not an HTTP method this service knows (methods are "
+        "case-sensitive); it takes GET, HEAD and POST (see /docs)",
+    )
+
+
+def _parser_knows(method: bytes) -> bool:
+    parser = httptools.HttpRequestParser(object())
+    try:
+        parser.feed_data(method + b" / HTTP/1.1\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        pass
+    return True
+
+
 def headers_too_slow(timeout_s: float) -> tuple[bytes, str, str]:
     """The refusal of a request whose line and headers took over `timeout_s`."""
     message = (
@@ -73,6 +117,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._header_deadline: asyncio.TimerHandle | None = None
         self._reading_head = True
         self._head_bytes = 0
+        self._head_start = b""  # the first bytes of the head being read: its method
         self._head_refusal: tuple[bytes, str, str] | None = None
         self._deferred_refusal: tuple[bytes, str, str] | None = None
         super().connection_made(transport)
@@ -81,6 +126,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         in_head = self._reading_head
         if in_head:
+            if self._head_bytes == 0:
+                self._head_start = data[:64]
             self._head_bytes += len(data)
         super().data_received(data)
         # Checked after parsing: a read that ends the headers also carries body bytes.
@@ -148,6 +195,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
         refusal, self._head_refusal = self._head_refusal, None
+        # Called from uvicorn's handler of the parser's error, which is still current.
+        unknown_method = isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError)
+        if refusal is None and unknown_method:
+            refusal = unknown_method_refusal(self._head_start)
         if refusal is not None:
             self._refuse_head(*refusal)
             return

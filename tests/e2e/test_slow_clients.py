@@ -171,6 +171,33 @@ def test_bytes_that_are_not_http_get_a_json_400(strict_server: RunningServer) ->
     assert 'clip_requests_total{endpoint="other",status="400"}' in metrics
 
 
+@pytest.mark.parametrize("method", [b"FOO", b"get", b"BREW"])
+def test_an_unknown_method_is_named_in_its_400(strict_server: RunningServer, method: bytes) -> None:
+    """uvicorn's parser said only "invalid HTTP"; a lowercase method is the likeliest
+    mistake, methods being case-sensitive."""
+    message = refused_as_invalid_http(
+        strict_server.url, method + b" /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert message.startswith(f"{method.decode()} is not an HTTP method")
+    assert "GET, HEAD and POST" in message
+
+
+def test_a_tls_handshake_is_told_the_port_speaks_plain_http(
+    strict_server: RunningServer,
+) -> None:
+    """A client configured with https:// for this port: Python's own TLS client's first
+    bytes, answered in plain HTTP with what to change."""
+    import ssl
+
+    hello = ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), hello, server_hostname="x")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    message = refused_as_invalid_http(strict_server.url, hello.read())
+    assert "TLS handshake" in message
+    assert "http://" in message
+
+
 # (`chunked, gzip` is refused too, but inside the parser's reading of the header, before
 # the protocol sees it: that one gets the generic message.)
 @pytest.mark.parametrize("codings", [b"gzip", b"identity", b"deflate, br"])
@@ -288,8 +315,10 @@ def test_large_headers_under_the_limit_and_large_bodies_pass(
     [
         b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
         b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        # Read with the first in one chunk: not a 501 that names the first one's POST.
+        b"FOO /health HTTP/1.1\r\nHost: x\r\n\r\n",
     ],
-    ids=["oversized head", "bad chunk framing"],
+    ids=["oversized head", "bad chunk framing", "unknown method"],
 )
 def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
     strict_server: RunningServer, refused: bytes
@@ -318,3 +347,4 @@ def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
     assert [status for status, _ in answers] == [200, 431 if b"X-Pad" in refused else 400]
     code = answers[1][1]["error"]["code"]
     assert code == ("headers_too_large" if b"X-Pad" in refused else "invalid_http")
+    assert "POST is not" not in answers[1][1]["error"]["message"]

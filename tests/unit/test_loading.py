@@ -307,3 +307,17 @@ async def test_a_path_no_endpoint_takes_gets_the_apps_404_not_a_503(path: str) -
             request = b"POST " + routed + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
             assert parse(await exchange(port, request))[0] in (200, 503)
     assert refusals[0] == (404, "not_found")
+
+
+async def test_an_unknown_method_or_a_tls_handshake_is_answered_as_the_app_will() -> None:
+    """The same answers as app.api.transport gives once the model is ready; a TLS
+    handshake at once, not after the header deadline (its head has no end)."""
+    async with loading_port(header_timeout_s=30) as (port, refusals, _):
+        status, _, body = parse(await exchange(port, b"get /health HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status == 400
+        assert json.loads(body)["error"]["message"].startswith("get is not an HTTP method")
+        answer = await asyncio.wait_for(exchange(port, b"\x16\x03\x01\x00\xa5\x01\x00"), 5)
+        status, _, body = parse(answer)
+        assert status == 400
+        assert "TLS handshake" in json.loads(body)["error"]["message"]
+    assert refusals == [(400, "invalid_http"), (400, "invalid_http")]
