@@ -196,13 +196,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         # uvicorn's answer to bytes its parser refuses, in the service's JSON shape.
         refusal, self._head_refusal = self._head_refusal, None
         # Called from uvicorn's handler of the parser's error, which is still current.
-        unknown_method = isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError)
-        if refusal is None and unknown_method:
+        parse_error = sys.exc_info()[1]
+        if refusal is None and isinstance(parse_error, httptools.HttpParserInvalidMethodError):
             refusal = unknown_method_refusal(self._head_start)
         if refusal is not None:
             self._refuse_head(*refusal)
             return
-        message = unframed_body_message(self.headers) or INVALID_HTTP_MESSAGE
+        message = (
+            unframed_body_message(self.headers)
+            or _transfer_coding_message(parse_error)
+            or INVALID_HTTP_MESSAGE
+        )
         cycle = self.cycle
         if self.pipeline or (cycle is not None and not cycle.more_body):
             # The bad bytes are a later request's (queued, or not begun) behind one still
@@ -243,6 +247,23 @@ def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
         f"Transfer-Encoding {shown(named, 32)} does not end in chunked, so "
         "the body's length is unknown; send the body as it is, with Content-Length or "
         "Transfer-Encoding: chunked alone"
+    )
+
+
+# What llhttp says of a Transfer-Encoding it refuses while still reading the header,
+# before the protocol sees it: chunked before another coding, or named twice.
+_PARSER_BAD_TRANSFER_ENCODING = "Invalid `Transfer-Encoding` header value"
+
+
+def _transfer_coding_message(parse_error: BaseException | None) -> str | None:
+    if not isinstance(parse_error, httptools.HttpParserError):
+        return None
+    if str(parse_error) != _PARSER_BAD_TRANSFER_ENCODING:
+        return None
+    return (
+        "Transfer-Encoding must name chunked once, as its last coding (`chunked, gzip` "
+        "does not), or the body's length is unknown; send the body as it is, with "
+        "Content-Length or Transfer-Encoding: chunked alone"
     )
 
 

@@ -198,8 +198,6 @@ def test_a_tls_handshake_is_told_the_port_speaks_plain_http(
     assert "http://" in message
 
 
-# (`chunked, gzip` is refused too, but inside the parser's reading of the header, before
-# the protocol sees it: that one gets the generic message.)
 @pytest.mark.parametrize("codings", [b"gzip", b"identity", b"deflate, br"])
 def test_a_transfer_encoding_not_ending_in_chunked_is_named(
     strict_server: RunningServer, codings: bytes
@@ -213,6 +211,18 @@ def test_a_transfer_encoding_not_ending_in_chunked_is_named(
     )
     assert f"Transfer-Encoding {codings.decode()} does not end in chunked" in message
     assert "Content-Length" in message
+
+
+@pytest.mark.parametrize("codings", [b"chunked, gzip", b"gzip, chunked, chunked"])
+def test_chunked_not_once_and_last_is_named(strict_server: RunningServer, codings: bytes) -> None:
+    """Refused inside the parser's reading of the header, before the protocol sees it:
+    the message cannot quote the value, but says what the header must be."""
+    message = refused_as_invalid_http(
+        strict_server.url,
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: " + codings + b"\r\n\r\n{}",
+    )
+    assert message.startswith("Transfer-Encoding must name chunked once, as its last coding")
 
 
 def counters(url: str) -> dict[str, float]:
