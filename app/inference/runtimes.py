@@ -385,6 +385,10 @@ def _quantize_static(model: Any, pixels: torch.Tensor) -> Any:
 _CHATTY_EXPORT_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch.__trace")
 
 
+def _without_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
 def _export_onnx(visual: torch.nn.Module, image_size: tuple[int, int], path: Path) -> None:
     """The tower as ONNX at `path`, its weights in a data file beside it.
 
@@ -458,7 +462,14 @@ def _onnxruntime_tower(
             # The fp32 graph is on disk: the tower's mapped weights need not stay
             # resident while the quantiser holds its own copies.
             release_source()
-            quantize_dynamic(fp32, staging / "tower.int8.onnx", weight_type=QuantType.QInt8)
+            # The quantiser advises its own pre-processing on the root logger, at every
+            # first start: advice to whoever wrote this call, not to the operator.
+            root = logging.getLogger()
+            root.addFilter(_without_preprocessing_advice)
+            try:
+                quantize_dynamic(fp32, staging / "tower.int8.onnx", weight_type=QuantType.QInt8)
+            finally:
+                root.removeFilter(_without_preprocessing_advice)
             for part in staging.glob("tower.onnx*"):
                 part.unlink()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +301,19 @@ def test_a_tower_torch_export_cannot_trace_takes_the_torchscript_exporter(
     assert "data-dependent control flow" in caplog.text
     assert not list(tmp_path.rglob("*.data"))  # nothing of the failed try was kept
     assert lowest_agreement(tower, visual, torch.randn(2, 3, 64, 64)) >= 0.99999
+
+
+def test_a_first_int8_start_logs_no_advice_meant_for_developers(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime's quantiser advises its own pre-processing at WARNING on every first
+    start; an operator can do nothing with it."""
+    settings = Settings(
+        model=f"local-dir:{tiny_model_dir}", device="cpu", precision="int8",
+        backend="onnxruntime", cache_dir=str(tmp_path),
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        ClipImageEncoder.load(settings)
+    assert "converted the image tower" in caplog.text  # a cold start, logged
+    assert "pre-processing" not in caplog.text
+    assert not logging.getLogger().filters
