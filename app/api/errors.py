@@ -175,15 +175,16 @@ def _is_routed(app: FastAPI, path: str) -> bool:
     return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
 
 
-def missing_endpoint(app: FastAPI, path: str) -> str | None:
-    """The 404 message for a request to `path`, or None where the app has an endpoint
-    there. One wording while the model loads (app.api.loading) and after."""
+def missing_endpoint(app: FastAPI, path: str, shown_path: str) -> str | None:
+    """The 404 message for a request to `path` (decoded, as the scope holds it; written
+    as `shown_path`, its URL's), or None where the app has an endpoint there. One
+    wording while the model loads (app.api.loading) and after."""
     if _is_routed(app, path):
         return None
     bare = path.rstrip("/")
     if bare and bare != path and _is_routed(app, bare):
-        return f"no endpoint at {shown(path)}; the endpoint is {bare}"
-    return f"no endpoint at {shown(path)}; /docs lists the endpoints"
+        return f"no endpoint at {shown(shown_path)}; the endpoint is {bare}"
+    return f"no endpoint at {shown(shown_path)}; /docs lists the endpoints"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -191,7 +192,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     if exc.status_code == 404 and exc.detail == "Not Found":
-        message = missing_endpoint(request.app, request.url.path) or message
+        # A 404 of a path the app routes (a missing file of the offline docs) says so.
+        message = missing_endpoint(request.app, request.scope["path"], request.url.path) or (
+            f"nothing at {shown(request.url.path)}; /docs lists the endpoints"
+        )
     elif exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = dict(exc.headers or {}).get("Allow", "")
         methods = [m.strip() for m in allowed.split(",") if m.strip()]

@@ -21,17 +21,19 @@ from collections.abc import Callable
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
+import httptools
+from starlette.datastructures import URL
+
 from app.api.body_limit import INVALID_HTTP_MESSAGE
 from app.api.transport import (
     HEADERS_TOO_LARGE,
     MAX_HEAD_BYTES,
-    TLS_HANDSHAKE,
-    TLS_TO_PLAIN_HTTP,
     RefusalObserver,
     closing_response,
     error_body,
     headers_too_slow,
     json_body,
+    malformed_method,
     unknown_method_refusal,
 )
 
@@ -58,7 +60,7 @@ class LoadingResponder(asyncio.Protocol):
         on_refusal: RefusalObserver | None,
         live: set[LoadingResponder] | None = None,
         on_health: Callable[[], None] | None = None,
-        missing_endpoint: Callable[[str], str | None] | None = None,
+        missing_endpoint: Callable[[str, str], str | None] | None = None,
     ) -> None:
         self._header_timeout_s = header_timeout_s
         self._on_refusal = on_refusal
@@ -105,12 +107,15 @@ class LoadingResponder(asyncio.Protocol):
             return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
+        start = bytes(self._head[:64])
         if (end if end >= 0 else len(self._head)) > MAX_HEAD_BYTES:
             self._answer(*HEADERS_TOO_LARGE)
+        elif refusal := unknown_method_refusal(start):  # as the app's parser: at once
+            self._answer(*refusal)
+        elif malformed_method(start):  # not HTTP (SSH, binary): no head end will come
+            self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
         elif end >= 0:
             self._answer_request(bytes(self._head[:end]))
-        elif self._head.startswith(TLS_HANDSHAKE):  # its "head" never ends: answered now
-            self._answer(*TLS_TO_PLAIN_HTTP)
         elif b"\n\n" in self._head:  # bare line feeds: not HTTP/1.1, as the app's parser says
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
 
@@ -125,21 +130,19 @@ class LoadingResponder(asyncio.Protocol):
 
     def _answer_request(self, head: bytes) -> None:
         self._request, is_http = _request_line(head)
-        refusal = unknown_method_refusal(head)  # as the app's server will answer it
-        if refusal is not None:
-            self._answer(*refusal)
-            return
-        if not is_http:
+        paths = _paths(head) if is_http else None
+        if paths is None:  # not HTTP/1.x, or a target the app's server refuses
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
             return
-        method, path = self._request
+        method = self._request[0]
+        path, shown_path = paths
         head_only = method == "HEAD"
         if path == "/health" and method in ("GET", "HEAD"):
             if self._on_health is not None:
                 self._on_health()
             self._write(b"200 OK", json_body({"status": "ok"}), head_only=head_only)
             return
-        missing = self._missing_endpoint(unquote(path)) if self._missing_endpoint else None
+        missing = self._missing_endpoint(path, shown_path) if self._missing_endpoint else None
         if missing is not None:
             self._answer(b"404 Not Found", "not_found", missing, head_only=head_only)
             return
@@ -201,6 +204,27 @@ def _request_line(head: bytes) -> tuple[tuple[str, str], bool]:
     return (parts[0].decode("latin-1")[:16], path[:200]), is_http
 
 
+def _paths(head: bytes) -> tuple[str, str] | None:
+    """The request's path as the app's scope will hold it (decoded) and as its URL shows
+    it, or None where the app's server refuses the request target (bytes outside
+    printable ASCII, a target with no path)."""
+    target = head.split(b"\r\n", 1)[0].split(b" ")[1]
+    if any(byte < 0x21 or byte > 0x7E for byte in target):
+        return None
+    try:
+        raw_path = httptools.parse_url(target).path
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if not raw_path:
+        return None
+    path = raw_path.decode("ascii")
+    if "%" in path:
+        path = unquote(path)
+    scope = {"type": "http", "scheme": "http", "server": ("-", 80), "path": path,
+             "query_string": b"", "headers": [], "root_path": ""}  # fmt: skip
+    return path, URL(scope=scope).path
+
+
 class LoadingPort:
     """The port's answers while the model loads, until `hand_over`."""
 
@@ -226,7 +250,7 @@ async def answer_while_loading(
     on_refusal: RefusalObserver | None = None,
     backlog: int = 2048,
     on_health: Callable[[], None] | None = None,
-    missing_endpoint: Callable[[str], str | None] | None = None,
+    missing_endpoint: Callable[[str, str], str | None] | None = None,
 ) -> LoadingPort:
     """Serve LoadingResponder on a duplicate of `listener` until the port is handed over
     or closed; `listener` stays open and listening, its queue intact, for the app's

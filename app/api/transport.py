@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 
 import httptools
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.body_limit import INVALID_HTTP_MESSAGE, REFUSED_BELOW_APP, transfer_codings
@@ -56,6 +57,7 @@ HEADERS_TOO_LARGE = (
 
 # RFC 9110's token: what a method may be made of.
 _METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
+_METHOD_CHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x
 TLS_TO_PLAIN_HTTP = (
     b"400 Bad Request",
@@ -68,20 +70,31 @@ TLS_TO_PLAIN_HTTP = (
 def unknown_method_refusal(head: bytes) -> tuple[bytes, str, str] | None:
     """The answer to a request whose method the parser does not know, from the first
     bytes of its head: a 400 naming the method, or saying that a TLS handshake reached
-    this plain-HTTP port. None where the head is neither (the generic refusal). (RFC
-    9110 suggests a 501 for an unknown method; a client's mistake stays a 4xx here, as
-    every other.)"""
+    this plain-HTTP port. None where the head is neither, or its method has not ended
+    yet. (RFC 9110 suggests a 501 for an unknown method; a client's mistake stays a 4xx
+    here, as every other.)"""
+    head = head.lstrip(b"\r\n")  # empty lines before a request line are ignored
     if head.startswith(TLS_HANDSHAKE):
         return TLS_TO_PLAIN_HTTP
     method, space, _ = head.partition(b" ")
     if not space or not _METHOD_TOKEN.fullmatch(method) or _parser_knows(method):
-        return None  # a known method: the bytes refused were a later, pipelined request's
+        return None
     return (
         b"400 Bad Request",
         "invalid_http",
         f"{method.decode('ascii')} is not an HTTP method this service knows (methods are "
         "case-sensitive); it takes GET, HEAD and POST (see /docs)",
     )
+
+
+def malformed_method(head: bytes) -> bool:
+    """Whether the start of a request's head (whole or still arriving) holds something
+    no parser takes as a method: a byte outside a token, or over 32 of them."""
+    head = head.lstrip(b"\r\n")
+    method, space, _ = head.partition(b" ")
+    if space and not method:
+        return True
+    return len(method) > 32 or (bool(method) and not _METHOD_CHARS.fullmatch(method))
 
 
 def _parser_knows(method: bytes) -> bool:
@@ -117,18 +130,28 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._header_deadline: asyncio.TimerHandle | None = None
         self._reading_head = True
         self._head_bytes = 0
-        self._head_start = b""  # the first bytes of the head being read: its method
+        # The first bytes of the request being read (its method), where it began at the
+        # start of a read; None where it began inside one, after an earlier request.
+        self._head_start: bytes | None = b""
+        self._between_requests = True
+        self._begun_in_read = 0
         self._head_refusal: tuple[bytes, str, str] | None = None
+        self._stopped_reading = False
         self._deferred_refusal: tuple[bytes, str, str] | None = None
         super().connection_made(transport)
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self._stopped_reading:
+            return  # past the refused bytes: the parser reads nothing more
         in_head = self._reading_head
         if in_head:
-            if self._head_bytes == 0:
-                self._head_start = data[:64]
             self._head_bytes += len(data)
+        if self._between_requests:
+            self._head_start = data[:64]
+        elif self._head_start is not None and len(self._head_start) < 64:
+            self._head_start += data[: 64 - len(self._head_start)]
+        self._begun_in_read = 0
         super().data_received(data)
         # Checked after parsing: a read that ends the headers also carries body bytes.
         if in_head and self._reading_head and self._head_bytes > MAX_HEAD_BYTES:
@@ -137,6 +160,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm_header_deadline()
+        # Only a request whose first byte began a read has its start in _head_start.
+        if not self._between_requests or self._begun_in_read > 0:
+            self._head_start = None
+        self._between_requests = False
+        self._begun_in_read += 1
 
     def on_headers_complete(self) -> None:
         self._disarm_header_deadline()
@@ -154,6 +182,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_head = True  # what follows is the next request's head
+        self._between_requests = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
@@ -180,16 +209,26 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         goes out first: nothing more is read meanwhile, and the refusal follows it."""
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:
+        if self._requests_answered():
             self._answer_and_close(status, code, message)
         else:
             self._deferred_refusal = (status, code, message)
+            self._stopped_reading = True
             self.transport.pause_reading()
 
+    def _requests_answered(self) -> bool:
+        """Every request read on this connection is answered: none queued (pipelined),
+        and the last one read (`cycle`) has its whole response out."""
+        return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        refusal, self._deferred_refusal = self._deferred_refusal, None
-        if refusal is not None and not self.transport.is_closing():
+        super().on_response_complete()  # starts the next pipelined request, if any
+        if self._stopped_reading and not self.transport.is_closing():
+            self.transport.pause_reading()  # uvicorn resumed it for the next request
+        if self._deferred_refusal is None or self.transport.is_closing():
+            return
+        if self._requests_answered():
+            refusal, self._deferred_refusal = self._deferred_refusal, None
             self._answer_and_close(*refusal)
 
     def send_400_response(self, msg: str) -> None:
@@ -197,7 +236,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         refusal, self._head_refusal = self._head_refusal, None
         # Called from uvicorn's handler of the parser's error, which is still current.
         parse_error = sys.exc_info()[1]
-        if refusal is None and isinstance(parse_error, httptools.HttpParserInvalidMethodError):
+        if refusal is None and self._head_start is not None and not self._reading_body():
             refusal = unknown_method_refusal(self._head_start)
         if refusal is not None:
             self._refuse_head(*refusal)
@@ -208,13 +247,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             or INVALID_HTTP_MESSAGE
         )
         cycle = self.cycle
-        if self.pipeline or (cycle is not None and not cycle.more_body):
-            # The bad bytes are a later request's (queued, or not begun) behind one still
-            # being answered: that answer goes first, and the later one never runs.
-            self.pipeline.clear()
+        if self.pipeline and cycle is not None and cycle.more_body:
+            # The bad bytes are the body of a request queued behind others: in its
+            # turn it gets this refusal as its answer, and the connection closes.
+            self._stopped_reading = True
+            queued, _ = self.pipeline[0]  # the last one read
+            self.pipeline[0] = (queued, _refusal_app(400, "invalid_http", message, self.on_refusal))
+            return
+        if not self._reading_body():
+            # The bad bytes are a later request's, behind those read before it: they
+            # are answered first (queued ones included), then this refusal.
             self._refuse_head(b"400 Bad Request", "invalid_http", message)
             return
-        reading_body = cycle is not None and not cycle.response_complete
+        assert cycle is not None
+        reading_body = not cycle.response_complete
         if reading_body:
             # The app is reading this request's body and will see the connection close:
             # told why, it answers (to nobody) and counts the request under its endpoint.
@@ -222,6 +268,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._answer_and_close(
             b"400 Bad Request", "invalid_http", message, counted=not reading_body
         )
+
+    def _reading_body(self) -> bool:
+        """Whether the bytes being parsed are the body of the last request read."""
+        return not self.pipeline and self.cycle is not None and self.cycle.more_body
 
     def _answer_and_close(
         self, status: bytes, code: str, message: str, *, counted: bool = True
@@ -232,6 +282,24 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.on_refusal(int(status.split()[0]), code)
         self.transport.write(closing_response(status, error_body(code, message)))
         self.transport.close()
+
+
+def _refusal_app(
+    status: int, code: str, message: str, on_refusal: RefusalObserver | None
+) -> ASGI3Application:
+    """An ASGI app that answers any request with this refusal and closes the connection:
+    run in place of the app for a queued request whose bytes were refused."""
+
+    async def refuse(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if on_refusal is not None:
+            on_refusal(status, code)
+        body = error_body(code, message)
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
 
 
 def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:

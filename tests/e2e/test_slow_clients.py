@@ -358,3 +358,68 @@ def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
     code = answers[1][1]["error"]["code"]
     assert code == ("headers_too_large" if b"X-Pad" in refused else "invalid_http")
     assert "POST is not" not in answers[1][1]["error"]["message"]
+
+
+def answers_of(url: str, *writes: bytes) -> list[tuple[int, dict[str, object]]]:
+    """The answers on one connection to `writes`, sent in that many writes, each after
+    a pause, read until the server closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for number, data in enumerate(writes):
+            if number:
+                time.sleep(0.1)
+            sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((int(head.split()[1]), json.loads(rest[:length])))
+        received = rest[length:]
+    return answers
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["unknown method", "bad chunk framing"],
+)
+def test_every_request_pipelined_ahead_of_a_refused_one_is_answered(
+    strict_server: RunningServer, refused: bytes
+) -> None:
+    """Two requests queued ahead of refused bytes, in one write: both answered, in order,
+    then the refusal (the queued one used to be dropped unanswered)."""
+    probes = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = answers_of(strict_server.url, probes + refused)
+    assert [status for status, _ in answers] == [200, 200, 400]
+    assert answers[0][1] == {"status": "ok"}
+    assert "dim" in answers[1][1]
+    assert answers[2][1]["error"]["code"] == "invalid_http"  # type: ignore[index]
+
+
+def test_a_method_split_across_reads_is_named_whole_or_not_at_all(
+    strict_server: RunningServer,
+) -> None:
+    """`M` at the end of one read and `XYZ` in the next is the method MXYZ, never XYZ;
+    a method begun at the start of a read is named whole however it arrives."""
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = answers_of(strict_server.url, health + b"M", b"XYZ /x HTTP/1.1\r\n\r\n")
+    assert [status for status, _ in answers] == [200, 400]
+    assert not str(answers[1][1]["error"]["message"]).startswith("XYZ")  # type: ignore[index]
+    answers = answers_of(strict_server.url, b"G", b"XT /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert str(answers[0][1]["error"]["message"]).startswith("GXT is not")  # type: ignore[index]
+
+
+def test_a_missing_file_of_the_offline_docs_is_a_404_that_says_what_to_read(
+    strict_server: RunningServer,
+) -> None:
+    missing = httpx.get(f"{strict_server.url}/static-offline-docs/nope.css", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == (
+        "nothing at /static-offline-docs/nope.css; /docs lists the endpoints"
+    )

@@ -321,3 +321,37 @@ async def test_an_unknown_method_or_a_tls_handshake_is_answered_as_the_app_will(
         assert status == 400
         assert "TLS handshake" in json.loads(body)["error"]["message"]
     assert refusals == [(400, "invalid_http"), (400, "invalid_http")]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n", 400),  # never ends a head: refused at once
+        (b"\x80\x2e\x01\x03\x00", 400),  # an SSLv2-style hello
+        (b"FOO /x HTTP/1.1\r\n", 400),  # the method is known bad before the head ends
+        (b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # raw bytes: as the parser
+        (b"GET /heal%74h HTTP/1.1\r\nHost: x\r\n\r\n", 200),  # /health, encoded
+        (b"GET /health#frag HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+    ],
+)
+async def test_the_loading_port_reads_a_request_as_the_apps_parser_does(
+    request_bytes: bytes, status: int
+) -> None:
+    async with loading_port(header_timeout_s=30) as (port, _, _):
+        answer = await asyncio.wait_for(exchange(port, request_bytes), 5)
+        assert parse(answer)[0] == status
+
+
+@pytest.mark.parametrize(
+    "path", ["/nowhere#frag", "/nowhere%3Fx", "/" + "a" * 5000, "/%41" * 100, "/a%5Cb", "/a%0d%0ab"]
+)
+async def test_a_404_while_loading_quotes_the_path_as_the_app_will(path: str) -> None:
+    app = FastAPI(redirect_slashes=False)
+    install_error_handlers(app)
+    app.get("/health")(lambda: {"status": "ok"})
+    after = TestClient(app).get(path)
+    async with loading_port(app=app) as (port, _, _):
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        status, _, body = parse(await exchange(port, request))
+    assert (status, json.loads(body)) == (404, after.json())
