@@ -320,46 +320,6 @@ def test_large_headers_under_the_limit_and_large_bodies_pass(
     assert status == 200, answer
 
 
-@pytest.mark.parametrize(
-    "refused",
-    [
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
-        b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        # Read with the first in one chunk: not a 501 that names the first one's POST.
-        b"FOO /health HTTP/1.1\r\nHost: x\r\n\r\n",
-    ],
-    ids=["oversized head", "bad chunk framing", "unknown method"],
-)
-def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
-    strict_server: RunningServer, refused: bytes
-) -> None:
-    """Both in one write: the first is answered, then the refusal, then the close."""
-    host, port = strict_server.url.removeprefix("http://").split(":")
-    first = httpx.Request(
-        "POST", f"{strict_server.url}/embed", files={"image": ("p.jpg", noise_jpeg(8))}
-    )
-    body = first.read()
-    head = (
-        f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: {first.headers['content-type']}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + body + refused)
-        received = b""
-        while chunk := sock.recv(65536):  # until the server closes
-            received += chunk
-    answers = []
-    while received:
-        response_head, _, rest = received.partition(b"\r\n\r\n")
-        length = int(response_head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        answers.append((int(response_head.split()[1]), json.loads(rest[:length])))
-        received = rest[length:]
-    assert [status for status, _ in answers] == [200, 431 if b"X-Pad" in refused else 400]
-    code = answers[1][1]["error"]["code"]
-    assert code == ("headers_too_large" if b"X-Pad" in refused else "invalid_http")
-    assert "POST is not" not in answers[1][1]["error"]["message"]
-
-
 def answers_of(url: str, *writes: bytes) -> list[tuple[int, dict[str, object]]]:
     """The answers on one connection to `writes`, sent in that many writes, each after
     a pause, read until the server closes."""
@@ -379,6 +339,35 @@ def answers_of(url: str, *writes: bytes) -> list[tuple[int, dict[str, object]]]:
         answers.append((int(head.split()[1]), json.loads(rest[:length])))
         received = rest[length:]
     return answers
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        # Read with the first in one chunk: not a 501 that names the first one's POST.
+        b"FOO /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["oversized head", "bad chunk framing", "unknown method"],
+)
+def test_a_request_pipelined_ahead_of_a_refused_one_keeps_its_answer(
+    strict_server: RunningServer, refused: bytes
+) -> None:
+    """Both in one write: the first is answered, then the refusal, then the close."""
+    first = httpx.Request(
+        "POST", f"{strict_server.url}/embed", files={"image": ("p.jpg", noise_jpeg(8))}
+    )
+    body = first.read()
+    head = (
+        f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: {first.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    answers = answers_of(strict_server.url, head + body + refused)
+    assert [status for status, _ in answers] == [200, 431 if b"X-Pad" in refused else 400]
+    error: dict[str, str] = answers[1][1]["error"]  # type: ignore[assignment]
+    assert error["code"] == ("headers_too_large" if b"X-Pad" in refused else "invalid_http")
+    assert "POST is not" not in error["message"]
 
 
 @pytest.mark.parametrize(
