@@ -7,7 +7,10 @@ that fails through a long load restarts the pod that was about to be ready.
 `python -m app` binds the port first and, until the lifespan is done, answers here,
 below the app: `/health` 200 (the process is alive), a path the app has no endpoint at
 the 404 the app will give it, `/ready` and every other request a JSON 503 `not_ready`
-with Retry-After, each on a connection closed after its answer.
+with Retry-After, each on a connection closed after its answer. Requests are read with
+the parser the app's server uses (llhttp, through httptools), so bytes refused here are
+the bytes the app will refuse, in the same words, and no request the app will take is
+refused while it loads.
 Then the listening socket itself passes to uvicorn, so the connections queued on it are
 the app's: none is refused or reset at the hand-over.
 """
@@ -31,9 +34,10 @@ from app.api.transport import (
     RefusalObserver,
     closing_response,
     error_body,
+    head_size,
     headers_too_slow,
+    invalid_http_message,
     json_body,
-    malformed_method,
     unknown_method_refusal,
 )
 
@@ -69,7 +73,11 @@ class LoadingResponder(asyncio.Protocol):
         # a 503 would have it retried until the load ends, and then fail anyway.
         self._missing_endpoint = missing_endpoint
         self._live = live if live is not None else set()
-        self._head = bytearray()
+        self._head = bytearray()  # every byte received, for the app's protocol at hand-over
+        # The parser the app's server reads requests with: so a request is refused here
+        # where, and as, the app will refuse it, and taken where the app takes it.
+        self._read = _RequestHead()
+        self._parser = httptools.HttpRequestParser(self._read)
         self._request = ("-", "-")  # method and path, once the request line is read
         self._linger_budget = _LINGER_BYTES
         self._answered = False
@@ -106,18 +114,17 @@ class LoadingResponder(asyncio.Protocol):
                 self._transport.close()
             return
         self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        start = bytes(self._head[:64])
-        if (end if end >= 0 else len(self._head)) > MAX_HEAD_BYTES:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # an Upgrade the app's server does not take: served as a plain request
+        except httptools.HttpParserError as error:
+            self._refuse(error)
+            return
+        if self._read.complete:
+            self._answer_request()
+        elif len(self._head) > MAX_HEAD_BYTES:
             self._answer(*HEADERS_TOO_LARGE)
-        elif refusal := unknown_method_refusal(start):  # as the app's parser: at once
-            self._answer(*refusal)
-        elif malformed_method(start):  # not HTTP (SSH, binary): no head end will come
-            self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
-        elif end >= 0:
-            self._answer_request(bytes(self._head[:end]))
-        elif b"\n\n" in self._head:  # bare line feeds: not HTTP/1.1, as the app's parser says
-            self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
 
     def eof_received(self) -> bool:
         return False  # the client is done sending: close
@@ -128,13 +135,24 @@ class LoadingResponder(asyncio.Protocol):
         self._transport = None
         self._live.discard(self)
 
-    def _answer_request(self, head: bytes) -> None:
-        self._request, is_http = _request_line(head)
-        paths = _paths(head) if is_http else None
-        if paths is None:  # not HTTP/1.x, or a target the app's server refuses
+    def _refuse(self, error: httptools.HttpParserError) -> None:
+        """Answer bytes the parser refused, as the app's protocol answers them."""
+        refusal = None if self._read.complete else unknown_method_refusal(bytes(self._head[:64]))
+        if refusal is None:
+            message = invalid_http_message(self._read.headers, error)
+            refusal = (b"400 Bad Request", "invalid_http", message)
+        self._answer(*refusal)
+
+    def _answer_request(self) -> None:
+        method = self._parser.get_method().decode("ascii")
+        self._request = (method, _shown_target(self._read.url))
+        if head_size(self._read.url, self._read.headers) > MAX_HEAD_BYTES:
+            self._answer(*HEADERS_TOO_LARGE)
+            return
+        paths = _paths(self._read.url)
+        if paths is None:  # a target the app's server refuses
             self._answer(b"400 Bad Request", "invalid_http", INVALID_HTTP_MESSAGE)
             return
-        method = self._request[0]
         path, shown_path = paths
         head_only = method == "HEAD"
         if path == "/health" and method in ("GET", "HEAD"):
@@ -159,7 +177,7 @@ class LoadingResponder(asyncio.Protocol):
         if code not in ("not_ready", "not_found"):  # a refusal of the bytes themselves
             self._linger_budget = _LINGER_BYTES_AFTER_REFUSAL
             if self._request == ("-", "-"):
-                self._request, _ = _request_line(bytes(self._head[:1024]))
+                self._request = _request_line(bytes(self._head[:1024]))
         extra = f"retry-after: {RETRY_AFTER_S}\r\n".encode() if code == "not_ready" else b""
         self._write(status, error_body(code, message), head_only=head_only, extra_headers=extra)
 
@@ -192,23 +210,45 @@ class LoadingResponder(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
 
-def _request_line(head: bytes) -> tuple[tuple[str, str], bool]:
-    """(method, path) of a request's head, as far as it can be read (for its log line),
-    and whether its request line is HTTP/1.x."""
+class _RequestHead:
+    """The parser's callbacks for one request's line and headers: what the app's server
+    keeps of them (header names in lower case, values without trailing whitespace)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    """(method, path) of a refused request's head, as far as it can be read: for its
+    log line."""
     parts = head.split(b"\r\n", 1)[0].split(b" ")
     if len(parts) < 2:
-        return ("-", "-"), False
-    target = parts[1].decode("latin-1")
-    path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
-    is_http = len(parts) == 3 and parts[2].startswith(b"HTTP/1.")
-    return (parts[0].decode("latin-1")[:16], path[:200]), is_http
+        return ("-", "-")
+    return (parts[0].decode("latin-1")[:16], _shown_target(parts[1]))
 
 
-def _paths(head: bytes) -> tuple[str, str] | None:
+def _shown_target(target: bytes) -> str:
+    """A request target's path, for a log line."""
+    text = target.decode("latin-1")
+    path = urlsplit(text).path if "://" in text else text.split("?", 1)[0]
+    return path[:200]
+
+
+def _paths(target: bytes) -> tuple[str, str] | None:
     """The request's path as the app's scope will hold it (decoded) and as its URL shows
     it, or None where the app's server refuses the request target (bytes outside
     printable ASCII, a target with no path)."""
-    target = head.split(b"\r\n", 1)[0].split(b" ")[1]
     if any(byte < 0x21 or byte > 0x7E for byte in target):
         return None
     try:

@@ -57,7 +57,6 @@ HEADERS_TOO_LARGE = (
 
 # RFC 9110's token: what a method may be made of.
 _METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
-_METHOD_CHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x
 TLS_TO_PLAIN_HTTP = (
     b"400 Bad Request",
@@ -87,16 +86,6 @@ def unknown_method_refusal(head: bytes) -> tuple[bytes, str, str] | None:
     )
 
 
-def malformed_method(head: bytes) -> bool:
-    """Whether the start of a request's head (whole or still arriving) holds something
-    no parser takes as a method: a byte outside a token, or over 32 of them."""
-    head = head.lstrip(b"\r\n")
-    method, space, _ = head.partition(b" ")
-    if space and not method:
-        return True
-    return len(method) > 32 or (bool(method) and not _METHOD_CHARS.fullmatch(method))
-
-
 def _parser_knows(method: bytes) -> bool:
     parser = httptools.HttpRequestParser(object())
     try:
@@ -106,6 +95,24 @@ def _parser_knows(method: bytes) -> bool:
     except httptools.HttpParserError:
         pass
     return True
+
+
+def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """A request's line and headers, as MAX_HEAD_BYTES counts them once parsed."""
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def invalid_http_message(
+    headers: list[tuple[bytes, bytes]], parse_error: BaseException | None
+) -> str:
+    """What a request the parser refused (with `parse_error`) is told to fix: the
+    Transfer-Encoding where that is the fault, else that it is not valid HTTP/1.1.
+    `headers` as the parser read them, names in lower case."""
+    return (
+        unframed_body_message(headers)
+        or _transfer_coding_message(parse_error)
+        or INVALID_HTTP_MESSAGE
+    )
 
 
 def headers_too_slow(timeout_s: float) -> tuple[bytes, str, str]:
@@ -171,8 +178,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._head_bytes = 0
         # Exact, where data_received counted whole reads: the last one may carry body.
-        head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if head > MAX_HEAD_BYTES:
+        if head_size(self.url, self.headers) > MAX_HEAD_BYTES:
             self._head_refusal = HEADERS_TOO_LARGE
             # Stops the parser before the app sees the request; uvicorn then answers
             # through send_400_response, which gives this refusal instead.
@@ -241,11 +247,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if refusal is not None:
             self._refuse_head(*refusal)
             return
-        message = (
-            unframed_body_message(self.headers)
-            or _transfer_coding_message(parse_error)
-            or INVALID_HTTP_MESSAGE
-        )
+        message = invalid_http_message(self.headers, parse_error)
         cycle = self.cycle
         if self.pipeline and cycle is not None and cycle.more_body:
             # The bad bytes are the body of a request queued behind others: in its

@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from app.api.errors import install_error_handlers, missing_endpoint
 from app.api.loading import answer_while_loading
+from app.api.transport import header_deadline_protocol
 
 
 def listening_socket() -> socket.socket:
@@ -142,10 +144,10 @@ async def test_an_upload_is_answered_whole_not_reset() -> None:
     ("data", "status", "code"),
     [
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\r\n\r\n", 400, "invalid_http"),
-        (b"GET /ready\r\n\r\n", 400, "invalid_http"),
+        (b"GET /ready HTTP/1.1\nHost: x\n\n", 400, "invalid_http"),
         (b"GET /ready HTTP/1.1\r\nX: " + b"a" * (70 * 1024), 431, "headers_too_large"),
     ],
-    ids=["tls", "http/0.9", "huge headers"],
+    ids=["tls", "bare line feeds", "huge headers"],
 )
 async def test_bytes_that_are_not_a_request_get_a_json_4xx(
     data: bytes, status: int, code: str
@@ -355,3 +357,79 @@ async def test_a_404_while_loading_quotes_the_path_as_the_app_will(path: str) ->
         request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         status, _, body = parse(await exchange(port, request))
     assert (status, json.loads(body)) == (404, after.json())
+
+
+# Heads the app's server takes or refuses in ways a hand-written reader gets wrong.
+HEADS_READ_AS_THE_APP_READS_THEM = [
+    b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n",  # two spaces: taken
+    b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",  # an empty line first: taken
+    b"GET /health\r\n\r\n",  # HTTP/0.9's request line: taken
+    b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/1.x\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nNoColon\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\n Folded: y\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nX: \x01\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nab",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+    b"GET http://x HTTP/1.1\r\n\r\n",
+    b"GET http://x/health HTTP/1.1\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /health?x=\xff HTTP/1.1\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+    b"get /health HTTP/1.1\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nX: " + b"a" * (64 * 1024) + b"\r\n\r\n",
+]
+
+
+async def first_answer(port: int, data: bytes) -> tuple[int, bytes]:
+    """The status and body of the first answer to `data`, closed after it or not."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status, headers, _ = parse(head)
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+        return status, body
+    finally:
+        writer.close()
+
+
+async def test_the_loading_port_takes_and_refuses_heads_as_the_apps_server_does() -> None:
+    """Each head goes to the app's own server (uvicorn with app.api.transport's protocol)
+    and to the loading port: a refusal of the bytes is the same answer word for word, and
+    what the app's server takes the loading port takes too (200 /health, 404, or 503)."""
+    app = FastAPI(redirect_slashes=False)
+    install_error_handlers(app)
+    app.get("/health")(lambda: {"status": "ok"})
+    app.post("/embed")(lambda: {})
+    listener = listening_socket()
+    config = uvicorn.Config(app, http=header_deadline_protocol(5), lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        for _ in range(500):  # uvicorn has no event for it
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        async with loading_port(app=app) as (loading, _, _):
+            for head in HEADS_READ_AS_THE_APP_READS_THEM:
+                served = await first_answer(listener.getsockname()[1], head)
+                while_loading = await first_answer(loading, head)
+                if served[0] in (400, 404, 431):
+                    assert while_loading == served, head
+                else:
+                    assert while_loading[0] in (200, 503), head
+                    assert (while_loading[0] == 200) == (served == (200, b'{"status":"ok"}'))
+    finally:
+        server.should_exit = True
+        await serving
+        listener.close()
