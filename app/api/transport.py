@@ -105,14 +105,10 @@ def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
 def invalid_http_message(
     headers: list[tuple[bytes, bytes]], parse_error: BaseException | None
 ) -> str:
-    """What a request the parser refused (with `parse_error`) is told to fix: the
-    Transfer-Encoding where that is the fault, else that it is not valid HTTP/1.1.
+    """What a request the parser refused (with `parse_error`) is told to fix: its
+    framing headers where they are the fault, else that it is not valid HTTP/1.1.
     `headers` as the parser read them, names in lower case."""
-    return (
-        unframed_body_message(headers)
-        or _transfer_coding_message(parse_error)
-        or INVALID_HTTP_MESSAGE
-    )
+    return unframed_body_message(headers) or _framing_message(parse_error) or INVALID_HTTP_MESSAGE
 
 
 def headers_too_slow(timeout_s: float) -> tuple[bytes, str, str]:
@@ -311,7 +307,7 @@ def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
     not tell the sender that the header is what to change. None for other refusals."""
     codings = transfer_codings(headers)
     if not codings or codings[-1] == b"chunked" or any(n == b"content-length" for n, _ in headers):
-        return None  # both framings at once stays the generic refusal: a smuggling shape
+        return None  # both framings at once: _framing_message says so
     named = b", ".join(codings).decode("latin-1")
     return (
         f"Transfer-Encoding {shown(named, 32)} does not end in chunked, so "
@@ -323,18 +319,32 @@ def unframed_body_message(headers: list[tuple[bytes, bytes]]) -> str | None:
 # What llhttp says of a Transfer-Encoding it refuses while still reading the header,
 # before the protocol sees it: chunked before another coding, or named twice.
 _PARSER_BAD_TRANSFER_ENCODING = "Invalid `Transfer-Encoding` header value"
+# And of a request framed both ways, whichever header came first.
+_PARSER_BOTH_FRAMINGS = (
+    "Transfer-Encoding can't be present with Content-Length",
+    "Content-Length can't be present with Transfer-Encoding",
+)
 
 
-def _transfer_coding_message(parse_error: BaseException | None) -> str | None:
+def _framing_message(parse_error: BaseException | None) -> str | None:
+    """What to fix where the parser refused how the body is framed; None for other
+    refusals. A request framed both ways is refused whole (RFC 9112 6.3 allows a server
+    to, and it is how requests are smuggled past a proxy), but its sender is told which
+    two headers disagree."""
     if not isinstance(parse_error, httptools.HttpParserError):
         return None
-    if str(parse_error) != _PARSER_BAD_TRANSFER_ENCODING:
-        return None
-    return (
-        "Transfer-Encoding must name chunked once, as its last coding (`chunked, gzip` "
-        "does not), or the body's length is unknown; send the body as it is, with "
-        "Content-Length or Transfer-Encoding: chunked alone"
-    )
+    if str(parse_error) == _PARSER_BAD_TRANSFER_ENCODING:
+        return (
+            "Transfer-Encoding must name chunked once, as its last coding (`chunked, gzip` "
+            "does not), or the body's length is unknown; send the body as it is, with "
+            "Content-Length or Transfer-Encoding: chunked alone"
+        )
+    if str(parse_error) in _PARSER_BOTH_FRAMINGS:
+        return (
+            "Content-Length and Transfer-Encoding were both sent, so the body's length is "
+            "ambiguous; send one of them: Content-Length, or Transfer-Encoding: chunked"
+        )
+    return None
 
 
 def json_body(content: object) -> bytes:

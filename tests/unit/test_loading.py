@@ -377,6 +377,7 @@ HEADS_READ_AS_THE_APP_READS_THEM = [
     b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
     b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"POST /embed HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
     b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
     b"GET http://x HTTP/1.1\r\n\r\n",
     b"GET http://x/health HTTP/1.1\r\n\r\n",
