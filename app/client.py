@@ -11,9 +11,9 @@
 
 Images may be paths, bytes (an encoded file), PIL images or numpy arrays. PIL images are
 sent as PNG in the modes PNG stores (1, L, LA, P, RGB, RGBA, I;16), and in the others
-(CMYK, YCbCr, LAB, I, F, I;16B...) as uncompressed TIFF, which the service reads in any
-mode: it sees the same pixels either way. The few modes neither format stores are
-converted first: HSV to RGB (as the service would), La and RGBa to un-premultiplied LA and
+(CMYK, LAB, I, F, I;16B...) as deflated TIFF, which the service reads in any mode: it
+sees the same pixels either way. The few modes neither format stores are converted
+first: HSV and YCbCr to RGB (as the service would), La and RGBa to un-premultiplied LA and
 RGBA, I;16N to I. Arrays must be (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, and are
 sent as PNG:
 
@@ -122,13 +122,14 @@ def _array_to_uint8(array: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
 
 
 # Modes PNG stores as they are. Pillow writes every other mode as TIFF but those below,
-# and the service reads TIFF in any mode (CMYK, YCbCr and LAB to RGB, 16-bit and float
-# scaled), so nothing is lost on the way. Uncompressed: Pillow writes that without libtiff,
-# and libtiff's compressed YCbCr would be read back as libtiff's RGB, not these pixels.
+# and the service reads TIFF in any mode (CMYK and LAB to RGB, 16-bit and float scaled),
+# so nothing is lost on the way. Deflated: a 1080p CMYK frame is 8 MB uncompressed, and
+# 3 Mpx was over the service's body limit.
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
 # Modes neither format stores, and the mode each is sent in: what the service itself would
-# make of them (HSV to RGB, alpha un-premultiplied), or a wider mode that keeps every value.
-_SENT_AS = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "I;16N": "I"}
+# make of them (HSV and YCbCr to RGB, alpha un-premultiplied), or a wider mode that keeps
+# every value. (libtiff reads a compressed YCbCr TIFF back as its own RGB, not as Pillow's.)
+_SENT_AS = {"HSV": "RGB", "YCbCr": "RGB", "La": "LA", "RGBa": "RGBA", "I;16N": "I"}
 
 
 def image_bytes(image: ImageInput) -> bytes:
@@ -144,7 +145,10 @@ def image_bytes(image: ImageInput) -> bytes:
         if image.mode in _SENT_AS:
             image = image.convert(_SENT_AS[image.mode])
         buffer = io.BytesIO()
-        image.save(buffer, "PNG" if image.mode in _PNG_MODES else "TIFF")
+        if image.mode in _PNG_MODES:
+            image.save(buffer, "PNG")
+        else:
+            image.save(buffer, "TIFF", compression="tiff_deflate")
         return buffer.getvalue()
     raise TypeError(f"cannot send {type(image).__name__} as an image")
 
