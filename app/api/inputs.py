@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -75,6 +77,30 @@ async def read_images(
     )
 
 
+def _unparsed_multipart_message(exc: BaseException, reason: str, field_name: str) -> str:
+    """What to fix in a multipart body the parser refused. Starlette reports every
+    fault of the body as "Invalid multipart data"; the parser's own error, which says
+    where and what, is further down the exception's causes."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, MultipartParseError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and str(cause) == "Maximum header size exceeded":
+        return (
+            f"a part's header line is over {DEFAULT_MAX_HEADER_SIZE} bytes, the multipart "
+            "parser's limit; shorten it (a filename of a few hundred characters at most)"
+        )
+    if cause is not None and str(cause) == "Maximum header count exceeded":
+        return (
+            f"a part has over {DEFAULT_MAX_HEADER_COUNT} headers, the multipart parser's "
+            "limit; send Content-Disposition and Content-Type only"
+        )
+    fault = str(cause) if cause is not None else reason
+    return (
+        f"multipart body could not be parsed: {fault.rstrip('.')}; send multipart/form-data "
+        f"with its boundary (curl -F {field_name}=@crop.jpg sets both)"
+    )
+
+
 def _from_json(
     body: bytes, settings: Settings, field_name: str, many: bool, model: type[BaseModel]
 ) -> ImageInput:
@@ -131,10 +157,7 @@ async def _from_multipart(
                 f"{settings.max_batch_images} images (CLIP_MAX_BATCH_IMAGES); split the batch"
             ) from None
         raise InvalidRequest(
-            f"multipart body could not be parsed: {str(reason).rstrip('.')}; send "
-            "multipart/form-data with "
-            f"its boundary (curl -F {field_name}=@crop.jpg sets both)",
-            code="invalid_multipart",
+            _unparsed_multipart_message(exc, str(reason), field_name), code="invalid_multipart"
         ) from None
     try:
         if framing is not None and not framing.closed:
