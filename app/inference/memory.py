@@ -13,14 +13,18 @@ And one habit of the dynamic loader: torch's CUDA build maps its CUDA libraries 
 Triton, which torch._dynamo imports) at import, and the pages relocation touched stay
 resident, ~200 MB, though a process serving from the CPU never calls them. They are
 clean file pages: the kernel can drop them, and would read them back if ever touched.
+The same holds for mapped weights that a quantiser reads over and over: `paging_out`
+gives them back while it works, so its peak is its own copies, not the file's too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
@@ -87,3 +91,23 @@ def page_out_files(
         start, end = (int(bound, 16) for bound in fields[0].split("-"))
         advised += libc.madvise(start, end - start, _MADV_PAGEOUT) == 0
     return advised
+
+
+@contextlib.contextmanager
+def paging_out(release: Callable[[], object], every_s: float = 0.3) -> Iterator[None]:
+    """Call `release` (page_out_files, say) every `every_s`, in a thread of its own,
+    while the block runs: for work that reads a mapped file's pages again and again
+    (a quantiser over mapped weights), which would otherwise keep them all resident."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            release()
+
+    thread = threading.Thread(target=run, name="page-out", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

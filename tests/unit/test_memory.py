@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from app.inference.memory import page_out_files
+from app.inference.memory import page_out_files, paging_out
 
 MAPS = Path("/proc/self/maps")
 
@@ -89,3 +91,30 @@ def test_nothing_named_nothing_advised(tmp_path: Path) -> None:
 
 def test_without_proc_it_is_a_no_op(tmp_path: Path) -> None:
     assert page_out_files(["nvidia"], maps=tmp_path / "absent") == 0
+
+
+def test_paging_out_repeats_while_the_work_runs_and_stops_with_it() -> None:
+    calls: list[str] = []
+    with paging_out(lambda: calls.append(threading.current_thread().name), every_s=0.01):
+        time.sleep(0.2)
+    during = len(calls)
+    time.sleep(0.05)
+    assert during >= 3  # not once: pages read again during the work go again
+    assert len(calls) == during  # and none after
+    assert set(calls) == {"page-out"}  # beside the work, not in its thread
+
+
+def test_paging_out_stops_when_the_work_fails() -> None:
+    calls: list[int] = []
+
+    def failing_work() -> None:
+        with paging_out(lambda: calls.append(1), every_s=0.01):
+            time.sleep(0.05)
+            raise RuntimeError("the quantiser failed")
+
+    with pytest.raises(RuntimeError):
+        failing_work()
+    stopped_at = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == stopped_at
+    assert "page-out" not in [thread.name for thread in threading.enumerate()]
