@@ -138,14 +138,13 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="OpenVINO: forward passes run at once under load, each on its share of "
-        "the cores with its own batch. 0: OpenVINO's choice (2 on 2 cores) when the "
-        "second copy below is at most 256 MB (ViT-B-32 in bf16 or int8), else 1 (fp32). "
-        "N: N. With more than one, a request that finds the model idle runs alone over "
-        "every core on a second compiled copy of the model (~180 MB for ViT-B-32 bf16), "
-        "so a lone client keeps the latency of one pass: on 2 cores 1.2x the crops/s of "
-        "1 under 16 clients. 1: one pass over every core, the least memory. torch and "
-        "ONNX Runtime run 1.",
+        description="OpenVINO and torch on the CPU: forward passes run at once under load, "
+        "each on its share of the cores with its own batch, and a request that finds the "
+        "model idle runs alone over every core, so a lone client keeps the latency of one "
+        "pass. 0: the runtime's choice. OpenVINO: its own (2 on 2 cores) when the second "
+        "compiled copy a lone request runs on is at most 256 MB (ViT-B-32 in bf16 or int8: "
+        "~180 MB), else 1 (fp32). torch: 2 where it has 2+ threads (the weights are shared: "
+        "no copy). N: N. 1: one pass over every core. ONNX Runtime and GPUs run 1.",
     )
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."

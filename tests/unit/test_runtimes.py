@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from app.config import Backend, Precision
-from app.inference.runtimes import BackendUnavailable, pick_backend, weights_digest
+from app.inference.runtimes import (
+    BackendUnavailable,
+    TorchTower,
+    _torch_tower,
+    pick_backend,
+    weights_digest,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -59,3 +70,69 @@ def test_the_weights_hash_follows_the_weights_and_nothing_else() -> None:
     with torch.no_grad():
         same.bias[0] += 1e-6
     assert weights_digest(layer) != weights_digest(same)
+
+
+class ThreadCountingTower(torch.nn.Module):
+    """Records torch's thread count in each pass, and holds the pass a while, so
+    passes started together overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []  # (images, threads)
+        self.overlapped = 0
+        self._inside = 0
+        self._lock = threading.Lock()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._inside += 1
+            self.overlapped = max(self.overlapped, self._inside)
+            self.seen.append((len(pixels), torch.get_num_threads()))
+        time.sleep(0.05)
+        with self._lock:
+            self._inside -= 1
+        return pixels.flatten(1)[:, :4]
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_torch_streams_run_passes_at_once_on_their_share_of_the_threads() -> None:
+    visual = ThreadCountingTower()
+    tower = TorchTower(visual, torch.float32, streams=2, threads=4)
+    batches = [torch.zeros(3, 3, 8, 8) for _ in range(6)]
+    with ThreadPoolExecutor(tower.concurrency) as pool:
+        features = list(pool.map(tower, batches))
+    assert [tuple(f.shape) for f in features] == [(3, 4)] * 6
+    assert visual.overlapped == 2
+    assert {threads for images, threads in visual.seen} == {2}
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_a_lone_crop_runs_alone_over_every_thread() -> None:
+    visual = ThreadCountingTower()
+    tower = TorchTower(visual, torch.float32, streams=2, threads=4)
+    tower(torch.zeros(1, 3, 8, 8))
+    assert visual.seen == [(1, 4)]
+    # One crop while a batch runs: on a stream's share, beside it.
+    with ThreadPoolExecutor(2) as pool:
+        batch = pool.submit(tower, torch.zeros(4, 3, 8, 8))
+        time.sleep(0.01)
+        pool.submit(tower, torch.zeros(1, 3, 8, 8)).result()
+        batch.result()
+    assert visual.seen[1:] == [(4, 2), (1, 2)]
+    assert visual.overlapped == 2
+
+
+def test_torch_on_the_cpu_takes_two_streams_by_default_and_one_on_request() -> None:
+    visual = torch.nn.Linear(4, 4)
+    cpu = torch.device("cpu")
+    assert _torch_tower(visual, Precision.FP32, cpu, streams=0, threads=2).concurrency == 2
+    assert _torch_tower(visual, Precision.FP32, cpu, streams=0, threads=1).concurrency == 1
+    assert _torch_tower(visual, Precision.FP32, cpu, streams=1, threads=2).concurrency == 1
+    assert _torch_tower(visual, Precision.FP32, cpu, streams=3, threads=6).concurrency == 3
