@@ -140,9 +140,9 @@ class _Turns:
 
 class TorchTower:
     """torch's tower; with `streams` > 1 (CPU), that many passes at once under load,
-    each on `threads / streams` of torch's threads (a thread's own setting in torch), on
-    the same weights: a pass no longer waits for a thread the HTTP side preempted, and
-    the cores do not idle while the next batch is gathered."""
+    each on `threads / streams` of torch's threads, on the same weights: a pass no
+    longer waits for a thread the HTTP side preempted, and the cores do not idle while
+    the next batch is gathered. A lone request runs alone over every thread (_Turns)."""
 
     backend = Backend.TORCH
 
@@ -157,7 +157,11 @@ class TorchTower:
         self._turns = _Turns(self.concurrency)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        # torch's thread count is the process's, not the calling thread's: each pass sets
+        # its own, so another tower in the process (a load tool's probes) cannot leave
+        # this one on a stream's share.
         if self.concurrency == 1:
+            torch.set_num_threads(self._threads)
             return self._forward(pixels)
         with self._turns.turn(len(pixels)) as solo:
             torch.set_num_threads(self._threads if solo else self._stream_threads)

@@ -136,3 +136,16 @@ def test_torch_on_the_cpu_takes_two_streams_by_default_and_one_on_request() -> N
     assert _torch_tower(visual, Precision.FP32, cpu, streams=0, threads=1).concurrency == 1
     assert _torch_tower(visual, Precision.FP32, cpu, streams=1, threads=2).concurrency == 1
     assert _torch_tower(visual, Precision.FP32, cpu, streams=3, threads=6).concurrency == 3
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_a_one_stream_tower_keeps_its_threads_whatever_another_tower_set() -> None:
+    """torch's thread count is the process's: a load tool probing two towers in one
+    process measured one of them on the other's stream share."""
+    streamed, alone = ThreadCountingTower(), ThreadCountingTower()
+    two_streams = TorchTower(streamed, torch.float32, streams=2, threads=4)
+    one_stream = TorchTower(alone, torch.float32, streams=1, threads=4)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(two_streams, [torch.zeros(4, 3, 8, 8)] * 2))
+    one_stream(torch.zeros(4, 3, 8, 8))
+    assert alone.seen == [(4, 4)]
