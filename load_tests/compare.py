@@ -180,7 +180,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def best_torch_precision() -> str:
-    from app.inference.model import cpu_has_fast_bf16
+    from app.inference.cpu_features import cpu_has_fast_bf16
 
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 

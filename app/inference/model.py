@@ -7,7 +7,6 @@ precisions stay in here.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.calibration import calibration_for
 from app.inference.checkpoint_init import onto_checkpoint_tensors
+from app.inference.cpu_features import cpu_has_fast_bf16
 from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.memory import page_out_files, release_freed_memory
 from app.inference.preprocessing import ImagePreprocessor
@@ -52,54 +52,6 @@ def pick_device(requested: str) -> torch.device:
             f"CLIP_DEVICE={requested} but only {torch.cuda.device_count()} CUDA device(s) exist."
         )
     return device
-
-
-# oneDNN's ISA levels (dnnl_cpu_isa_t): each level's bits include those of the levels
-# below it; 0x80 is AVX512-BF16's, present from avx512_core_bf16 up.
-_ONEDNN_ISA_LEVELS = {
-    "SSE41": 0x1,
-    "AVX": 0x3,
-    "AVX2": 0x7,
-    "AVX2_VNNI": 0xF,
-    "AVX2_VNNI_2": 0x1F,
-    "AVX512_CORE": 0x27,
-    "AVX512_CORE_VNNI": 0x67,
-    "AVX512_CORE_BF16": 0xE7,
-    "AVX10_1_512": 0x1EF,
-    "AVX512_CORE_FP16": 0x1EF,
-    "AVX10_1_512_AMX": 0xFEF,
-    "AVX512_CORE_AMX": 0xFEF,
-    "AVX10_1_512_AMX_FP16": 0x1FEF,
-    "AVX512_CORE_AMX_FP16": 0x1FEF,
-}
-_ONEDNN_BF16_BIT = 0x80
-
-
-def onednn_isa_cap() -> str | None:
-    """The ISA ceiling oneDNN (under torch and OpenVINO) was given, upper case; None
-    where it picks for itself. ONEDNN_ wins over the older DNNL_ name, as in oneDNN."""
-    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        value = os.environ.get(variable, "").strip().upper()
-        if value:
-            return None if value in ("ALL", "DEFAULT") else value
-    return None
-
-
-def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32, unless
-    oneDNN (under torch and OpenVINO) is capped below them (ONEDNN_MAX_CPU_ISA, as
-    some VM hosts need): then neither runtime may use them, and bf16 only costs
-    conversions."""
-    try:
-        with open(cpuinfo, encoding="ascii", errors="ignore") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    if "amx_bf16" not in flags and "avx512_bf16" not in flags:
-        return False
-    cap = onednn_isa_cap()
-    # A name this table does not know is a level newer than it: not a cap below bf16.
-    return cap is None or bool(_ONEDNN_ISA_LEVELS.get(cap, _ONEDNN_BF16_BIT) & _ONEDNN_BF16_BIT)
 
 
 def pick_precision(
@@ -179,11 +131,17 @@ class ClipImageEncoder:
         cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", {}) or {})
         image_size = _as_pair(cfg.get("size", getattr(visual, "image_size", 224)))
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-        calibration = (
-            calibration_for(settings.int8_calibration_dir, preprocess)
-            if precision == Precision.INT8
-            else None
-        )
+        calibration = None
+        if precision == Precision.INT8 and backend == Backend.OPENVINO:
+            calibration = calibration_for(settings.int8_calibration_dir, preprocess)
+        elif settings.int8_calibration_dir:
+            logger.warning(
+                "CLIP_INT8_CALIBRATION_DIR is not used: only OpenVINO's int8 calibrates, "
+                "and this start runs %s %s (CLIP_BACKEND=openvino CLIP_PRECISION=int8 "
+                "runs it)",
+                backend,
+                precision,
+            )
         weights = weights_digest(visual)  # fp32, before any cast: the model's identity
         try:
             tower = build_tower(

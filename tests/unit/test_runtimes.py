@@ -33,9 +33,21 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_auto_picks_the_measured_fastest_runtime(
-    device: torch.device, precision: Precision, expected: Backend
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, precision: Precision, expected: Backend
 ) -> None:
+    monkeypatch.setattr("app.inference.runtimes.cpu_has_int8_dot_product", lambda: True)
     assert pick_backend(Backend.AUTO, device, precision) == expected
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_without_vnni_auto_int8_runs_onnxruntime_and_nothing_else_moves(
+    monkeypatch: pytest.MonkeyPatch, precision: Precision
+) -> None:
+    # OpenVINO's static int8 ran at half its own fp32 speed on an AVX2 EPYC.
+    monkeypatch.setattr("app.inference.runtimes.cpu_has_int8_dot_product", lambda: False)
+    assert pick_backend(Backend.AUTO, CPU, Precision.INT8) == Backend.ONNXRUNTIME
+    assert pick_backend(Backend.AUTO, CPU, precision) == Backend.OPENVINO
+    assert pick_backend(Backend.OPENVINO, CPU, Precision.INT8) == Backend.OPENVINO
 
 
 @pytest.mark.parametrize(

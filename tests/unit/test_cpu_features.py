@@ -1,4 +1,5 @@
-"""`auto` precision on CPU: bf16 only where the CPU has it and oneDNN may use it."""
+"""What `auto` reads of the CPU: bf16 and int8 dot products, only where the CPU has them
+and oneDNN may use them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.inference.model import cpu_has_fast_bf16, onednn_isa_cap
+from app.inference.cpu_features import cpu_has_fast_bf16, cpu_has_int8_dot_product, onednn_isa_cap
 
 AMX = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
 BF16_ONLY = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
@@ -71,3 +72,39 @@ def test_onednn_name_wins_over_the_older_dnnl_name(monkeypatch: pytest.MonkeyPat
     assert onednn_isa_cap() == "AVX512_CORE_BF16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "all")
     assert onednn_isa_cap() is None
+
+
+AVX2_ONLY = "flags\t\t: fpu avx avx2 fma sha_ni vaes\n"
+AVX_VNNI = "flags\t\t: fpu avx2 avx_vnni\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "fast"),
+    [(AMX, True), (BF16_ONLY, True), (NEITHER, True), (AVX_VNNI, True), (AVX2_ONLY, False)],
+)
+def test_int8_dot_products_follow_the_cpu_flags(tmp_path: Path, flags: str, fast: bool) -> None:
+    assert cpu_has_int8_dot_product(cpuinfo(tmp_path, flags)) is fast
+
+
+@pytest.mark.parametrize(
+    ("flags", "cap", "fast"),
+    [
+        (NEITHER, "AVX512_CORE", False),  # below VNNI: OpenVINO would not use it
+        (NEITHER, "AVX512_CORE_VNNI", True),
+        (NEITHER, "AVX2_VNNI", False),  # AVX-VNNI allowed, but this CPU has only AVX512's
+        (AVX_VNNI, "AVX2_VNNI", True),
+        (AVX_VNNI, "AVX2", False),
+        (AMX, "AVX10_9_FUTURE", True),
+    ],
+)
+def test_a_onednn_cap_below_vnni_means_no_int8_dot_products(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, cap: str, fast: bool
+) -> None:
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu_has_int8_dot_product(cpuinfo(tmp_path, flags)) is fast
+
+
+def test_a_flag_is_read_whole_not_as_part_of_another(tmp_path: Path) -> None:
+    # avx512_vnni must not pass for avx_vnni's kin, nor a longer flag for a shorter one.
+    assert cpu_has_int8_dot_product(cpuinfo(tmp_path, "flags\t\t: avx2 avx_vnni_int8\n")) is False
+    assert cpu_has_fast_bf16(cpuinfo(tmp_path, "flags\t\t: avx2 avx512_bf16x\n")) is False
