@@ -1,13 +1,17 @@
-"""What `auto` reads of the CPU: bf16 and int8 dot products, only where the CPU has them
-and oneDNN may use them."""
+"""What `auto` reads of the CPU (bf16 and int8 dot products, only where the CPU has them
+and oneDNN may use them), and the warning when a precision named outright runs slowly."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 
+from app.config import Backend, Precision
 from app.inference.cpu_features import cpu_has_fast_bf16, cpu_has_int8_dot_product, onednn_isa_cap
+from app.inference.model import warn_of_slow_choices
 
 AMX = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
 BF16_ONLY = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
@@ -108,3 +112,36 @@ def test_a_flag_is_read_whole_not_as_part_of_another(tmp_path: Path) -> None:
     # avx512_vnni must not pass for avx_vnni's kin, nor a longer flag for a shorter one.
     assert cpu_has_int8_dot_product(cpuinfo(tmp_path, "flags\t\t: avx2 avx_vnni_int8\n")) is False
     assert cpu_has_fast_bf16(cpuinfo(tmp_path, "flags\t\t: avx2 avx512_bf16x\n")) is False
+
+
+@pytest.mark.parametrize(
+    ("precision", "backend", "bf16", "vnni", "warned"),
+    [
+        (Precision.BF16, Backend.TORCH, False, True, "CLIP_PRECISION=bf16"),
+        (Precision.BF16, Backend.OPENVINO, True, True, None),
+        (Precision.INT8, Backend.OPENVINO, True, False, "OpenVINO int8"),
+        (Precision.INT8, Backend.OPENVINO, True, True, None),
+        (Precision.INT8, Backend.ONNXRUNTIME, True, False, None),
+        (Precision.FP32, Backend.OPENVINO, False, False, None),
+    ],
+)
+def test_a_precision_this_cpu_runs_slowly_is_named_at_startup(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    precision: Precision,
+    backend: Backend,
+    bf16: bool,
+    vnni: bool,
+    warned: str | None,
+) -> None:
+    monkeypatch.setattr("app.inference.model.cpu_has_fast_bf16", lambda: bf16)
+    monkeypatch.setattr("app.inference.model.cpu_has_int8_dot_product", lambda: vnni)
+    with caplog.at_level(logging.WARNING, logger="app.inference.model"):
+        warn_of_slow_choices(precision, backend, torch.device("cpu"))
+        warn_of_slow_choices(precision, backend, torch.device("cuda"))  # never on a GPU
+    if warned is None:
+        assert not caplog.records
+    else:
+        (record,) = caplog.records
+        assert warned in record.getMessage()
+        assert "auto" in record.getMessage()
