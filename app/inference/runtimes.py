@@ -322,11 +322,12 @@ def _cache_key(
     # OpenVINO's bf16 runs a graph whose weights are stored in 16 bits (half the memory);
     # int8 is the quantised graph (OpenVINO's depends on the images it calibrated on);
     # everything else the fp32 export.
-    artefact = {Precision.INT8: "int8", Precision.BF16: "w16"}.get(precision, "fp32")
+    # "int8-w7": 7-bit weights; entries named "int8" before them hold full-range
+    # weights, which saturate on CPUs without VNNI.
     if precision == Precision.INT8:
-        # "w7": 7-bit weights; entries named "int8" before them hold full-range weights,
-        # which saturate on CPUs without VNNI.
         artefact = "int8-w7" if calibration is None else f"int8-w7-{calibration.key}"
+    else:
+        artefact = "w16" if precision == Precision.BF16 else "fp32"
     version = _library_version(backend)
     height, width = image_size
     return f"{weights[:24]}-{backend}-{version}-{artefact}-{height}x{width}"
