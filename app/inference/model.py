@@ -34,6 +34,7 @@ from app.inference.runtimes import (
     pick_backend,
     weights_digest,
 )
+from app.inference.texts import encode_texts
 from app.inference.weights import ModelSource, WeightsUnavailable, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class ClipImageEncoder:
         text_model: torch.nn.Module | None = model
         if texts:
             unique = list(dict.fromkeys(texts))
-            text_rows = dict(zip(unique, _embed_texts(model, tokenizer, unique), strict=True))
+            text_rows = dict(zip(unique, encode_texts(model, tokenizer, unique), strict=True))
             del model
             text_model = None  # the text tower goes; `visual` keeps the image tower
             release_freed_memory()
@@ -245,7 +246,7 @@ class ClipImageEncoder:
             raise RuntimeError(
                 f"the text tower was released and {missing!r} was not embedded at load"
             )
-        return _embed_texts(self._text_model, self._tokenizer, texts)
+        return encode_texts(self._text_model, self._tokenizer, texts)
 
     def release_text_tower(self) -> None:
         """Drop the text tower (about a third of the weights) once labels are embedded."""
@@ -316,18 +317,6 @@ def _page_out_checkpoint(source: ModelSource) -> None:
     # The checkpoint is mapped (checkpoint_init), and once the image tower is converted
     # its pages are not read again: they can go back to the page cache.
     page_out_files(source.weights_files(), copy_on_write=True)
-
-
-def _embed_texts(
-    model: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str]
-) -> npt.NDArray[np.float32]:
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), 64):
-            tokens = tokenizer(list(texts[start : start + 64]))
-            features = model.encode_text(tokens).float()
-            rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
-    return np.concatenate(rows).astype(np.float32)
 
 
 def _output_dim(
