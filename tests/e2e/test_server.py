@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -474,7 +475,7 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
-def as_unprivileged_user(home: Path) -> list[str]:
+def as_unprivileged_user() -> list[str]:
     """`python -m app` as a user the chmod binds, for runs as root; skips where none can be
     had or it cannot run the service."""
     if os.geteuid() != 0:
@@ -483,15 +484,28 @@ def as_unprivileged_user(home: Path) -> list[str]:
     if setpriv is None:
         pytest.skip("root reads whatever the mode, and setpriv is not here to drop root")
     drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    probe = subprocess.run(
-        [*drop, sys.executable, "-c", "import app.main"],
-        capture_output=True,
-        env={**os.environ, "HOME": str(home)},
-        timeout=120,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot import the service here: {probe.stderr[-300:]!r}")
+    failure = import_failure_as(tuple(drop))
+    if failure is not None:
+        pytest.skip(f"uid {NOBODY} cannot import the service here: {failure}")
     return [*drop, sys.executable, "-m", "app"]
+
+
+@functools.cache
+def import_failure_as(drop: tuple[str, ...]) -> str | None:
+    """Why `drop` cannot import the service, or None: asked once a run, since torch's
+    import takes seconds."""
+    home = Path(tempfile.mkdtemp(prefix="clip-nobody-home-"))
+    home.chmod(0o755)
+    try:
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", "import app.main"],
+            capture_output=True,
+            env={**os.environ, "HOME": str(home)},
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return None if probe.returncode == 0 else repr(probe.stderr[-300:])
 
 
 @pytest.mark.parametrize("setting", ["CLIP_MODEL", "CLIP_PRETRAINED"])
@@ -512,7 +526,7 @@ def test_python_m_app_reports_unreadable_weights_as_unreadable(
     )
     if how == "chmod":
         weights.chmod(0)
-        prefix = as_unprivileged_user(shared_tmp)
+        prefix = as_unprivileged_user()
     else:
         prefix = [sys.executable, "-c", RUN_APP_WITH_ONE_FILE_UNREADABLE, str(weights)]
     result = run_app(env, prefix, home=shared_tmp)
