@@ -312,7 +312,7 @@ def wait_until_ready(
                 return process
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)  # the startup tool times this wait
     process.kill()
     raise SystemExit(f"{what} not ready after {timeout_s:.0f} s")
 

@@ -239,3 +239,64 @@ def test_a_load_tool_killed_with_sigterm_still_stops_what_it_started(tmp_path: P
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert marker.read_text() == "yes"
+
+
+FAKE_SERVICE = """
+import os, sys, time, http.server, pathlib
+
+# A checkout whose `python -m app` takes {warm_s} s to be ready on a cache it converted
+# into before, {cold_s} s on an empty one, then answers 200 to everything.
+cache = pathlib.Path(os.environ["CLIP_CACHE_DIR"])
+cache.mkdir(parents=True, exist_ok=True)
+converted = cache / "converted-{name}"
+time.sleep({warm_s} if converted.exists() else {cold_s})
+converted.touch()
+
+
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+"""
+
+
+def fake_checkout(folder: Path, name: str, warm_s: float, cold_s: float) -> Path:
+    (folder / "app").mkdir(parents=True)
+    (folder / "app" / "__init__.py").write_text("")
+    source = FAKE_SERVICE.format(name=name, warm_s=warm_s, cold_s=cold_s)
+    (folder / "app" / "__main__.py").write_text(source)
+    return folder
+
+
+def test_the_startup_tool_times_each_checkout_on_a_primed_cache_and_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from load_tests.startup import main as startup_main
+
+    this = fake_checkout(tmp_path / "this", "this", warm_s=0.1, cold_s=1.2)
+    other = fake_checkout(tmp_path / "other", "other", warm_s=0.3, cold_s=2.4)
+    monkeypatch.chdir(this)
+    out = tmp_path / "startup.json"
+    startup_main(
+        ["--model-dir", str(tmp_path), "--rounds", "1", "--against", str(other), "--cold",
+         "--port", str(free_port()), "--json", str(out), "CLIP_BACKEND=torch"]
+    )  # fmt: skip
+    figures = {(f["checkout"], f["cache"]): f["seconds"] for f in json.loads(out.read_text())}
+    assert set(figures) == {(str(c), k) for c in (this, other) for k in ("warm", "cold")}
+    # Each start is timed to its /ready; warm ones find the cache the first start filled,
+    # and every cold one an empty cache of its own.
+    expected = {(this, "warm"): 0.1, (this, "cold"): 1.2, (other, "warm"): 0.3,
+                (other, "cold"): 2.4}  # fmt: skip
+    for (checkout, cache), floor in expected.items():
+        seconds = figures[str(checkout), cache]
+        assert len(seconds) == 1
+        assert all(floor <= s < floor + 1.0 for s in seconds), (checkout, cache, seconds)
+    with pytest.raises(SystemExit, match="CLIP_NAME=value"):
+        startup_main(["--model-dir", str(tmp_path), "BACKEND=torch"])
