@@ -12,6 +12,7 @@ full context as open_clip does.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ import torch
 # Prompts per pass: the whole default vocabulary in three, without one huge activation.
 TEXT_BATCH = 64
 
+# The cut changes the model for the length of a pass: two callers must not interleave.
+_one_pass_at_a_time = threading.Lock()
+
 
 def encode_texts(
     model: Any, tokenizer: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str]
@@ -31,9 +35,10 @@ def encode_texts(
     with torch.inference_mode():
         for start in range(0, len(texts), TEXT_BATCH):
             tokens = tokenizer(list(texts[start : start + TEXT_BATCH]))
-            length = used_context(model, tokens)
-            with context_cut_to(model, length):
-                features = model.encode_text(tokens[:, :length]).float()
+            with _one_pass_at_a_time:  # used_context reads the mask a cut replaces
+                length = used_context(model, tokens)
+                with context_cut_to(model, length):
+                    features = model.encode_text(tokens[:, :length]).float()
             rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
     return np.concatenate(rows).astype(np.float32)
 

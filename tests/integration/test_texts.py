@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,6 +76,43 @@ def test_the_context_is_put_back_when_the_pass_fails(clip: Any) -> None:
     assert seen == [(5, clip.positional_embedding.shape[1]), (5, 5)]
     assert clip.positional_embedding is positions
     assert clip.attn_mask is mask
+
+
+def test_two_callers_never_run_inside_each_others_cut(
+    clip: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int]] = []  # (tokens' width, positions the model adds)
+    first_inside, let_first_go = threading.Event(), threading.Event()
+    encode = clip.encode_text
+
+    def held(tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        seen.append((int(tokens.shape[1]), int(clip.positional_embedding.shape[0])))
+        if not first_inside.is_set():
+            first_inside.set()
+            let_first_go.wait(10)
+        return encode(tokens, **kwargs)
+
+    monkeypatch.setattr(clip, "encode_text", held)
+    long_text = ["a photo of a person wearing a long dark blue coat"]
+    second_rows: list[np.ndarray] = []
+    first = threading.Thread(target=encode_texts, args=(clip, tokenizer, ["a red shirt"]))
+    second = threading.Thread(
+        target=lambda: second_rows.append(encode_texts(clip, tokenizer, long_text))
+    )
+    first.start()
+    assert first_inside.wait(10)
+    second.start()
+    second.join(0.5)
+    assert len(seen) == 1  # the second waits for the first pass to end
+    let_first_go.set()
+    first.join(10)
+    second.join(10)
+    assert [width for width, _ in seen] == [5, len(tokenizer.encode(long_text[0])) + 2]
+    assert all(width == positions for width, positions in seen)
+    monkeypatch.undo()
+    np.testing.assert_allclose(
+        second_rows[0], full_context_rows(clip, tokenizer, long_text), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
