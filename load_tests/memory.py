@@ -62,18 +62,24 @@ def measure(
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    start_load_tool()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def configurations_parser(description: str, port: int) -> argparse.ArgumentParser:
+    """The options of a tool that starts the service once per configuration."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-dir", required=True, help="a local-dir open_clip model")
     parser.add_argument(
         "configurations", nargs="*", default=[""], help='CLIP_X=V,... each; "" = defaults'
     )
     parser.add_argument("--cold", action="store_true", help="also with an empty cache")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--json", help="also write the figures here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    start_load_tool()
+    parser = configurations_parser(__doc__.split("\n\n")[0], port=8890)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--port", type=int, default=8890)
-    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
 
     footprints = []

@@ -16,7 +16,6 @@ the other, so a slow spell of a shared machine falls on both:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,8 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from load_tests.compare import parse_settings, stop
+from load_tests.compare import stop
 from load_tests.concurrency import start_load_tool, start_server
+from load_tests.memory import configurations_parser, parse_configuration
 
 
 @dataclass
@@ -35,11 +35,6 @@ class Startup:
     checkout: str
     cache: str  # "warm" or "cold"
     seconds: list[float] = field(default_factory=list)
-
-
-def parse_configuration(text: str) -> dict[str, str]:
-    """`CLIP_A=1,CLIP_B=2` -> settings; "" -> the defaults."""
-    return parse_settings([pair.strip() for pair in text.split(",") if pair.strip()])
 
 
 def time_to_ready(model_dir: str, port: int, settings: dict[str, str], checkout: str) -> float:
@@ -92,16 +87,9 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     start_load_tool()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True, help="a local-dir open_clip model")
-    parser.add_argument(
-        "configurations", nargs="*", default=[""], help='CLIP_X=V,... each; "" = defaults'
-    )
-    parser.add_argument("--cold", action="store_true", help="also with an empty cache")
+    parser = configurations_parser(__doc__.split("\n\n")[0], port=8891)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--against", help="another checkout, timed beside this one")
-    parser.add_argument("--port", type=int, default=8891)
-    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
 
     here = os.getcwd()
