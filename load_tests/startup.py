@@ -54,6 +54,8 @@ def measure(
     port: int,
 ) -> list[Startup]:
     caches = ("warm", "cold") if cold else ("warm",)
+    # Read once, before any start: a mistyped one stops the run before minutes of priming.
+    parsed = {configuration: parse_configuration(configuration) for configuration in configurations}
     results = {
         (configuration, checkout, cache): Startup(configuration or "defaults", checkout, cache)
         for configuration in configurations
@@ -63,7 +65,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="clip-startup-") as scratch:
         warm_dir = Path(scratch, "warm")
         for configuration in configurations:
-            settings = {**parse_configuration(configuration), "CLIP_CACHE_DIR": str(warm_dir)}
+            settings = {**parsed[configuration], "CLIP_CACHE_DIR": str(warm_dir)}
             for checkout in checkouts:  # fills the cache: versions may key it apart
                 time_to_ready(model_dir, port, settings, checkout)
         for round_number in range(rounds):
@@ -73,10 +75,7 @@ def measure(
                         cache_dir = warm_dir
                         if cache == "cold":
                             cache_dir = Path(tempfile.mkdtemp(dir=scratch, prefix="cold-"))
-                        settings = {
-                            **parse_configuration(configuration),
-                            "CLIP_CACHE_DIR": str(cache_dir),
-                        }
+                        settings = {**parsed[configuration], "CLIP_CACHE_DIR": str(cache_dir)}
                         seconds = time_to_ready(model_dir, port, settings, checkout)
                         results[configuration, checkout, cache].seconds.append(seconds)
                         print(f"round {round_number}: {configuration or 'defaults'} "

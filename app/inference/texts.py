@@ -2,10 +2,10 @@
 
 CLIP's text transformer is causal and reads each prompt's features at its end-of-text
 token, so no position after the longest prompt's end can change a row. open_clip still
-runs every prompt over all 77 positions of the context; the garment prompts end by the
-16th, so cutting the context there gives the same rows (up to float rounding) for about a
-fifth of the work. On a 2-core AVX2 CPU that took ViT-B-32's 165 default prompts from
-~15 s to ~2 s of every start. Towers that pool otherwise, or attend both ways, run the
+runs every prompt over all 77 positions of the context; the default garment prompts end
+by the 19th, so cutting the context there gives the same rows (up to float rounding) for
+about a sixth of the work. On a 2-core AVX2 CPU that took ViT-B-32's 165 default prompts
+from ~15 s to ~2.5 s of every start. Towers that pool otherwise, or attend both ways, run the
 full context as open_clip does.
 """
 
