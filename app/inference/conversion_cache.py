@@ -1,7 +1,7 @@
 """The on-disk cache of converted image towers (OpenVINO IR, ONNX), and its integrity.
 
 An entry is a folder named by the weights' hash, the runtime's version and the artefact
-(runtimes._cache_key). It is written whole or not at all: converted in a staging folder
+(runtimes.build.cache_key). It is written whole or not at all: converted in a staging folder
 beside it and renamed into place, so a crash or a replica converting at the same time
 never leaves half an entry. It carries a manifest of its key and its files' sizes and
 SHA-256, and an entry whose files do not match it (a truncated copy, a flipped bit on a

@@ -96,7 +96,7 @@ def test_auto_falls_back_to_torch_when_a_runtime_cannot_take_the_model(
     def unconvertible(*args: object) -> None:
         raise RuntimeError("operator not supported")
 
-    monkeypatch.setattr("app.inference.runtimes._openvino_tower", unconvertible)
+    monkeypatch.setattr("app.inference.runtimes.build.openvino_tower", unconvertible)
     base = {"model": f"local-dir:{tiny_model_dir}", "device": "cpu", "precision": "fp32"}
     encoder = ClipImageEncoder.load(Settings(**base, backend="auto"))
     assert encoder.info.backend == "torch"

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from app.config import Precision
-from app.inference.runtimes import SECOND_COPY_MAX_BYTES, OpenVinoTower, default_streams
+from app.inference.runtimes.openvino_tower import (
+    SECOND_COPY_MAX_BYTES,
+    OpenVinoTower,
+    default_streams,
+)
 from tests.unit.test_memory import mapped_and_read, page_out_works, resident_kb
 
 

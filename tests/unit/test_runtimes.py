@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from app.config import Backend, Precision
-from app.inference.runtimes import (
-    BackendUnavailable,
-    TorchTower,
-    _torch_tower,
-    pick_backend,
-    weights_digest,
-)
+from app.inference.runtimes import BackendUnavailable, pick_backend, weights_digest
+from app.inference.runtimes.torch_tower import TorchTower, torch_tower
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -35,7 +30,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_auto_picks_the_measured_fastest_runtime(
     monkeypatch: pytest.MonkeyPatch, device: torch.device, precision: Precision, expected: Backend
 ) -> None:
-    monkeypatch.setattr("app.inference.runtimes.cpu_has_int8_dot_product", lambda: True)
+    monkeypatch.setattr("app.inference.runtimes.choice.cpu_has_int8_dot_product", lambda: True)
     assert pick_backend(Backend.AUTO, device, precision) == expected
 
 
@@ -44,7 +39,7 @@ def test_without_vnni_auto_int8_runs_onnxruntime_and_nothing_else_moves(
     monkeypatch: pytest.MonkeyPatch, precision: Precision
 ) -> None:
     # OpenVINO's static int8 ran at half its own fp32 speed on an AVX2 EPYC.
-    monkeypatch.setattr("app.inference.runtimes.cpu_has_int8_dot_product", lambda: False)
+    monkeypatch.setattr("app.inference.runtimes.choice.cpu_has_int8_dot_product", lambda: False)
     assert pick_backend(Backend.AUTO, CPU, Precision.INT8) == Backend.ONNXRUNTIME
     assert pick_backend(Backend.AUTO, CPU, precision) == Backend.OPENVINO
     assert pick_backend(Backend.OPENVINO, CPU, Precision.INT8) == Backend.OPENVINO
@@ -144,10 +139,10 @@ def test_a_lone_crop_runs_alone_over_every_thread() -> None:
 def test_torch_on_the_cpu_takes_two_streams_by_default_and_one_on_request() -> None:
     visual = torch.nn.Linear(4, 4)
     cpu = torch.device("cpu")
-    assert _torch_tower(visual, Precision.FP32, cpu, streams=0, threads=2).concurrency == 2
-    assert _torch_tower(visual, Precision.FP32, cpu, streams=0, threads=1).concurrency == 1
-    assert _torch_tower(visual, Precision.FP32, cpu, streams=1, threads=2).concurrency == 1
-    assert _torch_tower(visual, Precision.FP32, cpu, streams=3, threads=6).concurrency == 3
+    assert torch_tower(visual, Precision.FP32, cpu, streams=0, threads=2).concurrency == 2
+    assert torch_tower(visual, Precision.FP32, cpu, streams=0, threads=1).concurrency == 1
+    assert torch_tower(visual, Precision.FP32, cpu, streams=1, threads=2).concurrency == 1
+    assert torch_tower(visual, Precision.FP32, cpu, streams=3, threads=6).concurrency == 3
 
 
 @pytest.mark.usefixtures("torch_threads")

@@ -1,0 +1,40 @@
+"""Which runtimes run which precisions, and what `auto` picks."""
+
+from __future__ import annotations
+
+import torch
+
+from app.config import Backend, Precision
+from app.inference.cpu_features import cpu_has_int8_dot_product
+from app.inference.runtimes.tower import BackendUnavailable
+
+SUPPORTED: dict[Backend, set[Precision]] = {
+    Backend.TORCH: {Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8},
+    Backend.OPENVINO: {Precision.FP32, Precision.BF16, Precision.INT8},
+    Backend.ONNXRUNTIME: {Precision.FP32, Precision.INT8},
+}
+
+
+def pick_backend(requested: Backend, device: torch.device, precision: Precision) -> Backend:
+    """`auto`: the fastest runtime measured to keep parity for this device and precision
+    (README, Performance): torch on GPUs; OpenVINO on CPUs, except int8 on a CPU without
+    VNNI or AMX. OpenVINO's static int8 ran twice as fast as ONNX Runtime's dynamic int8
+    on a Xeon with AMX, but at half its own fp32 speed on an AVX2 EPYC, where ONNX
+    Runtime's int8 ran 1.5-1.9x faster than OpenVINO fp32."""
+    if requested == Backend.AUTO:
+        if device.type != "cpu":
+            return Backend.TORCH
+        if precision == Precision.INT8 and not cpu_has_int8_dot_product():
+            return Backend.ONNXRUNTIME
+        return Backend.OPENVINO
+    if requested != Backend.TORCH and device.type != "cpu":
+        raise BackendUnavailable(
+            f"CLIP_BACKEND={requested} runs on the CPU only; use torch (or auto) on {device}."
+        )
+    if precision not in SUPPORTED[requested]:
+        choices = ", ".join(sorted(p.value for p in SUPPORTED[requested]))
+        raise BackendUnavailable(
+            f"CLIP_BACKEND={requested} does not run CLIP_PRECISION={precision}; it runs "
+            f"{choices} (or use CLIP_BACKEND=auto)."
+        )
+    return requested
