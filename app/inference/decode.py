@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from app.errors import InvalidImage, PayloadTooLarge, ServiceError
 from app.inference.headers import draft_size, header_size
@@ -33,6 +33,20 @@ Image.init()
 
 # Crops background-composited onto black: the same fill open_clip pads with.
 _ALPHA_BACKGROUND = (0, 0, 0)
+
+# What each EXIF orientation takes to show the picture upright (TIFF 6.0, tag 0x0112).
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Where Pillow finds an orientation: the EXIF block, or XMP where EXIF has none.
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
 
 # Refuse truncated files rather than embed half a picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -125,16 +139,35 @@ def load_rgb(image: Image.Image) -> Image.Image:
             # Animations and multi-page files open at their first frame, which is the
             # crop; counting frames (n_frames) would walk the whole file: never asked.
             image.load()
-        # In place: without an orientation tag the default returns a full copy, which
-        # doubled the peak memory of every large image.
-        ImageOps.exif_transpose(image, in_place=True)
-        return to_rgb(image)
+        return to_rgb(_upright(image))
     except (InvalidImage, PayloadTooLarge):
         raise
     except Image.DecompressionBombError:
         raise PayloadTooLarge("image decodes to far more pixels than its header says") from None
     except Exception as exc:
         raise InvalidImage(f"image is truncated or corrupt: {_describe(exc)}") from None
+
+
+def exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation an image asks to be shown in; None where it has none, or an
+    EXIF block Pillow cannot parse (a camera's or an editor's slip): the pixels then
+    are the picture, as a viewer shows them, not a reason to refuse the file."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:
+        return None
+    return orientation if isinstance(orientation, int) else None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A decoded image turned as its EXIF orientation says (the same image where it
+    says nothing: no copy), with the orientation dropped from its metadata, so that
+    the crops cut from a frame, which inherit it, are not turned a second time."""
+    turn = _UPRIGHT.get(exif_orientation(image) or 1)
+    upright = image if turn is None else image.transpose(turn)
+    for source in _ORIENTATION_SOURCES:
+        upright.info.pop(source, None)
+    return upright
 
 
 def _decode_jpeg(image: Image.Image) -> Image.Image | None:
@@ -180,7 +213,7 @@ def _decode_jpeg(image: Image.Image) -> Image.Image | None:
     if pixels.shape[:2] != (image.height, image.width):
         return None  # never seen; Pillow's reading of the header decides
     decoded = Image.fromarray(pixels[:, :, 0] if colorspace == "GRAY" else pixels)
-    decoded.info.update(image.info)  # the EXIF orientation, for exif_transpose
+    decoded.info.update(image.info)  # the EXIF orientation, for _upright
     return decoded
 
 
@@ -226,6 +259,12 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     and in place: a 40 Mpx frame costs a few bytes a pixel, not float64 copies."""
     values = np.array(image, dtype=np.float32)
     if image.mode == "F":
+        if values.size and not np.isfinite(values).any():
+            raise InvalidImage(
+                "image is a float image whose every pixel is NaN or infinite: there is no "
+                "picture to embed; send the pixels the camera recorded"
+            )
+        # Some pixels without a value (a sensor's no-data): black, as transparency is.
         np.nan_to_num(values, copy=False)
         peak = float(values.max()) if values.size else 1.0
         if peak <= 1.0:

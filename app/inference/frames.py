@@ -18,6 +18,7 @@ from PIL import Image
 
 from app.config import MIN_PERSON_CROP as MIN_CROP
 from app.errors import PayloadTooLarge, ValidationFailed
+from app.inference.decode import exif_orientation
 
 FloatBox = tuple[float, float, float, float]
 Box = tuple[int, int, int, int]
@@ -25,7 +26,6 @@ Box = tuple[int, int, int, int]
 # EXIF orientations 5-8 turn the picture a quarter: the decoded frame is the header's
 # height wide.
 _QUARTER_TURNS = {5, 6, 7, 8}
-_ORIENTATION_TAG = 0x0112
 
 
 def read_boxes(raw: Any, max_boxes: int) -> list[FloatBox]:
@@ -97,11 +97,7 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     """The size an opened (not yet decoded) image will have once EXIF orientation is
     applied, read from its header."""
     width, height = image.size
-    try:
-        orientation = image.getexif().get(_ORIENTATION_TAG)
-    except Exception:  # an unreadable EXIF block: load_rgb ignores it too
-        orientation = None
-    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+    return (height, width) if exif_orientation(image) in _QUARTER_TURNS else (width, height)
 
 
 def box_pixels(boxes: Sequence[Box]) -> int:

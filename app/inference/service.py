@@ -288,19 +288,24 @@ class EmbeddingService:
         the detail a crop sent on its own keeps, and parity with /embed would go. And in
         threads even where decode processes run: a frame is one decode, and its crops
         are views of it that processes would need copied to them."""
-        opened = open_image(frame, max_pixels=self.settings.max_image_pixels)
+        try:
+            opened = open_image(frame, max_pixels=self.settings.max_image_pixels)
+        except ServiceError as error:
+            raise at_item(error, "image") from None
         width, height = oriented_size(opened)
         used = fit_boxes(boxes, width, height)
         ticket.add_pixels(width * height + box_pixels(used))
-        if not used:
-            return used, []
         self._preparing += 1
         try:
+            # With no boxes too: a frame cut short or corrupt is refused whatever it
+            # holds, not answered "nobody here" because only its header was read.
             decoded = await run_in(self._decode_pool, _decode_frame, opened)
         finally:
             self._preparing -= 1
         if isinstance(decoded, ServiceError):
             raise at_item(decoded, "image")
+        if not used:
+            return used, []
         if decoded.size != (width, height):  # an EXIF block Pillow read otherwise on load
             used = fit_boxes(boxes, *decoded.size)
         frame_rgb = decoded

@@ -166,6 +166,33 @@ async def test_an_empty_list_still_needs_an_image(client: httpx.AsyncClient) -> 
     response = await post_frame(client, b"not an image", [])
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_image"
+    assert response.json()["error"]["message"].startswith("image: ")
+
+
+@pytest.mark.parametrize("boxes", [[], [[0, 0, 50, 100]]], ids=["no boxes", "a box"])
+async def test_a_frame_cut_short_is_refused_with_or_without_boxes(
+    client: httpx.AsyncClient, boxes: list[list[int]]
+) -> None:
+    whole = encoded(frame_image())
+    response = await post_frame(client, whole[: len(whole) * 2 // 3], boxes)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert error["message"].startswith("image: ")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+async def test_an_unreadable_exif_block_leaves_the_frame_as_it_is(
+    client: httpx.AsyncClient, fmt: str
+) -> None:
+    frame = frame_image()
+    plain = await post_frame(client, encoded(frame, fmt, quality=95), BOXES)
+    damaged = await post_frame(
+        client, encoded(frame, fmt, quality=95, exif=b"Exif\x00\x00garbage"), BOXES
+    )
+    assert damaged.status_code == plain.status_code == 200, damaged.text
+    for a, b in zip(rows(damaged.json()), rows(plain.json()), strict=True):
+        assert cosine(a, b) >= 0.99999
 
 
 @pytest.mark.parametrize(
@@ -239,6 +266,7 @@ async def test_the_frame_obeys_the_pixel_limit(tiny_settings: Callable[..., Sett
         response = await post_frame(client, encoded(frame_image()), [[0, 0, 50, 100]])
     assert response.status_code == 413
     assert "CLIP_MAX_IMAGE_PIXELS" in response.json()["error"]["message"]
+    assert response.json()["error"]["message"].startswith("image: ")
 
 
 async def test_float16_halves_the_bytes(client: httpx.AsyncClient) -> None:

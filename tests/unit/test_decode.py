@@ -56,6 +56,21 @@ def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     assert abs(int(np.asarray(image)[0, 0, 0]) - 128) <= 1
 
 
+def test_a_float_image_with_no_finite_pixel_is_refused() -> None:
+    for fill in (np.nan, np.inf):
+        data = encoded(Image.fromarray(np.full((32, 16), fill, np.float32)), "TIFF")
+        with pytest.raises(InvalidImage, match="every pixel is NaN or infinite"):
+            decode_image(data, max_pixels=LIMIT)
+
+
+def test_a_float_images_nan_pixels_are_black_and_the_rest_kept() -> None:
+    pixels = np.full((32, 16), 0.5, np.float32)
+    pixels[:8] = np.nan
+    grey = np.asarray(decode_image(encoded(Image.fromarray(pixels), "TIFF"), max_pixels=LIMIT))
+    assert grey[:8].max() == 0
+    assert abs(int(grey[8:].min()) - 128) <= 1
+
+
 def test_transparent_areas_become_black_whatever_their_hidden_colour() -> None:
     rgba = Image.new("RGBA", (8, 8), (255, 255, 255, 0))  # invisible white
     image = decode_image(encoded(rgba, "PNG"), max_pixels=LIMIT)
@@ -71,6 +86,43 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     data = encoded(Image.new("RGB", (40, 80), (0, 0, 255)), "JPEG", exif=exif)
     assert decode_image(data, max_pixels=LIMIT).size == (80, 40)
+
+
+def _gradient(size: tuple[int, int] = (24, 40)) -> Image.Image:
+    """No two pixels alike along either axis: every flip and turn gives other pixels."""
+    x, y = np.meshgrid(np.arange(size[0]), np.arange(size[1]))
+    pixels = np.stack([x * 10 % 256, y * 6 % 256, (x + y) * 3 % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_pillow_does(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(_gradient(), "PNG", exif=exif)
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+    assert np.array_equal(np.asarray(decode_image(data, max_pixels=LIMIT)), expected)
+
+
+def test_the_orientation_is_applied_once_to_crops_of_a_decoded_frame() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frame = load_rgb(open_image(encoded(_gradient(), "PNG", exif=exif), max_pixels=LIMIT))
+    assert frame.size == (40, 24)
+    crop = frame.crop((4, 2, 30, 20))  # inherits the frame's metadata
+    assert np.array_equal(np.asarray(load_rgb(crop)), np.asarray(crop))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_unreadable_exif_block_is_no_orientation_not_a_refusal(fmt: str) -> None:
+    # A block that is not TIFF at all: Pillow's getexif() raises on it ("not a TIFF
+    # file"), and exif_transpose with it.
+    picture = _gradient()
+    data = encoded(picture, fmt, exif=b"Exif\x00\x00garbage")
+    plain = decode_image(encoded(picture, fmt), max_pixels=LIMIT)
+    assert np.array_equal(np.asarray(decode_image(data, max_pixels=LIMIT)), np.asarray(plain))
 
 
 def test_animations_give_their_first_frame() -> None:
