@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 
 from app.analysis.service import AnalysisService
 from app.api.errors import shown
+from app.api.inputs import request_media_type
 from app.config import Settings
 from app.errors import NotReady, ShuttingDown, UnsupportedMediaType
 from app.inference.service import EmbeddingService
@@ -55,7 +56,7 @@ SearchExecutorDep = Annotated[SearchExecutor, Depends(get_search_executor)]
 
 
 async def require_json(request: Request) -> None:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = request_media_type(request)
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"content type {shown(media_type or 'none')} is not taken here; send application/json"

@@ -63,7 +63,7 @@ async def read_images(
     options = options or {}
     fields = "".join(f", `{name}`" for name in options)
     refuse_unknown_query_parameters(request, _QUERY_PARAMETERS, f"`{field_name}`{fields}")
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = request_media_type(request)
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()  # size and time limits: BodyLimitMiddleware
         return _from_json(body, settings, field_name, many, json_model)
@@ -75,6 +75,21 @@ async def read_images(
         f"content type {given_type} is not taken here; send multipart/form-data with file field "
         f"`{field_name}`{others}, or application/json with `{field_name}` as base64{others}"
     )
+
+
+def request_media_type(request: Request) -> str:
+    """The body's media type, lower case, without parameters ("" when none is sent).
+    Sent twice, it is refused: servers and proxies differ on which copy counts, so a
+    body would be read as one type here and checked as the other on its way."""
+    sent = request.headers.getlist("content-type")
+    if len(sent) > 1:
+        named = ", ".join(shown(value, 40) for value in sent[:3])
+        raise InvalidRequest(
+            f"the request has {len(sent)} Content-Type headers ({named}"
+            f"{', ...' if len(sent) > 3 else ''}); send one",
+            code="invalid_http",
+        )
+    return sent[0].split(";")[0].strip().lower() if sent else ""
 
 
 def _unparsed_multipart_message(exc: BaseException, reason: str, field_name: str) -> str:
@@ -134,11 +149,14 @@ async def _from_multipart(
     # One file over the limit still parses, so that _check_count names the setting;
     # the parser stops at the next one, and that refusal is turned into the same 413.
     max_files = settings.max_batch_images + 1
+    # A part without a filename is a text field to Starlette, and RFC 7578 makes the
+    # filename optional (generated clients leave it out): any image may be one.
+    max_fields = max_files + len(options) + 8
     framing = MultipartFraming.for_request(request)
     if framing is not None:
         request = Request(request.scope, framing)
     try:
-        form = await request.form(max_files=max_files, max_fields=len(options) + 8)
+        form = await request.form(max_files=max_files, max_fields=max_fields)
     except (MultiPartException, HTTPException) as exc:
         # Inside an app Starlette turns the parser's MultiPartException into a plain 400.
         reason = exc.detail if isinstance(exc, HTTPException) else exc.message
@@ -150,6 +168,13 @@ async def _from_multipart(
                 f"a form field is over the multipart parser's {limit} limit for text fields; "
                 "send images as file parts, and at most "
                 f"{settings.max_batch_images} boxes (CLIP_MAX_BATCH_IMAGES)"
+            ) from None
+        if str(reason).startswith("Too many fields"):
+            takes = f"`{field_name}`" + "".join(f", `{name}`" for name in options)
+            raise PayloadTooLarge(
+                f"more than {max_fields} form fields in one request; this endpoint takes "
+                f"{takes}, with at most {settings.max_batch_images} images "
+                "(CLIP_MAX_BATCH_IMAGES): send only those"
             ) from None
         if str(reason).startswith("Too many files"):
             raise PayloadTooLarge(

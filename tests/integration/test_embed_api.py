@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
 
 from app.codec import decode_embedding
+from app.config import Settings
+from tests.conftest import serve
 from tests.helpers import image_bytes, noise_jpeg
 
 
@@ -160,6 +163,34 @@ async def test_crops_that_fail_while_decoding_are_all_named_in_order(
     assert "images[0]" not in text
 
 
+async def test_a_full_batch_of_parts_without_filenames_is_read(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    """Starlette counts a part without a filename as a text field, and capped fields at
+    8 of them: a larger batch from a generated client got a 400 "Too many fields"."""
+    crops = [noise_jpeg(i) for i in range(12)]
+    async with serve(tiny_settings(max_batch_images=12, warmup=False)) as (_, client):
+        bare = await client.post("/embed/batch", files=[("images", (None, c)) for c in crops])
+        named = await client.post(
+            "/embed/batch", files=[("images", (f"{i}.jpg", c)) for i, c in enumerate(crops)]
+        )
+        assert bare.status_code == named.status_code == 200, bare.text
+        assert bare.json()["embeddings"] == named.json()["embeddings"]
+        over = [("images", (None, c)) for c in [*crops, noise_jpeg(12)]]
+        text = await error_of(await client.post("/embed/batch", files=over), 413)
+        assert "CLIP_MAX_BATCH_IMAGES" in text
+
+
+async def test_a_flood_of_form_fields_is_told_what_the_endpoint_takes(
+    client: httpx.AsyncClient,
+) -> None:
+    fields = {f"note{i}": "x" for i in range(10_000)}
+    response = await client.post("/analyze", files={"image": ("c.jpg", noise_jpeg(1))}, data=fields)
+    text = await error_of(response, 413)
+    assert "`image`, `include_embedding`" in text
+    assert "boundary" not in text
+
+
 @pytest.mark.parametrize(
     ("body", "status", "expected"),
     [
@@ -217,3 +248,21 @@ async def test_extreme_shapes_are_embedded_not_crashed(client: httpx.AsyncClient
 async def test_wrong_methods_and_paths_are_json_too(client: httpx.AsyncClient) -> None:
     assert "not_found" in await error_of(await client.get("/nope"), 404)
     assert "method_not_allowed" in await error_of(await client.get("/embed"), 405)
+
+
+@pytest.mark.parametrize("path", ["/embed", "/embed/batch", "/embed/frame", "/similarity"])
+async def test_a_content_type_sent_twice_is_refused_naming_both(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """Which copy counts differs between servers and proxies: a body read as one type
+    here may have been checked as the other on its way."""
+    headers = [
+        ("content-type", "application/json"),
+        ("content-type", "multipart/form-data; boundary=x"),
+    ]
+    response = await client.post(path, content=b"{}", headers=headers)
+    text = await error_of(response, 400)
+    assert response.json()["error"]["code"] == "invalid_http"
+    assert "2 Content-Type headers" in text
+    assert "application/json" in text
+    assert "multipart/form-data" in text
