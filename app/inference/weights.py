@@ -55,6 +55,15 @@ class ModelSource:
         return [str(p.resolve()) for p in found]
 
 
+def reported_model_id(model: str) -> str:
+    """The id /info reports for a CLIP_MODEL of `local-dir:<path>`: the folder's name
+    alone (where it lies is the deployment's business, not the API's); other spellings
+    as given."""
+    if model.startswith(LOCAL_DIR):
+        return f"{LOCAL_DIR}{Path(model[len(LOCAL_DIR) :]).expanduser().name}"
+    return model
+
+
 def resolve_model_source(model: str, pretrained: str) -> ModelSource:
     if model.startswith(LOCAL_DIR):
         return _resolve_local_dir(model[len(LOCAL_DIR) :])
@@ -88,7 +97,7 @@ def _resolve_local_dir(path_text: str) -> ModelSource:
     return ModelSource(
         model_name=f"{LOCAL_DIR}{path}",
         checkpoint=None,
-        display_name=f"local-dir:{path.name}",
+        display_name=reported_model_id(f"{LOCAL_DIR}{path_text}"),
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from app.inference.projection import WEIGHTS_KEY, Projection, fit_centring, fit_pca
+from app.inference.weights import reported_model_id
 from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
 from app.reid.dataset import labelled_crops
 from app.reid.embedding import embed_in_process, identify, image_files, load_encoder
@@ -78,10 +79,12 @@ def from_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pr
         fail(parser, f"{args.from_linear} has no tensor {args.weight_key!r} (--weight-key)")
     weight = tensors[args.weight_key].astype(np.float32)
     mean = tensors.get(args.mean_key, np.zeros(weight.shape[1], np.float32))
-    # No weights hash: the file names a model id only, so it is checked by that id.
-    projection = Projection(weight, mean.astype(np.float32), args.for_model, "linear")
+    # No weights hash: the file names a model id only, so it is checked by that id, as
+    # /info reports it (the README's commands spell models local-dir:models/<folder>).
+    model = reported_model_id(args.for_model)
+    projection = Projection(weight, mean.astype(np.float32), model, "linear")
     projection.save(args.out)
-    print(f"wrote {args.out}: linear {projection.input_dim} -> {projection.output_dim}")
+    print(f"wrote {args.out}: linear {projection.input_dim} -> {projection.output_dim} for {model}")
     return projection
 
 

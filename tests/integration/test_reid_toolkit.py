@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from app.codec import decode_embedding, encode_embedding
 from app.config import Settings
@@ -77,6 +78,28 @@ async def test_a_projection_for_another_model_stops_startup(
     with pytest.raises(ProjectionError, match="CLIP_PROJECTION"):
         async with serve(tiny_settings(projection=str(path), warmup=False)):
             pass
+
+
+async def test_a_linear_head_converted_for_a_local_dir_model_serves(
+    tiny_settings: Callable[..., Settings], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """--for-model spelled as CLIP_MODEL is (local-dir:<path>, as the README writes it)
+    names the model as /info does, so the service takes the file."""
+    embed_dim = json.loads((tiny_model_dir / "open_clip_config.json").read_text())["model_cfg"][
+        "embed_dim"
+    ]
+    head = tmp_path / "head.safetensors"
+    weight = np.random.default_rng(1).normal(size=(8, embed_dim)).astype(np.float32)
+    save_file({"fc.weight": weight}, str(head))
+    out = tmp_path / "linear8.safetensors"
+    fit_projection.main(
+        ["--from-linear", str(head), "--weight-key", "fc.weight",
+         "--for-model", f"local-dir:{tiny_model_dir}", "--out", str(out)]
+    )  # fmt: skip
+    async with serve(tiny_settings(projection=str(out), warmup=False)) as (_, client):
+        info = (await client.get("/info")).json()
+    assert (info["dim"], info["projection"]) == (8, "linear")
+    assert Projection.load(out).model == info["model"] == f"local-dir:{tiny_model_dir.name}"
 
 
 async def test_float16_transport_end_to_end(tiny_settings: Callable[..., Settings]) -> None:
