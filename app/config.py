@@ -192,7 +192,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_bounds(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(","))
+            value = tuple(part.strip() for part in value.split(","))
+        if isinstance(value, list | tuple) and len(value) != 3:
+            # Said here: the tuple's own check would name only the missing index.
+            raise ValueError(
+                f"CLIP_REGION_BOUNDS must be three increasing fractions in (0, 1), such as "
+                f"0.15,0.52,0.92 (head|upper, upper|lower, lower|feet); got {len(value)}"
+            )
         return value
 
     @field_validator("region_bounds")

@@ -67,6 +67,16 @@ def test_bad_values_fail_at_startup_naming_the_variable(
         assert "finite number" in str(caught.value)
 
 
+@pytest.mark.parametrize("value", ["0.1,0.2", "0.1,0.2,0.5,0.9", "0.5", "0.7,0.5,0.2"])
+def test_region_bounds_say_what_they_must_be_whatever_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("CLIP_REGION_BOUNDS", value)
+    with pytest.raises(ValidationError, match="three increasing fractions in") as caught:
+        Settings()
+    assert "Field required" not in str(caught.value)
+
+
 def test_the_queue_must_hold_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("CLIP_MAX_QUEUE", "32")
