@@ -391,7 +391,9 @@ def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _
     return _Call("/embed/frame", {"files": files, "data": data, "params": {"dtype": dtype}}, parse)
 
 
-def _analyze_call(image: ImageInput, include_embedding: bool) -> _Call[dict[str, Any]]:
+def _analyze_call(
+    image: ImageInput, include_embedding: bool, dtype: str = "float32"
+) -> _Call[dict[str, Any]]:
     def parse(body: dict[str, Any]) -> dict[str, Any]:
         _field(body, "top", _object)
         _field(body, "bottom", _object)
@@ -401,7 +403,8 @@ def _analyze_call(image: ImageInput, include_embedding: bool) -> _Call[dict[str,
         return body
 
     data = {"include_embedding": "true" if include_embedding else "false"}
-    return _Call("/analyze", {"files": _files("image", [image]), "data": data}, parse)
+    request = {"files": _files("image", [image]), "data": data, "params": {"dtype": dtype}}
+    return _Call("/analyze", request, parse)
 
 
 # --- answers and retries ----------------------------------------------------------------
@@ -646,8 +649,12 @@ class ClipClient(_Base):
     ) -> list[list[dict[str, Any]]]:
         return self._send(_search_call(queries, gallery, top_k, dtype))
 
-    def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
-        return self._send(_analyze_call(image, include_embedding))
+    def analyze(
+        self, image: ImageInput, include_embedding: bool = False, dtype: str = "float32"
+    ) -> dict[str, Any]:
+        """The outfit descriptor (`top`, `bottom`), and with `include_embedding` the
+        embedding, sent in `dtype` and returned as float32."""
+        return self._send(_analyze_call(image, include_embedding, dtype))
 
     def embed_frame(
         self,
@@ -742,8 +749,11 @@ class AsyncClipClient(_Base):
     ) -> list[list[dict[str, Any]]]:
         return await self._send(_search_call(queries, gallery, top_k, dtype))
 
-    async def analyze(self, image: ImageInput, include_embedding: bool = False) -> dict[str, Any]:
-        return await self._send(_analyze_call(image, include_embedding))
+    async def analyze(
+        self, image: ImageInput, include_embedding: bool = False, dtype: str = "float32"
+    ) -> dict[str, Any]:
+        """As ClipClient.analyze."""
+        return await self._send(_analyze_call(image, include_embedding, dtype))
 
     async def embed_frame(
         self,

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from app.inference.projection import WEIGHTS_KEY, Projection, fit_centring, fit_pca
-from app.inference.weights import reported_model_id
+from app.inference.weights import LOCAL_DIR, reported_model_id
 from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
 from app.reid.dataset import labelled_crops
 from app.reid.embedding import embed_in_process, identify, image_files, load_encoder
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> Projection:
         )
     if args.supervised and args.whiten:
         fail(parser, "--supervised whitens within identities already; drop --whiten")
+    # Before any crop is embedded: a fit that cannot be written wastes every minute of it.
+    folder = args.out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        fail(parser, f"--out {args.out}: {folder}/ is not a folder this user can write to")
 
     with one_line_errors(parser):
         if args.from_linear:
@@ -74,10 +81,24 @@ def main(argv: list[str] | None = None) -> Projection:
 def from_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection:
     if not args.for_model:
         fail(parser, "--from-linear needs --for-model (the model id /info reports)")
-    tensors = load_file(str(args.from_linear))
+    try:
+        tensors = load_file(str(args.from_linear))
+    except FileNotFoundError:
+        fail(parser, f"--from-linear {args.from_linear}: no such file")
+    except (OSError, SafetensorError) as exc:
+        fail(parser, f"--from-linear {args.from_linear} is not a safetensors file ({exc})")
     if args.weight_key not in tensors:
         fail(parser, f"{args.from_linear} has no tensor {args.weight_key!r} (--weight-key)")
     weight = tensors[args.weight_key].astype(np.float32)
+    if weight.ndim != 2:
+        fail(parser, f"{args.weight_key} is {weight.shape}; a linear layer's weight is (out, in)")
+    expected = model_embed_dim(args.for_model)
+    if expected is not None and weight.shape[1] != expected:
+        fail(
+            parser,
+            f"{args.weight_key} takes {weight.shape[1]}-d input, but {args.for_model} embeds "
+            f"in {expected} dims: a (out, {expected}) layer fits it",
+        )
     mean = tensors.get(args.mean_key, np.zeros(weight.shape[1], np.float32))
     # No weights hash: the file names a model id only, so it is checked by that id, as
     # /info reports it (the README's commands spell models local-dir:models/<folder>).
@@ -86,6 +107,21 @@ def from_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pr
     projection.save(args.out)
     print(f"wrote {args.out}: linear {projection.input_dim} -> {projection.output_dim} for {model}")
     return projection
+
+
+def model_embed_dim(model: str) -> int | None:
+    """The embedding dimension of `model` as --for-model names it, from its open_clip
+    config (a local-dir folder's, or a built-in's); None where it cannot be told."""
+    if model.startswith(LOCAL_DIR):
+        config = Path(model[len(LOCAL_DIR) :]).expanduser() / "open_clip_config.json"
+        try:
+            return int(json.loads(config.read_text())["model_cfg"]["embed_dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    import open_clip
+
+    found = open_clip.get_model_config(model.split("/")[0])
+    return int(found["embed_dim"]) if found and "embed_dim" in found else None
 
 
 def fit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection:

@@ -50,6 +50,7 @@ async def test_async_client_takes_every_image_form(
         other = await client.embed(noise_jpeg(9))
         matches = await client.search([from_bytes], [other, from_bytes], top_k=1)
         outfit = await client.analyze(crop, include_embedding=True)
+        outfit_half = await client.analyze(crop, include_embedding=True, dtype="float16")
         with pytest.raises(ClipServiceError) as caught:
             await client.embed(b"not an image")
     assert from_bytes.shape == (64,)
@@ -58,6 +59,11 @@ async def test_async_client_takes_every_image_form(
     np.testing.assert_allclose(from_pil, from_array, atol=1e-6)  # both sent as PNG
     assert batch.shape == (2, 64)
     np.testing.assert_allclose(half, from_bytes, atol=2e-3)
+    assert outfit_half["embedding"].dtype == np.float32
+    np.testing.assert_allclose(outfit_half["embedding"], outfit["embedding"], atol=2e-3)
+    # rounded to 16 bits on the wire: asked for, not float32 under another name
+    assert not np.array_equal(outfit_half["embedding"], outfit["embedding"])
+    assert outfit_half["top"] == outfit["top"]
     assert same == pytest.approx(1.0, abs=1e-5)
     assert matches[0][0]["index"] == 1
     assert set(outfit) == {"top", "bottom", "embedding", "dtype"}

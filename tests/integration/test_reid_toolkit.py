@@ -209,6 +209,40 @@ def test_fit_projection_refuses_whitening_past_the_rank_and_centre_with_dim(
     assert Projection.load(out).output_dim == 5
 
 
+def test_fit_projection_refuses_what_it_could_not_write_or_serve_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for seed in range(4):
+        (crops / f"{seed}.jpg").write_bytes(noise_jpeg(seed))
+    model = f"local-dir:{tiny_model_dir}"
+    nowhere = str(tmp_path / "missing" / "p.safetensors")
+    exits_with_one_line(
+        capsys,
+        lambda: fit_projection.main([str(crops), "--model", model, *FAST, "--out", nowhere]),
+        "is not a folder this user can write to",
+    )
+    embed_dim = json.loads((tiny_model_dir / "open_clip_config.json").read_text())["model_cfg"][
+        "embed_dim"
+    ]
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"weight": np.ones((4, embed_dim + 3), np.float32)}, str(wrong))
+    out = tmp_path / "linear.safetensors"
+    linear = ["--for-model", model, "--out", str(out)]
+    for source, words in (
+        (tmp_path / "absent.safetensors", "no such file"),
+        (crops / "0.jpg", "is not a safetensors file"),
+        (wrong, f"embeds in {embed_dim} dims"),
+    ):
+        exits_with_one_line(
+            capsys,
+            lambda source=source: fit_projection.main(["--from-linear", str(source), *linear]),
+            words,
+        )
+    assert not out.exists()
+
+
 def test_eval_reid_checks_projections_before_embedding_and_names_its_options(
     tiny_model_dir: Path,
     tmp_path: Path,
