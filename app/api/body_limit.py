@@ -48,11 +48,15 @@ INVALID_HTTP_MESSAGE = (
 )
 
 
-def too_large_message(size: int, limit: int, at_least: bool = False) -> str:
+def too_large_message(size: int, limit: int, at_least: bool = False, path: str = "") -> str:
     amount = f"at least {size}" if at_least else str(size)
+    fix = (
+        'send fewer gallery embeddings per request, or float16 ones ("dtype": "float16")'
+        if path == "/similarity"
+        else "send smaller crops or fewer per request"
+    )
     return (
-        f"request body is {amount} bytes, over the limit of {limit} (CLIP_MAX_UPLOAD_BYTES); "
-        "send smaller crops or fewer per request"
+        f"request body is {amount} bytes, over the limit of {limit} (CLIP_MAX_UPLOAD_BYTES); {fix}"
     )
 
 
@@ -117,7 +121,9 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(
-                413, "payload_too_large", too_large_message(int(declared), self.max_bytes)
+                413,
+                "payload_too_large",
+                too_large_message(int(declared), self.max_bytes, path=scope.get("path", "")),
             )
             await _refuse(response, scope, receive, send)
             return
@@ -154,7 +160,10 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, too_large_message(received, self.max_bytes, True))
+                    raise HTTPException(
+                        413,
+                        too_large_message(received, self.max_bytes, True, scope.get("path", "")),
+                    )
                 body_complete = not message.get("more_body", False)
             return message
 

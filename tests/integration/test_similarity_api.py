@@ -391,3 +391,16 @@ async def test_body_fields_in_the_url_are_refused_not_ignored(client: httpx.Asyn
     assert "`dtype`" in message
     allowed = await client.post("/similarity?dtype=float32", json={"a": query, "b": query})
     assert allowed.status_code == 200
+
+
+async def test_a_search_over_the_upload_limit_is_told_how_to_shrink_a_search(
+    tiny_settings: Callable[..., Settings],
+) -> None:
+    gallery = [emb(unit(np.random.default_rng(i).normal(size=64))) for i in range(64)]
+    body = {"queries": gallery[:1], "gallery": gallery, "top_k": 1}
+    async with serve(tiny_settings(max_upload_bytes=8_000, warmup=False)) as (_, client):
+        searched = await client.post("/similarity", json=body)
+        embedded = await client.post("/embed", json={"image": "A" * 9_000})
+    assert searched.status_code == embedded.status_code == 413
+    assert "gallery embeddings" in searched.json()["error"]["message"]
+    assert "crops" in embedded.json()["error"]["message"]
