@@ -196,6 +196,23 @@ def _vector(embedding: npt.ArrayLike | str, dtype: str) -> str:
     return encode_embedding(np.asarray(embedding), dtype)
 
 
+def _vectors(vectors: Sequence[npt.ArrayLike | str], name: str) -> Sequence[npt.ArrayLike | str]:
+    """Several embeddings: a list, or the rows of a 2-D array. One vector (a 1-D array,
+    or a string) would otherwise be read number by number, or character by character."""
+    if isinstance(vectors, str) or (isinstance(vectors, np.ndarray) and vectors.ndim != 2):
+        shape = "a string" if isinstance(vectors, str) else f"an array of shape {vectors.shape}"
+        raise ValueError(
+            f"{name} takes a list of embeddings or a 2-D array of them, got {shape}: pass "
+            f"[vector] for one"
+        )
+    return vectors
+
+
+def _sentence(exc: Exception) -> str:
+    """An exception's text ending in one full stop, however it ends itself."""
+    return str(exc).rstrip(". ") + "."
+
+
 class _Unexpected(Exception):
     """A success answer without a field this service sends, or with it in another shape."""
 
@@ -312,14 +329,14 @@ def _search_call(
     top_k: int,
     dtype: str,
 ) -> _Call[list[list[dict[str, Any]]]]:
-    encoded = [_vector(q, dtype) for q in queries]
+    encoded = [_vector(q, dtype) for q in _vectors(queries, "queries")]
 
     def parse(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         return _field(body, "matches", lambda matches: _matches(matches, len(encoded)))
 
     payload = {
         "queries": encoded,
-        "gallery": [_vector(g, dtype) for g in gallery],
+        "gallery": [_vector(g, dtype) for g in _vectors(gallery, "gallery")],
         "top_k": top_k,
         "dtype": dtype,
     }
@@ -552,11 +569,18 @@ class _Base:
                 f"{tries}: {type(exc).__name__}: {exc}. Check that the service is not "
                 f"overloaded, or raise timeout_s."
             )
+        elif isinstance(exc, httpx.RemoteProtocolError):
+            # Reached, then dropped: a restart or a crash mid-request, not a wrong URL.
+            message = (
+                f"the CLIP service at {self._url} closed the connection without an answer"
+                f"{tries}: {type(exc).__name__}: {_sentence(exc)} Check its log: it may have "
+                "restarted or stopped while the request was in flight."
+            )
         else:
             message = (
                 f"cannot reach the CLIP service at {self._url}{tries}: "
-                f"{type(exc).__name__}: {exc}. Check that it is running and that the URL "
-                f"(scheme, host, port) is right."
+                f"{type(exc).__name__}: {_sentence(exc)} Check that it is running and that "
+                "the URL (scheme, host, port) is right."
             )
         return ClipConnectionError(message, self._url)
 

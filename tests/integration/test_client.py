@@ -346,6 +346,24 @@ def test_refused_connections_are_retried_then_succeed(monkeypatch: pytest.Monkey
     assert waits == [0.5, 1.0]
 
 
+def test_a_connection_dropped_mid_request_is_not_called_unreachable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError(
+            "Server disconnected without sending a response.", request=request
+        )
+
+    transport = httpx.MockTransport(handler)
+    with (
+        ClipClient("http://svc", transport=transport) as client,
+        pytest.raises(ClipConnectionError) as caught,
+    ):
+        client.embed(b"jpeg bytes")
+    message = caught.value.args[0]
+    assert "closed the connection without an answer" in message
+    assert "cannot reach" not in message
+    assert ".." not in message
+
+
 async def test_timeouts_are_not_retried_and_raise_clip_connection_error() -> None:
     calls: list[httpx.Request] = []
 
@@ -439,6 +457,25 @@ def test_embed_frame_refuses_boxes_the_service_would_refuse_before_sending(boxes
     refused = pytest.raises(ValueError, match="boxes")
     with ClipClient("http://test", transport=transport) as client, refused:
         client.embed_frame(noise_jpeg(1), boxes)
+
+
+@pytest.mark.parametrize(
+    ("queries", "gallery", "name"),
+    [
+        (np.ones(4, np.float32), [np.ones(4, np.float32)], "queries"),
+        ([np.ones(4, np.float32)], np.ones(4, np.float32), "gallery"),
+        ("AAAAAA==", [np.ones(4, np.float32)], "queries"),
+    ],
+)
+def test_search_refuses_one_vector_where_it_takes_several_before_sending(
+    queries: Any, gallery: Any, name: str
+) -> None:
+    def no_request(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing should be sent")
+
+    refused = pytest.raises(ValueError, match=f"{name} takes a list of embeddings")
+    with ClipClient("http://test", transport=httpx.MockTransport(no_request)) as client, refused:
+        client.search(queries, gallery)
 
 
 def test_wait_until_ready_waits_through_refusals_and_loading(
