@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from app.codec import decode_embedding, encode_embedding
@@ -40,6 +41,7 @@ from app.config import Backend, Precision, Settings
 from app.errors import ServiceError
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder
+from app.inference.weights import WeightsUnavailable
 from app.tools.synthetic_people import make_person, random_garment
 
 
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> BenchResult:
     decode_ms = 1000 * (time.perf_counter() - started) / len(crops)
 
     reference_config = (Backend.TORCH, Precision.FP32)
-    configs = [parse_config(entry) for entry in args.precisions.split(",")]
+    configs = list(args.precisions)
     if reference_config in configs:  # the reference first, for parity
         configs = [reference_config] + [c for c in configs if c != reference_config]
     result = BenchResult(
@@ -292,13 +294,33 @@ def parse_config(entry: str) -> tuple[Backend, Precision]:
     return Backend(backend or "torch"), Precision(precision)
 
 
+def config_list(text: str) -> list[tuple[Backend, Precision]]:
+    """--precisions: comma-separated [backend:]precision entries, each checked now."""
+    try:
+        return [parse_config(entry) for entry in text.split(",")]
+    except ValueError:
+        backends = ", ".join(b.value for b in Backend if b != Backend.AUTO)
+        precisions = ", ".join(p.value for p in Precision if p != Precision.AUTO)
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: each entry is [backend:]precision, backend one of {backends} "
+            f"(default torch), precision one of {precisions}"
+        ) from None
+
+
+# The service's settings named in a loading error, as this command's options.
+_OPTIONS = {"CLIP_MODEL": "--model", "CLIP_PRETRAINED": "--pretrained", "CLIP_DEVICE": "--device"}
+
+
 def main(argv: list[str] | None = None) -> BenchResult:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-32", help="as CLIP_MODEL")
     parser.add_argument("--pretrained", default="openai", help="as CLIP_PRETRAINED")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--precisions", default="fp32", help="comma-separated [backend:]precision entries"
+        "--precisions",
+        default="fp32",
+        type=config_list,
+        help="comma-separated [backend:]precision entries",
     )
     parser.add_argument(
         "--batch-sizes", default="1,2,4,8,16,32", type=lambda t: [int(s) for s in t.split(",")]
@@ -312,7 +334,18 @@ def main(argv: list[str] | None = None) -> BenchResult:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except (WeightsUnavailable, ValidationError) as exc:
+        # A model, weights or device this machine cannot load: one line, not a traceback.
+        message = (
+            "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors() if e["loc"])
+            if isinstance(exc, ValidationError)
+            else str(exc).splitlines()[0]
+        )
+        for setting, option in _OPTIONS.items():
+            message = message.replace(setting, option)
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(asdict(result), indent=2))
     table = markdown(result)

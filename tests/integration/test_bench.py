@@ -76,3 +76,22 @@ def test_bench_names_the_crop_it_cannot_read(tiny_model_dir: Path, tmp_path: Pat
         main(["--model", f"local-dir:{tiny_model_dir}", "--images", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="not a folder"):
         main(["--model", f"local-dir:{tiny_model_dir}", "--images", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["--precisions", "torch:fp32,fp99"], "each entry is [backend:]precision"),
+        (["--model", "local-dir:/nonexistent"], "--model=local-dir:/nonexistent: directory"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bench_mistakes_end_in_one_line_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], says: str
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([*arguments, "--batch-sizes", "1", "--seconds", "0.1", "--out", str(tmp_path)])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert says in error.strip().splitlines()[-1]
