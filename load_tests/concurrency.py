@@ -200,6 +200,10 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+# What --endpoints takes: /embed and /analyze with one crop a request, /embed/batch.
+ENDPOINTS = ("embed", "batch", "analyze")
+
+
 @dataclass
 class ForwardFigures:
     rates: dict[int, float]  # img/s by batch size, every forward stream busy
@@ -358,8 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    counts = [int(c) for c in args.clients.split(",")]
+    try:
+        counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients {args.clients!r}: comma-separated whole numbers, e.g. 1,16")
     endpoints = args.endpoints.split(",")
+    unknown = sorted(set(endpoints) - set(ENDPOINTS))
+    if unknown:
+        choices = ", ".join(ENDPOINTS)
+        parser.error(f"--endpoints: {', '.join(unknown)} unknown; choose from {choices}")
     crops = make_crops(64)
 
     ceiling: dict[int, float] = {}
@@ -376,7 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         memory["startup_peak_mb"] = memory_mb(server.pid)[1]
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
-        info = httpx.get(f"{url}/info", timeout=10).json()
+        try:
+            info = httpx.get(f"{url}/info", timeout=10).json()
+        except httpx.TransportError as exc:
+            raise SystemExit(f"no CLIP service answers at {url}: {exc}") from None
         print(
             f"service: {info['model']} on {info['device']} ({info['precision']}), "
             f"max batch {info['batcher']['max_batch_size']}, "

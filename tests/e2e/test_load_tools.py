@@ -168,6 +168,42 @@ def test_the_ab_tool_refuses_what_is_not_a_setting() -> None:
         settings(["CLIP_MAX_WAIT_MS"])
 
 
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["--clients", "x"], "--clients 'x': comma-separated whole numbers"),
+        (["--endpoints", "embed,nope"], "--endpoints: nope unknown; choose from embed"),
+    ],
+)
+def test_the_concurrency_tool_refuses_bad_options_before_any_load(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    arguments: list[str],
+    says: str,
+) -> None:
+    from load_tests.concurrency import main
+
+    # Not this test process's SIGTERM handler: the tool's own, for its own process.
+    monkeypatch.setattr("load_tests.concurrency.start_load_tool", lambda: None)
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--url", f"http://127.0.0.1:{free_port()}", *arguments, "--no-ceiling"])
+    assert caught.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_concurrency_tool_says_when_nothing_answers_at_its_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from load_tests.concurrency import main
+
+    monkeypatch.setattr("load_tests.concurrency.start_load_tool", lambda: None)
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit, match=f"no CLIP service answers at {url}"):
+        main(["--url", url, "--clients", "1", "--seconds", "1", "--no-ceiling"])
+
+
 def test_the_memory_tool_reads_a_configuration_warm_and_cold(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
