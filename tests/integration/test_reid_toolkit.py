@@ -36,6 +36,20 @@ def market_dataset(root: Path, people: int = 6) -> Path:
     return root
 
 
+def crop_folder(folder: Path, count: int) -> Path:
+    """`count` noise crops, 0.jpg onwards."""
+    folder.mkdir()
+    for seed in range(count):
+        (folder / f"{seed}.jpg").write_bytes(noise_jpeg(seed))
+    return folder
+
+
+def model_embed_dim(model_dir: Path) -> int:
+    """The embedding dimension a local-dir model's config declares."""
+    config = json.loads((model_dir / "open_clip_config.json").read_text())
+    return int(config["model_cfg"]["embed_dim"])
+
+
 async def test_embed_returns_the_projected_dim_matching_numpy_by_hand(
     tiny_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -85,9 +99,7 @@ async def test_a_linear_head_converted_for_a_local_dir_model_serves(
 ) -> None:
     """--for-model spelled as CLIP_MODEL is (local-dir:<path>, as the README writes it)
     names the model as /info does, so the service takes the file."""
-    embed_dim = json.loads((tiny_model_dir / "open_clip_config.json").read_text())["model_cfg"][
-        "embed_dim"
-    ]
+    embed_dim = model_embed_dim(tiny_model_dir)
     head = tmp_path / "head.safetensors"
     weight = np.random.default_rng(1).normal(size=(8, embed_dim)).astype(np.float32)
     save_file({"fc.weight": weight}, str(head))
@@ -187,10 +199,7 @@ def exits_with_one_line(
 def test_fit_projection_refuses_whitening_past_the_rank_and_centre_with_dim(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    crops = tmp_path / "crops"
-    crops.mkdir()
-    for seed in range(6):
-        (crops / f"{seed}.jpg").write_bytes(noise_jpeg(seed))
+    crops = crop_folder(tmp_path / "crops", 6)
     out = tmp_path / "p.safetensors"
     common = [str(crops), "--model", f"local-dir:{tiny_model_dir}", *FAST, "--out", str(out)]
     exits_with_one_line(
@@ -212,10 +221,7 @@ def test_fit_projection_refuses_whitening_past_the_rank_and_centre_with_dim(
 def test_fit_projection_refuses_what_it_could_not_write_or_serve_in_one_line(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    crops = tmp_path / "crops"
-    crops.mkdir()
-    for seed in range(4):
-        (crops / f"{seed}.jpg").write_bytes(noise_jpeg(seed))
+    crops = crop_folder(tmp_path / "crops", 4)
     model = f"local-dir:{tiny_model_dir}"
     nowhere = str(tmp_path / "missing" / "p.safetensors")
     exits_with_one_line(
@@ -223,9 +229,7 @@ def test_fit_projection_refuses_what_it_could_not_write_or_serve_in_one_line(
         lambda: fit_projection.main([str(crops), "--model", model, *FAST, "--out", nowhere]),
         "is not a folder this user can write to",
     )
-    embed_dim = json.loads((tiny_model_dir / "open_clip_config.json").read_text())["model_cfg"][
-        "embed_dim"
-    ]
+    embed_dim = model_embed_dim(tiny_model_dir)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"weight": np.ones((4, embed_dim + 3), np.float32)}, str(wrong))
     out = tmp_path / "linear.safetensors"
