@@ -82,8 +82,13 @@ async def soak(
     url: str, pid: int | None, seconds: float, clients: int, sample_s: float, hostile: bool
 ) -> dict:
     crops = make_crops(8)
-    async with httpx.AsyncClient(base_url=url) as probe:
-        dim = int((await probe.get("/info")).json()["dim"])
+    async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+        try:
+            dim = int((await probe.get("/info")).json()["dim"])
+        except httpx.TransportError as exc:
+            raise SystemExit(f"no CLIP service answers at {url}: {exc}") from None
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"{url}/info is not this service's (no 'dim' in it)") from None
     mix = request_mix(crops, dim) + (hostile_mix() if hostile else [])
     statuses: collections.Counter[str] = collections.Counter()
     health_ms: list[float] = []

@@ -336,3 +336,15 @@ def test_the_startup_tool_times_each_checkout_on_a_primed_cache_and_an_empty_one
         assert all(floor <= s < floor + 1.0 for s in seconds), (checkout, cache, seconds)
     with pytest.raises(SystemExit, match="CLIP_NAME=value"):
         startup_main(["--model-dir", str(tmp_path), "BACKEND=torch"])
+
+
+def test_the_soak_tool_says_when_nothing_answers_at_its_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from load_tests.soak import main
+
+    monkeypatch.setattr("load_tests.soak.start_load_tool", lambda: None)
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit, match=f"no CLIP service answers at {url}"):
+        main(["--url", url, "--minutes", "0.01", "--warmup-s", "1"])
