@@ -93,11 +93,12 @@ def encode_embeddings(matrix: npt.ArrayLike, dtype: str = "float32") -> list[str
 
 
 def decode_embedding(
-    text: str, dtype: str = "float32", *, check_finite: bool = True
+    text: str, dtype: str = "float32", *, check_finite: bool = True, dim: int | None = None
 ) -> npt.NDArray[np.float32]:
     """base64 to a float32 vector; the dimension is the byte length over the item size
     (4 for float32, 2 for float16 — which one the sender says, since lengths alone
-    cannot tell them apart).
+    cannot tell them apart; pass `dim`, the service's /info `dim`, to have a vector of
+    another length refused, with a hint when it is the other dtype's length).
 
     Raises EmbeddingDecodeError for bad base64, empty input, a length that is not a
     multiple of the item size, or (unless `check_finite` is off, for a caller that checks
@@ -118,6 +119,16 @@ def decode_embedding(
             f"send base64 of little-endian {dtype} values"
         )
     vector = np.frombuffer(raw, dtype=wire).astype(np.float32)
+    if dim is not None and vector.size != dim:
+        other = {"float32": "float16", "float16": "float32"}[dtype]
+        hint = (
+            f": it is {other} text, pass dtype={other!r}"
+            if len(raw) == dim * WIRE_DTYPES[other].itemsize
+            else ""
+        )
+        raise EmbeddingDecodeError(
+            f"embedding has {vector.size} {dtype} values, expected {dim}{hint}"
+        )
     if check_finite:
         check_embedding_finite(vector)
     return vector

@@ -58,3 +58,15 @@ def test_batch_helpers_keep_order_and_refuse_mixed_dimensions() -> None:
         decode_embeddings([encode_embedding([1.0, 2.0]), encode_embedding([1.0])])
     with pytest.raises(ValueError, match="2-D"):
         encode_embeddings(np.zeros(3))
+
+
+def test_a_dimension_given_refuses_other_lengths_and_names_the_dtype_mixup() -> None:
+    vector = np.full(8, 8**-0.5, dtype=np.float32)
+    as_float32, as_float16 = encode_embedding(vector), encode_embedding(vector, "float16")
+    np.testing.assert_allclose(decode_embedding(as_float32, dim=8), vector)
+    with pytest.raises(EmbeddingDecodeError, match="4 float32 values, expected 8: it is float16"):
+        decode_embedding(as_float16, dim=8)
+    with pytest.raises(EmbeddingDecodeError, match="16 float16 values, expected 8: it is float32"):
+        decode_embedding(as_float32, "float16", dim=8)
+    with pytest.raises(EmbeddingDecodeError, match=r"8 float32 values, expected 6$"):
+        decode_embedding(as_float32, dim=6)
