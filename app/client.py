@@ -9,7 +9,8 @@
 
 `AsyncClipClient` has the same methods as coroutines.
 
-Images may be paths, bytes (an encoded file), PIL images or numpy arrays. PIL images are
+Images may be paths, an encoded file's bytes (bytes, bytearray, memoryview, or a file
+object opened in binary mode, read from where it stands), PIL images or numpy arrays. PIL images are
 sent as PNG in the modes PNG stores (1, L, LA, P, RGB, RGBA, I;16), and in the others
 (CMYK, LAB, I, F, I;16B...) as deflated TIFF, which the service reads in any mode: it
 sees the same pixels either way. The few modes neither format stores are converted
@@ -25,7 +26,11 @@ sent as PNG:
 - anything else (bool, complex, negative or > 255 values, other shapes) raises ValueError.
 
 `embed_batch` takes a list (or any iterable, read once) of at least one image; one image
-on its own, or none, raises ValueError before any request.
+on its own, or none, raises ValueError before any request, and an image that cannot be
+read (a missing file, None) raises naming its index: `images[3]: ...`.
+
+Flags (`include_embedding`, `analyze`) must be bools: a string such as "false" is truthy
+in Python, so it raises TypeError rather than asking for the opposite.
 
 Errors: every error the client raises about the service is a `ClipClientError`:
 `ClipServiceError` when the service answered with an error (`.status`, `.code`,
@@ -33,7 +38,9 @@ Errors: every error the client raises about the service is a `ClipClientError`:
 `unexpected_answer`: another server on that port, a proxy), `ClipConnectionError` when it
 could not be reached or did not answer in time (the httpx error is its `__cause__`).
 429/503 answers are retried after the server's Retry-After, and refused connections (a
-service still starting) after a short backoff, `retries` times at most.
+service still starting) after a short backoff, `retries` times at most; the error after
+the last try says how many were made. A client used after close() raises
+ClipClientError.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import IO, Any, Generic, TypeVar, cast
 
 import httpx
 import numpy as np
@@ -55,7 +62,10 @@ from PIL import Image
 
 from app.codec import WIRE_DTYPES, decode_embedding, encode_embedding
 
-ImageInput = str | os.PathLike[str] | bytes | Image.Image | npt.NDArray[Any]
+ImageInput = (
+    str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+    | npt.NDArray[Any]
+)  # fmt: skip
 # A detector's boxes: an (n, 4) array or a list (any iterable) of [x1, y1, x2, y2].
 Boxes = npt.NDArray[Any] | Iterable[Sequence[float]]
 RETRIED_STATUSES = (429, 503)
@@ -137,6 +147,8 @@ def image_bytes(image: ImageInput) -> bytes:
     for the PIL modes PNG cannot store)."""
     if isinstance(image, bytes):
         return image
+    if isinstance(image, bytearray | memoryview):
+        return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
     if isinstance(image, np.ndarray):
@@ -150,6 +162,15 @@ def image_bytes(image: ImageInput) -> bytes:
         else:
             image.save(buffer, "TIFF", compression="tiff_deflate")
         return buffer.getvalue()
+    if isinstance(image, io.TextIOBase):
+        raise TypeError("cannot send a file opened in text mode as an image: open it with 'rb'")
+    read = getattr(image, "read", None)
+    if callable(read):  # an open file, BytesIO, a socket's makefile: from where it stands
+        data = read()
+        if not isinstance(data, bytes | bytearray):
+            kind = type(data).__name__
+            raise TypeError(f"read() gave {kind}, not bytes: open the file with 'rb'")
+        return bytes(data)
     raise TypeError(f"cannot send {type(image).__name__} as an image")
 
 
@@ -172,7 +193,7 @@ class _Call(Generic[T]):
 
 # One image where a list of them is expected: iterated, a path is its characters, bytes
 # its byte values and an array its rows, none of which says what went wrong.
-_ONE_IMAGE = (str, bytes, os.PathLike, Image.Image, np.ndarray)
+_ONE_IMAGE = (str, bytes, bytearray, memoryview, os.PathLike, io.IOBase, Image.Image, np.ndarray)
 
 
 def _image_list(images: Iterable[ImageInput], method: str) -> list[ImageInput]:
@@ -184,8 +205,36 @@ def _image_list(images: Iterable[ImageInput], method: str) -> list[ImageInput]:
     return list(images)
 
 
-def _files(field: str, images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes]]]:
-    return [(field, (f"image{i}", image_bytes(image))) for i, image in enumerate(images)]
+# Errors reading an image that are re-raised, as the same type, with the image's place in
+# front of their message; other types keep their message and get the place as a note.
+_RELABELLED = (FileNotFoundError, IsADirectoryError, PermissionError, TypeError, ValueError)
+
+
+def _files(
+    field: str, images: Sequence[ImageInput], batch: bool = False
+) -> list[tuple[str, tuple[str, bytes]]]:
+    """Multipart parts of the images; in a batch an unreadable image is named by its
+    index (`images[3]: ...`), as the service names the parts it refuses."""
+    parts = []
+    for index, image in enumerate(images):
+        try:
+            parts.append((field, (f"image{index}", image_bytes(image))))
+        except (OSError, TypeError, ValueError) as exc:
+            if not batch:
+                raise
+            place = f"{field}[{index}]"
+            if type(exc) in _RELABELLED:
+                raise type(exc)(f"{place}: {exc}") from exc
+            exc.add_note(f"while reading {place}")
+            raise
+    return parts
+
+
+def _flag(value: object, name: str) -> str:
+    """A bool as the form field's text. Anything else is refused: `"false"` is truthy."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return "true" if value else "false"
 
 
 def _vector(embedding: npt.ArrayLike | str, dtype: str) -> str:
@@ -300,7 +349,7 @@ def _embed_batch_call(images: Iterable[ImageInput], dtype: str) -> _Call[npt.NDA
         wire = _wire_dtype(body)
         return np.stack(_field(body, "embeddings", lambda e: _rows(e, wire, len(listed))))
 
-    files = _files("images", listed)
+    files = _files("images", listed, batch=True)
     return _Call("/embed/batch", {"files": files, "params": {"dtype": dtype}}, parse)
 
 
@@ -403,7 +452,7 @@ def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _
             descriptors = _field(body, "descriptors", lambda d: _outfits(d, len(listed)))
         return FrameResult(embeddings, used, descriptors)
 
-    data = {"boxes": json.dumps(listed), "analyze": "true" if analyze else "false"}
+    data = {"boxes": json.dumps(listed), "analyze": _flag(analyze, "analyze")}
     files = _files("image", [frame])
     return _Call("/embed/frame", {"files": files, "data": data, "params": {"dtype": dtype}}, parse)
 
@@ -411,6 +460,8 @@ def _frame_call(frame: ImageInput, boxes: Boxes, analyze: bool, dtype: str) -> _
 def _analyze_call(
     image: ImageInput, include_embedding: bool, dtype: str = "float32"
 ) -> _Call[dict[str, Any]]:
+    data = {"include_embedding": _flag(include_embedding, "include_embedding")}
+
     def parse(body: dict[str, Any]) -> dict[str, Any]:
         _field(body, "top", _object)
         _field(body, "bottom", _object)
@@ -419,7 +470,6 @@ def _analyze_call(
             body["embedding"] = _field(body, "embedding", lambda text: decode_embedding(text, wire))
         return body
 
-    data = {"include_embedding": "true" if include_embedding else "false"}
     request = {"files": _files("image", [image]), "data": data, "params": {"dtype": dtype}}
     return _Call("/analyze", request, parse)
 
@@ -584,9 +634,26 @@ class _Base:
             )
         return ClipConnectionError(message, self._url)
 
-    def _answer(self, call: _Call[T], response: httpx.Response) -> T:
-        _raise_for_error(response)
+    def _answer(self, call: _Call[T], response: httpx.Response, attempts: int) -> T:
+        try:
+            _raise_for_error(response)
+        except ClipServiceError as exc:
+            if attempts > 1 and exc.status in RETRIED_STATUSES:
+                # The caller's timeout budget went on retries: say so, and how to get more.
+                message = (
+                    f"{exc.message} (still {exc.status} after {attempts} attempts; raise "
+                    "retries or max_retry_wait_s to wait longer)"
+                )
+                raise ClipServiceError(exc.status, exc.code, message) from None
+            raise
         return _parse_answer(call, response)
+
+    def _refuse_if_closed(self, closed: bool) -> None:
+        if closed:
+            raise ClipClientError(
+                f"this client of {self._url} is closed: make a new one, or make the calls "
+                "inside its `with` block"
+            )
 
 
 class ClipClient(_Base):
@@ -616,6 +683,7 @@ class ClipClient(_Base):
         self._http.close()
 
     def _send(self, call: _Call[T]) -> T:
+        self._refuse_if_closed(self._http.is_closed)
         attempt = 0
         while True:
             try:
@@ -625,7 +693,7 @@ class ClipClient(_Base):
             else:
                 retry_in = self._delay_after_answer(response, attempt)
                 if retry_in is None:
-                    return self._answer(call, response)
+                    return self._answer(call, response, attempt + 1)
                 delay = retry_in
             time.sleep(delay)
             attempt += 1
@@ -635,6 +703,7 @@ class ClipClient(_Base):
         service, which refuses connections for a few seconds, then answers 503
         `not_ready` while the model loads (a minute or more for a first download or
         conversion). Raises ClipConnectionError or ClipServiceError after `timeout_s`."""
+        self._refuse_if_closed(self._http.is_closed)
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             outcome: httpx.Response | httpx.TransportError
@@ -721,6 +790,7 @@ class AsyncClipClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call[T]) -> T:
+        self._refuse_if_closed(self._http.is_closed)
         attempt = 0
         while True:
             try:
@@ -730,13 +800,14 @@ class AsyncClipClient(_Base):
             else:
                 retry_in = self._delay_after_answer(response, attempt)
                 if retry_in is None:
-                    return self._answer(call, response)
+                    return self._answer(call, response, attempt + 1)
                 delay = retry_in
             await asyncio.sleep(delay)
             attempt += 1
 
     async def wait_until_ready(self, timeout_s: float = 300.0) -> None:
         """ClipClient.wait_until_ready, awaited."""
+        self._refuse_if_closed(self._http.is_closed)
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             outcome: httpx.Response | httpx.TransportError

@@ -884,3 +884,133 @@ def test_embed_frame_takes_boxes_from_a_generator() -> None:
         result = client.embed_frame(noise_jpeg(1), (box for box in boxes))
     assert sent == ["[[0.0, 0.0, 8.0, 16.0], [1.0, 1.0, 9.0, 17.0]]"]
     assert result.embeddings.shape == (2, 2)
+
+
+def _refuse_to_send(request: httpx.Request) -> httpx.Response:
+    raise AssertionError("nothing should be sent")
+
+
+def test_encoded_images_are_taken_as_any_bytes_like_or_binary_file(tmp_path: Path) -> None:
+    crop = noise_jpeg(4)
+    path = tmp_path / "crop.jpg"
+    path.write_bytes(crop)
+    buffer = io.BytesIO(b"header" + crop)
+    buffer.seek(len(b"header"))  # read from where it stands, as file.read() does
+    with path.open("rb") as opened:
+        forms = [bytearray(crop), memoryview(crop), io.BytesIO(crop), opened, buffer]
+        assert [image_bytes(form) for form in forms] == [crop] * len(forms)
+    with path.open("r", encoding="latin-1") as text_mode, pytest.raises(TypeError, match="'rb'"):
+        image_bytes(text_mode)
+
+
+def test_a_batch_of_bytes_like_and_file_images_is_sent_part_by_part() -> None:
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.read())
+        return _batch_echo(request)
+
+    crops = [noise_jpeg(seed) for seed in (5, 6, 7)]
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        forms = [bytearray(crops[0]), memoryview(crops[1]), io.BytesIO(crops[2])]
+        result = client.embed_batch(forms)
+        with pytest.raises(ValueError, match="takes a list of images, got one BytesIO"):
+            client.embed_batch(io.BytesIO(crops[0]))
+    assert result.shape == (3, 2)
+    assert all(crop in sent[0] for crop in crops)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "says"),
+    [
+        ("missing.jpg", FileNotFoundError, r"images\[2\]: .*No such file.*missing\.jpg"),
+        (None, TypeError, r"images\[2\]: cannot send NoneType as an image"),
+        (np.zeros((4, 4, 2), np.uint8), ValueError, r"images\[2\]: numpy images must be"),
+    ],
+)
+async def test_an_unreadable_image_in_a_batch_is_named_by_its_index(
+    tmp_path: Path, bad: Any, error: type[Exception], says: str
+) -> None:
+    images = [noise_jpeg(1), noise_jpeg(2), tmp_path / bad if isinstance(bad, str) else bad]
+    transport = httpx.MockTransport(_refuse_to_send)
+    with ClipClient("http://svc", transport=transport) as client, pytest.raises(error, match=says):
+        client.embed_batch(images)
+    async with AsyncClipClient("http://svc", transport=transport) as aio:
+        with pytest.raises(error, match=says):
+            await aio.embed_batch(images)
+
+
+def test_a_single_image_error_keeps_its_own_message(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jpg"
+    with (
+        ClipClient("http://svc", transport=httpx.MockTransport(_refuse_to_send)) as client,
+        pytest.raises(FileNotFoundError) as caught,
+    ):
+        client.embed(missing)
+    assert str(caught.value).startswith("[Errno 2]")
+
+
+@pytest.mark.parametrize("flag", ["false", "true", 0, 1, None])
+async def test_flags_that_are_not_bools_are_refused_before_sending(flag: Any) -> None:
+    """`include_embedding="false"` used to be truthy: it asked for the embedding."""
+    transport = httpx.MockTransport(_refuse_to_send)
+    with ClipClient("http://svc", transport=transport) as client:
+        refused = f"include_embedding must be True or False, got {flag!r}"
+        with pytest.raises(TypeError, match=refused):
+            client.analyze(noise_jpeg(1), include_embedding=flag)
+        with pytest.raises(TypeError, match=f"analyze must be True or False, got {flag!r}"):
+            client.embed_frame(noise_jpeg(1), [[0, 0, 8, 16]], analyze=flag)
+    async with AsyncClipClient("http://svc", transport=transport) as aio:
+        with pytest.raises(TypeError, match="include_embedding must be True or False"):
+            await aio.analyze(noise_jpeg(1), include_embedding=flag)
+
+
+def test_a_numpy_bool_flag_is_a_bool() -> None:
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.read())
+        return httpx.Response(200, json={"top": {}, "bottom": {}, "embedding": _VECTOR})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        client.analyze(noise_jpeg(1), include_embedding=np.bool_(True))
+    assert b'name="include_embedding"\r\n\r\ntrue' in sent[0]
+
+
+async def test_a_closed_client_says_it_is_closed() -> None:
+    """It used to raise httpx's RuntimeError, which is not a ClipClientError."""
+    transport = httpx.MockTransport(_refuse_to_send)
+    client = ClipClient("http://svc", transport=transport)
+    client.close()
+    with pytest.raises(ClipClientError, match="client of http://svc is closed"):
+        client.embed(noise_jpeg(1))
+    with pytest.raises(ClipClientError, match="is closed"):
+        client.wait_until_ready(timeout_s=1)
+    async with AsyncClipClient("http://svc", transport=transport) as aio:
+        pass
+    with pytest.raises(ClipClientError, match="is closed"):
+        await aio.embed(noise_jpeg(1))
+    with pytest.raises(ClipClientError, match="is closed"):
+        await aio.wait_until_ready(timeout_s=1)
+
+
+def test_an_error_after_retries_says_how_many_attempts_were_made() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        status = 503 if request.url.path == "/similarity" else 400
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(status, json=body, headers={"Retry-After": "0"})
+
+    with ClipClient("http://svc", retries=2, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ClipServiceError) as retried:
+            client.similarity([1.0, 0.0], [0.0, 1.0])
+        with pytest.raises(ClipServiceError) as once:
+            client.embed(noise_jpeg(1))
+    assert len(calls) == 4
+    assert retried.value.message == (
+        "queue full (still 503 after 3 attempts; raise retries or max_retry_wait_s to wait longer)"
+    )
+    assert (retried.value.status, retried.value.code) == (503, "overloaded")
+    assert once.value.message == "queue full"
