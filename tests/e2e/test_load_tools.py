@@ -5,6 +5,7 @@ are installed by .ci/run and `make install`; elsewhere their absence skips."""
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
 import shutil
@@ -192,16 +193,23 @@ def test_the_concurrency_tool_refuses_bad_options_before_any_load(
     assert says in capsys.readouterr().err
 
 
-def test_the_concurrency_tool_says_when_nothing_answers_at_its_url(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("concurrency", ["--clients", "1", "--seconds", "1", "--no-ceiling"]),
+        ("soak", ["--minutes", "0.01", "--warmup-s", "1"]),
+    ],
+)
+def test_a_load_tool_says_when_nothing_answers_at_its_url(
+    monkeypatch: pytest.MonkeyPatch, tool: str, arguments: list[str]
 ) -> None:
-    from load_tests.concurrency import main
-
-    monkeypatch.setattr("load_tests.concurrency.start_load_tool", lambda: None)
+    module = importlib.import_module(f"load_tests.{tool}")
+    # Not this test process's SIGTERM handler: the tool's own, for its own process.
+    monkeypatch.setattr(module, "start_load_tool", lambda: None)
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SystemExit, match=f"no CLIP service answers at {url}"):
-        main(["--url", url, "--clients", "1", "--seconds", "1", "--no-ceiling"])
+        module.main(["--url", url, *arguments])
 
 
 def test_the_memory_tool_reads_a_configuration_warm_and_cold(
@@ -336,15 +344,3 @@ def test_the_startup_tool_times_each_checkout_on_a_primed_cache_and_an_empty_one
         assert all(floor <= s < floor + 1.0 for s in seconds), (checkout, cache, seconds)
     with pytest.raises(SystemExit, match="CLIP_NAME=value"):
         startup_main(["--model-dir", str(tmp_path), "BACKEND=torch"])
-
-
-def test_the_soak_tool_says_when_nothing_answers_at_its_url(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from load_tests.soak import main
-
-    monkeypatch.setattr("load_tests.soak.start_load_tool", lambda: None)
-
-    url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(SystemExit, match=f"no CLIP service answers at {url}"):
-        main(["--url", url, "--minutes", "0.01", "--warmup-s", "1"])
