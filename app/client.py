@@ -37,9 +37,11 @@ Errors: every error the client raises about the service is a `ClipClientError`:
 `.message`), or with a success that is not in this service's shape (code
 `unexpected_answer`: another server on that port, a proxy), `ClipConnectionError` when it
 could not be reached or did not answer in time (the httpx error is its `__cause__`).
-429/503 answers are retried after the server's Retry-After, and refused connections (a
-service still starting) after a short backoff, `retries` times at most; the error after
-the last try says how many were made. A client used after close() raises
+429/502/503/504 answers are retried after the server's Retry-After (or a short backoff),
+refused connections (a service still starting) after a short backoff, `retries` times at
+most, each wait stretched by up to as much again at random so that many refused callers
+do not all come back at the same instant; a connection closed without an answer is sent
+again once. The error after the last try says how many were made. A client used after close() raises
 ClipClientError.
 """
 
@@ -48,7 +50,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -68,7 +72,12 @@ ImageInput = (
 )  # fmt: skip
 # A detector's boxes: an (n, 4) array or a list (any iterable) of [x1, y1, x2, y2].
 Boxes = npt.NDArray[Any] | Iterable[Sequence[float]]
-RETRIED_STATUSES = (429, 503)
+# 502 and 504 are a proxy's word for a backend that is restarting or busy. Every call is
+# safe to send again: the service computes, it stores nothing.
+RETRIED_STATUSES = (429, 502, 503, 504)
+# A connection closed without an answer: a keep-alive connection the server closed as the
+# request went out (a graceful restart does that), or a proxy with no backend yet.
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 T = TypeVar("T")
 
@@ -259,7 +268,7 @@ def _vectors(vectors: Sequence[npt.ArrayLike | str], name: str) -> Sequence[npt.
 
 def _sentence(exc: Exception) -> str:
     """An exception's text ending in one full stop, however it ends itself."""
-    return str(exc).rstrip(". ") + "."
+    return (str(exc).rstrip(". ") or "no detail") + "."
 
 
 class _Unexpected(Exception):
@@ -542,36 +551,59 @@ class _Base:
     """Settings and the send-loop decisions shared by both clients; no I/O here."""
 
     def __init__(
-        self, url: str, api_key: str | None, timeout_s: float, retries: int, max_retry_wait_s: float
+        self,
+        url: str,
+        api_key: str | None,
+        timeout_s: float | None,
+        retries: int,
+        max_retry_wait_s: float,
+        max_connections: int,
     ) -> None:
         self._url = url.rstrip("/")
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = timeout_s
         self._retries = retries
         self._max_retry_wait_s = max_retry_wait_s
+        self._max_connections = max_connections
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=min(20, max_connections)
+        )
+
+    def _spread(self, delay: float) -> float:
+        """`delay` stretched by up to as much again at random, within the cap: an
+        overloaded service that refused a burst gets it back spread out, not in one
+        wave that it refuses again (Retry-After is a least, so only ever added to)."""
+        return min(delay * (1.0 + random.random()), self._max_retry_wait_s)
 
     def _delay_after_answer(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before trying again, or None to stop with this answer."""
         if response.status_code not in RETRIED_STATUSES or attempt >= self._retries:
             return None
-        return _retry_delay(response, attempt, self._max_retry_wait_s)
+        return self._spread(_retry_delay(response, attempt, self._max_retry_wait_s))
 
-    def _delay_after_failure(self, exc: httpx.TransportError, attempt: int) -> float:
+    def _delay_after_failure(self, exc: httpx.TransportError, attempt: int, dropped: int) -> float:
         """Seconds to wait before trying again, or raises ClipConnectionError.
 
-        Only a refused connection is retried: the request never reached the server, so
-        sending it again is safe, and a service that is restarting refuses connections
-        for a few seconds. A timeout is not: the server may still be working on it, and
-        waiting `timeout_s` again would multiply the caller's wait.
+        A refused connection is retried: the request never reached the server, and a
+        service that is restarting refuses connections for a few seconds. A connection
+        closed without an answer is retried once (`dropped` counts those of this call):
+        a graceful restart closes idle keep-alive connections, and one may close just as
+        a request goes out on it; twice is a service or proxy that drops this request. A
+        timeout is not: the server may still be working on it, and waiting `timeout_s`
+        again would multiply the caller's wait.
         """
-        if isinstance(exc, httpx.ConnectError) and attempt < self._retries:
-            return _backoff(attempt, self._max_retry_wait_s)
+        if attempt < self._retries:
+            if isinstance(exc, httpx.ConnectError):
+                return self._spread(_backoff(attempt, self._max_retry_wait_s))
+            if isinstance(exc, _DROPPED) and dropped == 0:
+                return 0.0
         raise self._connection_error(exc, attempt + 1) from exc
 
     def _poll_timeout(self, deadline: float) -> float:
         """A /ready poll's own timeout: never past wait_until_ready's deadline (a port
         that accepts and never answers would otherwise hold each poll for timeout_s)."""
-        return max(0.05, min(self._timeout, deadline - time.monotonic()))
+        own = self._timeout if self._timeout is not None else math.inf
+        return max(0.05, min(own, deadline - time.monotonic()))
 
     def _ready_delay(
         self,
@@ -585,12 +617,15 @@ class _Base:
         if isinstance(outcome, httpx.Response):
             if outcome.status_code == 200:
                 return None
-            if outcome.status_code != 503:
-                _raise_for_error(outcome)  # a wrong URL (404) or a proxy's error
-            # Loading answers Retry-After 5; asked more often, readiness is seen sooner.
+            if outcome.status_code not in (502, 503, 504):
+                _raise_for_error(outcome)  # a wrong URL (404), a wrong key (401)
+            # Loading answers Retry-After 5; asked more often, readiness is seen sooner. A
+            # proxy in front answers 502/504 until the service listens.
             delay = min(_retry_delay(outcome, attempt, _READY_POLL_CAP_S), _READY_POLL_CAP_S)
-        elif isinstance(outcome, httpx.ConnectError | httpx.TimeoutException):
-            delay = _backoff(attempt, _READY_POLL_CAP_S)  # not listening yet: imports
+        elif isinstance(outcome, (httpx.ConnectError, httpx.TimeoutException, *_DROPPED)):
+            # Not listening yet (imports), or a port forward (docker, kubectl) that
+            # accepts and closes while nothing listens behind it.
+            delay = _backoff(attempt, _READY_POLL_CAP_S)
         else:
             raise self._connection_error(outcome, attempt + 1) from outcome
         remaining = deadline - time.monotonic()
@@ -613,13 +648,21 @@ class _Base:
 
     def _connection_error(self, exc: httpx.TransportError, attempts: int) -> ClipConnectionError:
         tries = f" ({attempts} attempts)" if attempts > 1 else ""
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.PoolTimeout):
+            # Never sent: the client's own connections were all in use.
+            message = (
+                f"the request to the CLIP service at {self._url} was not sent: all "
+                f"{self._max_connections} connections of this client stayed busy for "
+                f"{self._timeout:g} s. Make fewer calls at once, or raise max_connections "
+                "or timeout_s."
+            )
+        elif isinstance(exc, httpx.TimeoutException):
             message = (
                 f"no answer from the CLIP service at {self._url} within {self._timeout:g} s"
-                f"{tries}: {type(exc).__name__}: {exc}. Check that the service is not "
-                f"overloaded, or raise timeout_s."
+                f"{tries}: {type(exc).__name__}: {_sentence(exc)} Check that the service is "
+                "not overloaded, or raise timeout_s."
             )
-        elif isinstance(exc, httpx.RemoteProtocolError):
+        elif isinstance(exc, _DROPPED):
             # Reached, then dropped: a restart or a crash mid-request, not a wrong URL.
             message = (
                 f"the CLIP service at {self._url} closed the connection without an answer"
@@ -663,14 +706,19 @@ class ClipClient(_Base):
         self,
         url: str = "http://localhost:8000",
         api_key: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float | None = 60.0,
         retries: int = 3,
         max_retry_wait_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        max_connections: int = 100,
     ) -> None:
-        super().__init__(url, api_key, timeout_s, retries, max_retry_wait_s)
+        super().__init__(url, api_key, timeout_s, retries, max_retry_wait_s, max_connections)
         self._http = httpx.Client(
-            base_url=self._url, headers=self._headers, timeout=timeout_s, transport=transport
+            base_url=self._url,
+            headers=self._headers,
+            timeout=timeout_s,
+            transport=transport,
+            limits=self._limits,
         )
 
     def __enter__(self) -> ClipClient:
@@ -684,12 +732,13 @@ class ClipClient(_Base):
 
     def _send(self, call: _Call[T]) -> T:
         self._refuse_if_closed(self._http.is_closed)
-        attempt = 0
+        attempt = dropped = 0
         while True:
             try:
                 response = self._http.request(call.method, call.path, **call.kwargs)
             except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt)  # or raises
+                delay = self._delay_after_failure(exc, attempt, dropped)  # or raises
+                dropped += isinstance(exc, _DROPPED)
             else:
                 retry_in = self._delay_after_answer(response, attempt)
                 if retry_in is None:
@@ -770,14 +819,19 @@ class AsyncClipClient(_Base):
         self,
         url: str = "http://localhost:8000",
         api_key: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float | None = 60.0,
         retries: int = 3,
         max_retry_wait_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 100,
     ) -> None:
-        super().__init__(url, api_key, timeout_s, retries, max_retry_wait_s)
+        super().__init__(url, api_key, timeout_s, retries, max_retry_wait_s, max_connections)
         self._http = httpx.AsyncClient(
-            base_url=self._url, headers=self._headers, timeout=timeout_s, transport=transport
+            base_url=self._url,
+            headers=self._headers,
+            timeout=timeout_s,
+            transport=transport,
+            limits=self._limits,
         )
 
     async def __aenter__(self) -> AsyncClipClient:
@@ -791,12 +845,13 @@ class AsyncClipClient(_Base):
 
     async def _send(self, call: _Call[T]) -> T:
         self._refuse_if_closed(self._http.is_closed)
-        attempt = 0
+        attempt = dropped = 0
         while True:
             try:
                 response = await self._http.request(call.method, call.path, **call.kwargs)
             except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt)  # or raises
+                delay = self._delay_after_failure(exc, attempt, dropped)  # or raises
+                dropped += isinstance(exc, _DROPPED)
             else:
                 retry_in = self._delay_after_answer(response, attempt)
                 if retry_in is None:

@@ -114,7 +114,7 @@ def test_sync_client_gives_up_with_the_servers_error() -> None:
 def test_non_json_errors_still_raise_typed_errors() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(502, text="bad gateway"))
     with (
-        ClipClient("http://svc", transport=transport) as client,
+        ClipClient("http://svc", retries=0, transport=transport) as client,
         pytest.raises(ClipServiceError, match="502 http_error") as caught,
     ):
         client.embed(b"x")
@@ -343,7 +343,10 @@ def test_refused_connections_are_retried_then_succeed(monkeypatch: pytest.Monkey
     with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
         assert client.embed(b"jpeg bytes").tolist() == pytest.approx([0.6, 0.8])
     assert len(calls) == 3
-    assert waits == [0.5, 1.0]
+    # A backoff of 0.5 then 1 s, each stretched by up to as much again at random.
+    assert len(waits) == 2
+    assert 0.5 <= waits[0] <= 1.0
+    assert 1.0 <= waits[1] <= 2.0
 
 
 def test_a_connection_dropped_mid_request_is_not_called_unreachable() -> None:
@@ -1014,3 +1017,154 @@ def test_an_error_after_retries_says_how_many_attempts_were_made() -> None:
     )
     assert (retried.value.status, retried.value.code) == (503, "overloaded")
     assert once.value.message == "queue full"
+
+
+def test_wait_until_ready_waits_through_a_proxy_with_no_service_behind_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docker's or kubectl's port forward accepts and closes while nothing listens
+    behind it, and nginx answers 502/504: not ready yet, as a refusal is. Each used to
+    end the wait at once."""
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    answers: list[Any] = [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError(""),
+        502,
+        504,
+        200,
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer == 200:
+            return httpx.Response(200, json={"status": "ready"})
+        return httpx.Response(answer, text="<html>bad gateway</html>")
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        client.wait_until_ready(timeout_s=60)
+    assert answers == []
+    assert waits == [0.5, 1.0, 2.0, 2.0]
+
+
+def test_a_connection_closed_without_an_answer_is_sent_again_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A graceful restart closes idle keep-alive connections; one may close as a request
+    goes out on it. The call is safe to repeat, once: a request dropped twice is not a
+    race."""
+    monkeypatch.setattr(client_module.time, "sleep", lambda seconds: None)
+    calls: list[httpx.Request] = []
+
+    def drops_first(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.ReadError("")
+        return httpx.Response(200, json={"embedding": _VECTOR})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(drops_first)) as client:
+        assert client.embed(b"x").tolist() == pytest.approx([0.6, 0.8])
+    assert len(calls) == 2
+
+    def always_drops(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    calls.clear()
+    with (
+        ClipClient("http://svc", transport=httpx.MockTransport(always_drops)) as client,
+        pytest.raises(
+            ClipConnectionError, match=r"closed the connection without an answer \(2 attempts\)"
+        ),
+    ):
+        client.embed(b"x")
+    assert len(calls) == 2
+
+
+async def test_refused_calls_come_back_spread_out_not_in_one_wave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """64 callers refused with Retry-After 1 all came back at the same instant and were
+    refused again: each wait is now Retry-After stretched by up to as much again."""
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    spread = iter([0.0, 0.5, 0.99, 0.9])
+    monkeypatch.setattr(client_module.random, "random", lambda: next(spread))
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(503, json=body, headers={"Retry-After": "2"})
+
+    transport = httpx.MockTransport(busy)
+    with (
+        ClipClient("http://svc", retries=4, max_retry_wait_s=3.5, transport=transport) as client,
+        pytest.raises(ClipServiceError, match="after 5 attempts"),
+    ):
+        client.embed(b"x")
+    # Never sooner than Retry-After; never past max_retry_wait_s.
+    assert waits == [2.0, 3.0, 3.5, 3.5]
+
+
+def test_a_proxys_502_and_504_are_retried_as_503_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module.time, "sleep", lambda seconds: None)
+    statuses = [502, 504, 200]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = statuses.pop(0)
+        if status == 200:
+            return httpx.Response(200, json={"embedding": _VECTOR})
+        return httpx.Response(status, text="<html>gateway</html>")
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        assert client.embed(b"x").shape == (2,)
+    assert statuses == []
+
+
+def test_timeouts_name_the_client_pool_when_the_request_never_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """300 calls at once on the default 100 connections: those that waited timeout_s
+    for a connection were reported as the service not answering."""
+
+    def raising(error: Exception) -> Callable[[httpx.Request], httpx.Response]:
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise error
+
+        return handler
+
+    pool = httpx.MockTransport(raising(httpx.PoolTimeout("")))
+    with (
+        ClipClient("http://svc", timeout_s=5, max_connections=40, transport=pool) as client,
+        pytest.raises(ClipConnectionError) as caught,
+    ):
+        client.embed(b"x")
+    assert caught.value.args[0] == (
+        "the request to the CLIP service at http://svc was not sent: all 40 connections of "
+        "this client stayed busy for 5 s. Make fewer calls at once, or raise max_connections "
+        "or timeout_s."
+    )
+    read = httpx.MockTransport(raising(httpx.ReadTimeout("")))
+    with (
+        ClipClient("http://svc", timeout_s=5, transport=read) as client,
+        pytest.raises(ClipConnectionError, match=r"ReadTimeout: no detail\. Check that"),
+    ):
+        client.embed(b"x")
+
+
+async def test_no_timeout_at_all_is_taken_by_every_call() -> None:
+    """timeout_s=None, httpx's way to wait as long as it takes, crashed wait_until_ready
+    comparing None with a float."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/ready":
+            return httpx.Response(200, json={"status": "ready"})
+        return httpx.Response(200, json={"embedding": _VECTOR})
+
+    transport = httpx.MockTransport(handler)
+    with ClipClient("http://svc", timeout_s=None, transport=transport) as client:
+        client.wait_until_ready(timeout_s=5)
+        assert client.embed(b"x").shape == (2,)
+    async with AsyncClipClient("http://svc", timeout_s=None, transport=transport) as aio:
+        await aio.wait_until_ready(timeout_s=5)
