@@ -72,7 +72,7 @@ def decode_base64(text: str) -> bytes:
 def _wire(dtype: str) -> np.dtype[np.floating]:
     try:
         return WIRE_DTYPES[dtype]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or a dict, which cannot be a key
         raise ValueError(f"dtype must be one of {', '.join(WIRE_DTYPES)}, not {dtype!r}") from None
 
 
@@ -105,6 +105,8 @@ def decode_embedding(
     the dimension first: float32 bytes read as float16 are often NaN) NaN/infinite values.
     """
     wire = _wire(dtype)
+    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+        raise ValueError(f"dim must be a whole number >= 1, such as /info's 512, not {dim!r}")
     if not isinstance(text, str):
         raise EmbeddingDecodeError("embedding must be a base64 string")
     try:

@@ -70,3 +70,16 @@ def test_a_dimension_given_refuses_other_lengths_and_names_the_dtype_mixup() -> 
         decode_embedding(as_float32, "float16", dim=8)
     with pytest.raises(EmbeddingDecodeError, match=r"8 float32 values, expected 6$"):
         decode_embedding(as_float32, dim=6)
+
+
+@pytest.mark.parametrize("dim", ["512", 0, True, 8.0])
+def test_a_dimension_that_is_not_a_whole_number_is_refused(dim: object) -> None:
+    text = encode_embedding(np.full(8, 8**-0.5, dtype=np.float32))
+    with pytest.raises(ValueError, match="dim must be a whole number >= 1"):
+        decode_embedding(text, dim=dim)  # type: ignore[arg-type]
+
+
+def test_a_dtype_of_the_wrong_type_gets_the_dtype_message() -> None:
+    text = encode_embedding(np.full(8, 8**-0.5, dtype=np.float32))
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, not"):
+        decode_embedding(text, ["float32"])  # type: ignore[arg-type]
