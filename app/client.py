@@ -833,9 +833,24 @@ class AsyncClipClient(_Base):
             transport=transport,
             limits=self._limits,
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> AsyncClipClient:
         return self
+
+    def _check_loop(self) -> None:
+        """Its connections belong to the event loop of its first call: a second
+        asyncio.run would reuse them and fail with "Event loop is closed"."""
+        self._refuse_if_closed(self._http.is_closed)
+        running = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = running
+        elif self._loop is not running:
+            raise ClipClientError(
+                f"this AsyncClipClient of {self._url} was first used in another event loop "
+                "(an earlier asyncio.run): make one client per loop, or make every call "
+                "in one loop"
+            )
 
     async def __aexit__(self, *_: object) -> None:
         await self.aclose()
@@ -844,7 +859,7 @@ class AsyncClipClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call[T]) -> T:
-        self._refuse_if_closed(self._http.is_closed)
+        self._check_loop()
         attempt = dropped = 0
         while True:
             try:
@@ -862,7 +877,7 @@ class AsyncClipClient(_Base):
 
     async def wait_until_ready(self, timeout_s: float = 300.0) -> None:
         """ClipClient.wait_until_ready, awaited."""
-        self._refuse_if_closed(self._http.is_closed)
+        self._check_loop()
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             outcome: httpx.Response | httpx.TransportError

@@ -1168,3 +1168,15 @@ async def test_no_timeout_at_all_is_taken_by_every_call() -> None:
         assert client.embed(b"x").shape == (2,)
     async with AsyncClipClient("http://svc", timeout_s=None, transport=transport) as aio:
         await aio.wait_until_ready(timeout_s=5)
+
+
+def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
+    """Its pooled connections belong to the first loop; a second asyncio.run used to
+    fail inside httpx with "Event loop is closed", not a ClipClientError."""
+    aio = AsyncClipClient(
+        "http://svc",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"embedding": _VECTOR})),
+    )
+    assert asyncio.run(aio.embed(b"x")).shape == (2,)
+    with pytest.raises(ClipClientError, match="first used in another event loop"):
+        asyncio.run(aio.embed(b"x"))
