@@ -10,10 +10,10 @@
 `AsyncClipClient` has the same methods as coroutines.
 
 Images may be paths, an encoded file's bytes (bytes, bytearray, memoryview, or a file
-object opened in binary mode, read from where it stands), PIL images or numpy arrays. PIL images are
-sent as PNG in the modes PNG stores (1, L, LA, P, RGB, RGBA, I;16), and in the others
-(CMYK, LAB, I, F, I;16B...) as deflated TIFF, which the service reads in any mode: it
-sees the same pixels either way. The few modes neither format stores are converted
+object opened in binary mode, read from where it stands), PIL images or numpy arrays.
+PIL images are sent as PNG in the modes PNG stores (1, L, LA, P, RGB, RGBA, I;16), and in
+the others (CMYK, LAB, I, F, I;16B...) as deflated TIFF, which the service reads in any
+mode: it sees the same pixels either way. The few modes neither format stores are converted
 first: HSV and YCbCr to RGB (as the service would), La and RGBa to un-premultiplied LA and
 RGBA, I;16N to I. Arrays must be (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, and are
 sent as PNG:
@@ -41,8 +41,8 @@ could not be reached or did not answer in time (the httpx error is its `__cause_
 refused connections (a service still starting) after a short backoff, `retries` times at
 most, each wait stretched by up to as much again at random so that many refused callers
 do not all come back at the same instant; a connection closed without an answer is sent
-again once. The error after the last try says how many were made. A client used after close() raises
-ClipClientError.
+again once. The error after the last try says how many were made. A client used after
+close() raises ClipClientError.
 """
 
 from __future__ import annotations
@@ -564,7 +564,6 @@ class _Base:
         self._timeout = timeout_s
         self._retries = retries
         self._max_retry_wait_s = max_retry_wait_s
-        self._max_connections = max_connections
         self._limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=min(20, max_connections)
         )
@@ -652,7 +651,7 @@ class _Base:
             # Never sent: the client's own connections were all in use.
             message = (
                 f"the request to the CLIP service at {self._url} was not sent: all "
-                f"{self._max_connections} connections of this client stayed busy for "
+                f"{self._limits.max_connections} connections of this client stayed busy for "
                 f"{self._timeout:g} s. Make fewer calls at once, or raise max_connections "
                 "or timeout_s."
             )
