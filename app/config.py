@@ -138,13 +138,14 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="OpenVINO and torch on the CPU: forward passes run at once under load, "
+        description="On the CPU: forward passes run at once under load, "
         "each on its share of the cores with its own batch, and a request that finds the "
         "model idle runs alone over every core, so a lone client keeps the latency of one "
         "pass. 0: the runtime's choice. OpenVINO: its own (2 on 2 cores) when the second "
         "compiled copy a lone request runs on is at most 256 MB (ViT-B-32 in bf16 or int8: "
         "~180 MB), else 1 (fp32). torch: 2 where it has 2+ threads (the weights are shared: "
-        "no copy). N: N. 1: one pass over every core. ONNX Runtime and GPUs run 1.",
+        "no copy). ONNX Runtime: 2 where it has 2+ threads and a session's copy of the weights "
+        "is at most 256 MB (int8), else 1. N: N. 1: one pass over every core. GPUs run 1.",
     )
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."

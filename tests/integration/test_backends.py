@@ -159,8 +159,9 @@ def test_a_bad_calibration_folder_stops_the_start_with_its_reason(
         ClipImageEncoder.load(settings)
 
 
-async def test_openvino_streams_serve_concurrent_requests_alike(
-    tiny_settings: Callable[..., Settings],
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+async def test_streams_serve_concurrent_requests_alike(
+    tiny_settings: Callable[..., Settings], backend: str
 ) -> None:
     crops = [noise_jpeg(seed) for seed in range(12)]
 
@@ -176,8 +177,8 @@ async def test_openvino_streams_serve_concurrent_requests_alike(
         rows = [decode_embedding(r.json()["embedding"]) for r in responses]
         return streams, rows, decode_embedding(lone.json()["embedding"])
 
-    one, alone, _ = await embed_all(tiny_settings(backend="openvino", forward_streams=1))
-    two, together, lone = await embed_all(tiny_settings(backend="openvino", forward_streams=2))
+    one, alone, _ = await embed_all(tiny_settings(backend=backend, forward_streams=1))
+    two, together, lone = await embed_all(tiny_settings(backend=backend, forward_streams=2))
     assert (one, two) == (1, 2)
     for a, b in zip(alone, together, strict=True):
         assert cosine(a, b) >= 0.99999
@@ -251,6 +252,64 @@ def test_openvino_streams_may_move_between_cores(
     assert compiled
     for model in compiled:
         assert model.get_property("ENABLE_CPU_PINNING") is pinned  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("threads", "streams", "sessions"),
+    [(2, 0, [1, 2]), (2, 1, [2]), (2, 2, [1, 2]), (4, 2, [2, 2, 4]), (1, 0, [1])],
+)
+def test_onnxruntime_streams_get_their_share_of_the_threads(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+    streams: int,
+    sessions: list[int],
+) -> None:
+    """A session of one thread serves every stream (calls run on their callers'
+    threads); wider shares get a session each; the lone request's session has every
+    thread. By default two streams where there are two threads and the weights are small
+    (the tiny model's are), int8 or not."""
+    import onnxruntime as ort
+    import open_clip
+    import torch
+
+    from app.config import Backend, Precision
+    from app.inference.runtimes import build_tower
+
+    opened: list[int] = []
+    session_class = ort.InferenceSession
+
+    def recording(path: str, options: ort.SessionOptions, **kwargs: object) -> object:
+        opened.append(options.intra_op_num_threads)
+        return session_class(path, options, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    visual = (
+        open_clip.create_model(f"local-dir:{tiny_model_dir}").eval().requires_grad_(False).visual
+    )
+    tower = build_tower(
+        visual, Backend.ONNXRUNTIME, Precision.FP32, torch.device("cpu"), (64, 64), tmp_path,
+        threads=threads, streams=streams,
+    )  # fmt: skip
+    assert sorted(opened) == sessions
+    assert tower.concurrency == (streams or (2 if threads >= 2 else 1))
+    features = tower(torch.zeros(3, 3, 64, 64))
+    assert features.shape[0] == 3
+
+
+def test_onnxruntime_runs_one_stream_by_default_where_a_second_session_is_large() -> None:
+    """ViT-B-32's fp32 weights (~350 MB) a second time would take the service past its
+    memory bound; its int8 weights (~90 MB) would not."""
+    import torch
+
+    from app.config import Precision
+    from app.inference.runtimes.onnxruntime_tower import default_streams
+
+    vit_b_32_sized = torch.nn.Linear(9000, 9800, device="meta")  # 88 M weights, no memory
+    assert default_streams(vit_b_32_sized, Precision.FP32, threads=2) == 1
+    assert default_streams(vit_b_32_sized, Precision.INT8, threads=2) == 2
+    assert default_streams(vit_b_32_sized, Precision.INT8, threads=1) == 1
 
 
 def _onnx_tower_and_reference(tiny_model_dir: Path, cache: Path) -> tuple[Tower, torch.nn.Module]:

@@ -50,7 +50,7 @@ def build_tower(
     """The tower ready to run. `visual` is the fp32 open_clip tower on the CPU; for the
     torch backend it is cast (or quantised) in place and moved to `device`.
     `calibration` is needed by OpenVINO's static int8 only; `streams` (0: the runtime's
-    choice) are OpenVINO's and torch's on the CPU; ONNX Runtime runs one pass at a time.
+    choice) are passes run at once on the CPU.
     `weights` is weights_digest(visual) when the caller has it already (hashing ViT-B-32
     takes most of a second). OpenVINO and ONNX Runtime
     call `release_source` once the converted artefact is on disk and before loading it:
@@ -66,7 +66,7 @@ def build_tower(
                               calibration, streams, release_source)  # fmt: skip
     key = cache_key(weights or weights_digest(visual), backend, precision, image_size)
     return onnxruntime_tower(visual, precision, image_size, cache_dir / key, threads,
-                             release_source)  # fmt: skip
+                             streams, release_source)  # fmt: skip
 
 
 def cache_key(

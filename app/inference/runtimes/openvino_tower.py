@@ -19,14 +19,9 @@ from app.config import Backend, Precision
 from app.inference.calibration import Calibration
 from app.inference.conversion_cache import cached
 from app.inference.memory import page_out_files, paging_out, release_freed_memory
-from app.inference.runtimes.tower import Tower, Turns, example_pixels
+from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Tower, Turns, example_pixels
 
 logger = logging.getLogger(__name__)
-
-# The largest second compiled copy of the weights CLIP_FORWARD_STREAMS=0 buys for lone
-# requests' latency: it has to fit beside everything else in the 1.5 GB the service
-# keeps to under load.
-SECOND_COPY_MAX_BYTES = 256 * 2**20
 
 
 class OpenVinoTower:

@@ -18,6 +18,12 @@ class BackendUnavailable(WeightsUnavailable):
     """The requested backend cannot run this device or precision; says what to change."""
 
 
+# The largest second copy of the weights CLIP_FORWARD_STREAMS=0 buys for lone requests'
+# latency (OpenVINO, ONNX Runtime): it has to fit beside everything else in the 1.5 GB
+# the service keeps to under load.
+SECOND_COPY_MAX_BYTES = 256 * 2**20
+
+
 class Tower(Protocol):
     backend: Backend
     # Forward passes it runs at the same time, each on its own share of the cores; the
