@@ -74,3 +74,12 @@ def cpu_has_int8_dot_product(cpuinfo: str = "/proc/cpuinfo") -> bool:
     wide = bool(flags & {"avx512_vnni", "amx_int8"}) and bool(level & _AVX512_VNNI_BIT)
     narrow = "avx_vnni" in flags and bool(level & _AVX2_VNNI_BIT)
     return wide or narrow
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a runtime's thread pool
+    sizes itself), not torch's thread count, which whoever ran last may have changed."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -298,6 +298,33 @@ def test_onnxruntime_streams_get_their_share_of_the_threads(
     assert features.shape[0] == 3
 
 
+def test_onnxruntime_default_streams_count_the_cpus_not_torchs_threads(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's thread count is process state that a torch pass may have set to a
+    stream's share: ONNX Runtime's default streams follow the CPUs the process has."""
+    import open_clip
+    import torch
+
+    from app.config import Backend, Precision
+    from app.inference.runtimes import build_tower, onnxruntime_tower
+
+    monkeypatch.setattr(onnxruntime_tower, "usable_cpus", lambda: 2)
+    visual = (
+        open_clip.create_model(f"local-dir:{tiny_model_dir}").eval().requires_grad_(False).visual
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tower = build_tower(
+            visual, Backend.ONNXRUNTIME, Precision.FP32, torch.device("cpu"), (64, 64), tmp_path,
+            threads=0,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert tower.concurrency == 2
+
+
 def test_onnxruntime_runs_one_stream_by_default_where_a_second_session_is_large() -> None:
     """ViT-B-32's fp32 weights (~350 MB) a second time would take the service past its
     memory bound; its int8 weights (~90 MB) would not."""

@@ -15,6 +15,7 @@ import torch
 
 from app.config import Backend, Precision
 from app.inference.conversion_cache import cached
+from app.inference.cpu_features import usable_cpus
 from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Tower, Turns, example_pixels
 
 logger = logging.getLogger(__name__)
@@ -168,9 +169,8 @@ def onnxruntime_tower(
     filename = "tower.int8.onnx" if precision == Precision.INT8 else "tower.onnx"
     artefact = cached(folder, filename, export)
     release_source()
-    threads = threads or torch.get_num_threads()
-    streams = default_streams(visual, precision, threads) if streams == 0 else streams
-    streams = max(1, min(streams, threads))
+    cores = threads or usable_cpus()
+    streams = default_streams(visual, precision, cores) if streams == 0 else streams
 
     def session(intra_op_threads: int) -> Any:
         options = ort.SessionOptions()
@@ -180,16 +180,16 @@ def onnxruntime_tower(
         return ort.InferenceSession(str(artefact.path), options, providers=["CPUExecutionProvider"])
 
     if streams == 1:
-        tower = OnnxRuntimeTower([session(threads)])
+        tower = OnnxRuntimeTower([session(threads)])  # 0: ONNX Runtime sizes its own pool
     else:
-        share = threads // streams
+        share = max(1, cores // streams)
         # A session of one thread runs each call on its caller's thread, so one serves
         # every stream; wider shares need a session (and thread pool) of their own each.
         if share == 1:
             sessions = [session(1)] * streams
         else:
             sessions = [session(share) for _ in range(streams)]
-        tower = OnnxRuntimeTower(sessions, solo=session(threads))
+        tower = OnnxRuntimeTower(sessions, solo=session(cores))
     artefact.release()
     return tower
 
