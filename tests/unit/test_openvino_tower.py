@@ -144,12 +144,13 @@ def test_a_failing_pass_over_every_core_does_not_block_the_next() -> None:
     def broken(inputs: dict[int, Any], share_inputs: bool = False) -> None:
         raise RuntimeError("device lost")
 
-    assert tower._solo is not None
-    working = tower._solo.infer
-    tower._solo.infer = broken  # type: ignore[method-assign]
+    solo = tower._streams.solo
+    assert solo is not None
+    working = solo.infer
+    solo.infer = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="device lost"):
         tower(pixels(1))
-    tower._solo.infer = working  # type: ignore[method-assign]
+    solo.infer = working  # type: ignore[method-assign]
     run_together(tower, [1, 2])  # neither waits for the pass that failed
     assert sorted(count for _, count, *_ in log.passes) == [1, 2]
 

@@ -4,7 +4,6 @@ tower; int8 is ONNX Runtime's dynamic quantisation of it."""
 from __future__ import annotations
 
 import logging
-import queue
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,43 +15,26 @@ import torch
 from app.config import Backend, Precision
 from app.inference.conversion_cache import cached
 from app.inference.cpu_features import usable_cpus
-from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Tower, Turns, example_pixels
+from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Streams, Tower, example_pixels
 
 logger = logging.getLogger(__name__)
 
 
 class OnnxRuntimeTower:
-    """ONNX Runtime sessions: one pass at a time, or with `streams` > 1 that many at once
-    under load, each on its own share of the cores, and a lone request on `solo`, a
-    session over every core (Turns), as OpenVINO's streams.
-
-    `streams` lists a session per stream; one session may stand for several (a session
-    of one intra-op thread runs each call on its caller's thread, so calls from
-    different threads run side by side)."""
+    """ONNX Runtime sessions (Streams): one pass at a time, or with several streams that
+    many at once under load, and a lone request on `solo`, a session over every core.
+    A session of one intra-op thread runs each call on its caller's thread, so one
+    session may stand for several streams."""
 
     backend = Backend.ONNXRUNTIME
 
     def __init__(self, streams: list[Any], solo: Any = None) -> None:
-        self.concurrency = len(streams)
+        self._streams = Streams(streams, solo)
+        self.concurrency = self._streams.concurrency
         self._input = streams[0].get_inputs()[0].name
-        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for session in streams:
-            self._idle.put(session)
-        self._solo = solo if self.concurrency > 1 else None
-        self._turns = Turns(self.concurrency)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self._solo is None:
-            return self._on_a_stream(pixels)
-        with self._turns.turn(len(pixels)) as solo:
-            return self._run(self._solo, pixels) if solo else self._on_a_stream(pixels)
-
-    def _on_a_stream(self, pixels: torch.Tensor) -> torch.Tensor:
-        session = self._idle.get()
-        try:
-            return self._run(session, pixels)
-        finally:
-            self._idle.put(session)
+        return self._streams.run(pixels, self._run)
 
     def _run(self, session: Any, pixels: torch.Tensor) -> torch.Tensor:
         (features,) = session.run(None, {self._input: pixels.numpy()})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,29 +18,26 @@ from app.config import Backend, Precision
 from app.inference.calibration import Calibration
 from app.inference.conversion_cache import cached
 from app.inference.memory import page_out_files, paging_out, release_freed_memory
-from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Tower, Turns, example_pixels
+from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Streams, Tower, example_pixels
 
 logger = logging.getLogger(__name__)
 
 
 class OpenVinoTower:
-    """One infer request per CPU stream; a call borrows a free one, so up to
-    `concurrency` calls (from different threads) run at once.
+    """One infer request per CPU stream (Streams).
 
     Streams of one thread each keep the cores busy under load, but leave a lone request
     on a single core. With a `solo` model as well (one stream over every core), a lone
-    request runs on it instead (Turns)."""
+    request runs on it instead."""
 
     backend = Backend.OPENVINO
 
     def __init__(self, compiled: Any, solo: Any = None, weights_file: Path | None = None) -> None:
-        self.concurrency = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(self.concurrency):
-            self._idle.put(compiled.create_infer_request())
-        solo_wanted = solo is not None and self.concurrency > 1
-        self._solo = solo.create_infer_request() if solo_wanted else None
-        self._turns = Turns(self.concurrency)
+        streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        requests = [compiled.create_infer_request() for _ in range(streams)]
+        solo_request = solo.create_infer_request() if solo is not None and streams > 1 else None
+        self._streams = Streams(requests, solo_request)
+        self.concurrency = self._streams.concurrency
         self._weights_file = weights_file
 
     def settle(self) -> None:
@@ -53,20 +49,10 @@ class OpenVinoTower:
 
     @property
     def has_solo(self) -> bool:
-        return self._solo is not None
+        return self._streams.solo is not None
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self._solo is None:
-            return self._on_a_stream(pixels)
-        with self._turns.turn(len(pixels)) as solo:
-            return _infer(self._solo, pixels) if solo else self._on_a_stream(pixels)
-
-    def _on_a_stream(self, pixels: torch.Tensor) -> torch.Tensor:
-        request = self._idle.get()
-        try:
-            return _infer(request, pixels)
-        finally:
-            self._idle.put(request)
+        return self._streams.run(pixels, _infer)
 
 
 def _infer(request: Any, pixels: torch.Tensor) -> torch.Tensor:

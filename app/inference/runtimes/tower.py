@@ -4,14 +4,17 @@ runtime with several forward streams give a lone request every core."""
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from app.config import Backend
 from app.inference.weights import WeightsUnavailable
+
+R = TypeVar("R")
 
 
 class BackendUnavailable(WeightsUnavailable):
@@ -68,6 +71,40 @@ class Turns:
                 if solo:
                     self._solo_running = False
                 self._changed.notify_all()
+
+
+class Streams(Generic[R]):
+    """A runtime's runners of passes at once (OpenVINO infer requests, ONNX Runtime
+    sessions): a pass borrows a free one, so up to `concurrency` run together; with a
+    `solo` runner (over every core) and more than one stream, a lone request runs on it
+    instead (Turns). A runner may be listed more than once where it serves several
+    callers at a time."""
+
+    def __init__(self, runners: list[R], solo: R | None = None) -> None:
+        self.concurrency = len(runners)
+        self._idle: queue.SimpleQueue[R] = queue.SimpleQueue()
+        for runner in runners:
+            self._idle.put(runner)
+        self.solo = solo if self.concurrency > 1 else None
+        self._turns = Turns(self.concurrency)
+
+    def run(
+        self, pixels: torch.Tensor, infer: Callable[[R, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """`infer(runner, pixels)` on a free stream's runner, or alone on `solo`."""
+        if self.solo is None:
+            return self._on_a_stream(pixels, infer)
+        with self._turns.turn(len(pixels)) as solo:
+            return infer(self.solo, pixels) if solo else self._on_a_stream(pixels, infer)
+
+    def _on_a_stream(
+        self, pixels: torch.Tensor, infer: Callable[[R, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        runner = self._idle.get()
+        try:
+            return infer(runner, pixels)
+        finally:
+            self._idle.put(runner)
 
 
 def example_pixels(image_size: tuple[int, int]) -> torch.Tensor:
