@@ -41,8 +41,11 @@ could not be reached or did not answer in time (the httpx error is its `__cause_
 refused connections (a service still starting) after a short backoff, `retries` times at
 most, each wait stretched by up to as much again at random so that many refused callers
 do not all come back at the same instant; a connection closed without an answer is sent
-again once. The error after the last try says how many were made. A client used after
-close() raises ClipClientError.
+again once. The error after the last try says how many were made. `timeout_s` bounds a
+whole call, its retries and the waits between them included: a retry that would start
+past it is not made (the error says so), and each attempt's connect, send and each read
+wait at most the time left (httpx times each read, so a server that trickles its answer
+can still overrun it). A client used after close() raises ClipClientError.
 """
 
 from __future__ import annotations
@@ -535,6 +538,8 @@ def _foreign_answer(response: httpx.Response, problem: str = "") -> str:
 
 # Longest wait between two /ready polls of wait_until_ready.
 _READY_POLL_CAP_S = 2.0
+# An attempt with less time left than this would only time out: not started.
+_LEAST_ATTEMPT_S = 0.01
 
 
 def _backoff(attempt: int, cap_s: float) -> float:
@@ -574,13 +579,33 @@ class _Base:
         wave that it refuses again (Retry-After is a least, so only ever added to)."""
         return min(delay * (1.0 + random.random()), self._max_retry_wait_s)
 
-    def _delay_after_answer(self, response: httpx.Response, attempt: int) -> float | None:
+    def _deadline(self) -> float | None:
+        """When a call starting now must be over (monotonic): timeout_s bounds the whole
+        call, retries and the waits between them included, not each attempt."""
+        return None if self._timeout is None else time.monotonic() + self._timeout
+
+    @staticmethod
+    def _time_left(deadline: float | None) -> float | None:
+        """An attempt's httpx timeout: what is left of the call's (None: no bound)."""
+        return None if deadline is None else max(deadline - time.monotonic(), _LEAST_ATTEMPT_S)
+
+    @staticmethod
+    def _ends_past(deadline: float | None, delay: float) -> bool:
+        """A retry after `delay` would start with (almost) no time left: not worth it."""
+        return deadline is not None and time.monotonic() + delay + _LEAST_ATTEMPT_S >= deadline
+
+    def _delay_after_answer(
+        self, response: httpx.Response, attempt: int, deadline: float | None
+    ) -> float | None:
         """Seconds to wait before trying again, or None to stop with this answer."""
         if response.status_code not in RETRIED_STATUSES or attempt >= self._retries:
             return None
-        return self._spread(_retry_delay(response, attempt, self._max_retry_wait_s))
+        delay = self._spread(_retry_delay(response, attempt, self._max_retry_wait_s))
+        return None if self._ends_past(deadline, delay) else delay
 
-    def _delay_after_failure(self, exc: httpx.TransportError, attempt: int, dropped: int) -> float:
+    def _delay_after_failure(
+        self, exc: httpx.TransportError, attempt: int, dropped: int, deadline: float | None
+    ) -> float:
         """Seconds to wait before trying again, or raises ClipConnectionError.
 
         A refused connection is retried: the request never reached the server, and a
@@ -589,13 +614,19 @@ class _Base:
         a graceful restart closes idle keep-alive connections, and one may close just as
         a request goes out on it; twice is a service or proxy that drops this request. A
         timeout is not: the server may still be working on it, and waiting `timeout_s`
-        again would multiply the caller's wait.
+        again would multiply the caller's wait. Nor is anything once the retry would
+        start past the call's `deadline`.
         """
         if attempt < self._retries:
+            delay: float | None = None
             if isinstance(exc, httpx.ConnectError):
-                return self._spread(_backoff(attempt, self._max_retry_wait_s))
-            if isinstance(exc, _DROPPED) and dropped == 0:
-                return 0.0
+                delay = self._spread(_backoff(attempt, self._max_retry_wait_s))
+            elif isinstance(exc, _DROPPED) and dropped == 0:
+                delay = 0.0
+            if delay is not None:
+                if not self._ends_past(deadline, delay):
+                    return delay
+                raise self._connection_error(exc, attempt + 1, out_of_time=True) from exc
         raise self._connection_error(exc, attempt + 1) from exc
 
     def _poll_timeout(self, deadline: float) -> float:
@@ -645,8 +676,16 @@ class _Base:
             self._url,
         ) from outcome
 
-    def _connection_error(self, exc: httpx.TransportError, attempts: int) -> ClipConnectionError:
+    def _connection_error(
+        self, exc: httpx.TransportError, attempts: int, out_of_time: bool = False
+    ) -> ClipConnectionError:
         tries = f" ({attempts} attempts)" if attempts > 1 else ""
+        if out_of_time:
+            plural = "s" if attempts > 1 else ""
+            tries = (
+                f" ({attempts} attempt{plural}; not tried again, as the retry would start past "
+                f"timeout_s, {self._timeout:g} s, which bounds the whole call)"
+            )
         if isinstance(exc, httpx.PoolTimeout):
             # Never sent: the client's own connections were all in use.
             message = (
@@ -680,8 +719,17 @@ class _Base:
         try:
             _raise_for_error(response)
         except ClipServiceError as exc:
+            if exc.status in RETRIED_STATUSES and attempts <= self._retries:
+                # Retries were left, but the next would have started past timeout_s.
+                plural = "s" if attempts > 1 else ""
+                message = (
+                    f"{exc.message} (still {exc.status} after {attempts} attempt{plural}; the "
+                    f"next would start past timeout_s, {self._timeout:g} s, which bounds the "
+                    "whole call: raise timeout_s to wait longer)"
+                )
+                raise ClipServiceError(exc.status, exc.code, message) from None
             if attempts > 1 and exc.status in RETRIED_STATUSES:
-                # The caller's timeout budget went on retries: say so, and how to get more.
+                # The caller's retry budget went: say so, and how to get more.
                 message = (
                     f"{exc.message} (still {exc.status} after {attempts} attempts; raise "
                     "retries or max_retry_wait_s to wait longer)"
@@ -731,15 +779,17 @@ class ClipClient(_Base):
 
     def _send(self, call: _Call[T]) -> T:
         self._refuse_if_closed(self._http.is_closed)
-        attempt = dropped = 0
+        deadline, attempt, dropped = self._deadline(), 0, 0
         while True:
             try:
-                response = self._http.request(call.method, call.path, **call.kwargs)
+                response = self._http.request(
+                    call.method, call.path, timeout=self._time_left(deadline), **call.kwargs
+                )
             except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt, dropped)  # or raises
+                delay = self._delay_after_failure(exc, attempt, dropped, deadline)  # or raises
                 dropped += isinstance(exc, _DROPPED)
             else:
-                retry_in = self._delay_after_answer(response, attempt)
+                retry_in = self._delay_after_answer(response, attempt, deadline)
                 if retry_in is None:
                     return self._answer(call, response, attempt + 1)
                 delay = retry_in
@@ -859,15 +909,17 @@ class AsyncClipClient(_Base):
 
     async def _send(self, call: _Call[T]) -> T:
         self._check_loop()
-        attempt = dropped = 0
+        deadline, attempt, dropped = self._deadline(), 0, 0
         while True:
             try:
-                response = await self._http.request(call.method, call.path, **call.kwargs)
+                response = await self._http.request(
+                    call.method, call.path, timeout=self._time_left(deadline), **call.kwargs
+                )
             except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt, dropped)  # or raises
+                delay = self._delay_after_failure(exc, attempt, dropped, deadline)  # or raises
                 dropped += isinstance(exc, _DROPPED)
             else:
-                retry_in = self._delay_after_answer(response, attempt)
+                retry_in = self._delay_after_answer(response, attempt, deadline)
                 if retry_in is None:
                     return self._answer(call, response, attempt + 1)
                 delay = retry_in

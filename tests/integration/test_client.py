@@ -1180,3 +1180,100 @@ def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
     assert asyncio.run(aio.embed(b"x")).shape == (2,)
     with pytest.raises(ClipClientError, match="first used in another event loop"):
         asyncio.run(aio.embed(b"x"))
+
+
+def test_timeout_s_bounds_a_whole_call_not_each_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """timeout_s=60 with 3 retries could hold a call for 4 x 60 s plus 3 waits of up to
+    30 s. Now a retry that would start past timeout_s is not made, and each attempt is
+    given only what is left of it."""
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)  # waits unspread
+    seen: list[dict[str, float]] = []
+
+    def busy(retry_after: str) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request.extensions["timeout"])
+            body = {"error": {"code": "overloaded", "message": "queue full"}}
+            return httpx.Response(503, json=body, headers={"Retry-After": retry_after})
+
+        return httpx.MockTransport(handler)
+
+    # Retry-After 10 against 5 s: refused at once, without sleeping, saying which bound.
+    with (
+        ClipClient("http://svc", timeout_s=5, retries=3, transport=busy("10")) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        client.embed(b"x")
+    assert waits == []
+    assert len(seen) == 1
+    assert caught.value.status == 503
+    assert caught.value.message == (
+        "queue full (still 503 after 1 attempt; the next would start past timeout_s, 5 s, "
+        "which bounds the whole call: raise timeout_s to wait longer)"
+    )
+    # Each attempt's connect, write, read and pool wait at most what is left of 5 s.
+    assert all(0 < limit <= 5 for limit in seen[0].values())
+
+    # Within the bound, retries go on as before, and the last error says retries ran out.
+    seen.clear()
+    with (
+        ClipClient("http://svc", timeout_s=5, retries=2, transport=busy("1")) as client,
+        pytest.raises(ClipServiceError, match=r"after 3 attempts; raise retries"),
+    ):
+        client.embed(b"x")
+    assert waits == [1.0, 1.0]
+    assert len(seen) == 3
+
+
+def test_refused_connections_are_not_retried_past_timeout_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)
+    attempts: list[httpx.Request] = []
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        attempts.append(request)
+        raise httpx.ConnectError("Connection refused")
+
+    transport = httpx.MockTransport(refused)
+    # Backoffs of 0.5, 1 and 2 s: the first two fit in 2 s, the third does not.
+    with (
+        ClipClient("http://svc", timeout_s=2, retries=5, transport=transport) as client,
+        pytest.raises(ClipConnectionError) as caught,
+    ):
+        client.embed(b"x")
+    # The sleeps are faked, so the clock stands still: 0.5 and 1 each fit in 2 s; a
+    # backoff of 2 would start the retry with no time left.
+    assert waits == [0.5, 1.0]
+    assert len(attempts) == 3
+    assert (
+        "(3 attempts; not tried again, as the retry would start past timeout_s, 2 s"
+        in (caught.value.args[0])
+    )
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+async def test_the_async_client_bounds_a_whole_call_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)  # waits unspread
+    seen: list[dict[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(503, json=body, headers={"Retry-After": "0.3"})
+
+    transport = httpx.MockTransport(handler)
+    started = time.monotonic()
+    async with AsyncClipClient("http://svc", timeout_s=0.5, retries=10, transport=transport) as aio:
+        with pytest.raises(ClipServiceError, match="after 2 attempts; the next would start past"):
+            await aio.embed(b"x")
+    elapsed = time.monotonic() - started
+    # A real wait of 0.3 s, then a second attempt; a third would start at 0.6 s. Ten
+    # retries would have taken 3 s.
+    assert len(seen) == 2
+    assert elapsed < 1.5
+    # The second attempt had only what was left of the 0.5 s.
+    assert all(limit <= 0.2 for limit in seen[1].values())
