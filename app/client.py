@@ -45,7 +45,9 @@ again once. The error after the last try says how many were made. `timeout_s` bo
 whole call, its retries and the waits between them included: a retry that would start
 past it is not made (the error says so), and each attempt's connect, send and each read
 wait at most the time left (httpx times each read, so a server that trickles its answer
-can still overrun it). A client used after close() raises ClipClientError.
+can still overrun it). A client used after close() raises ClipClientError; settings
+it cannot work with (a timeout of 0 or below, retries that are not a whole number)
+raise TypeError or ValueError when it is made.
 """
 
 from __future__ import annotations
@@ -240,6 +242,27 @@ def _files(
             exc.add_note(f"while reading {place}")
             raise
     return parts
+
+
+def _seconds(value: object, name: str, *, optional: bool = False) -> float | None:
+    """A setting in seconds: a finite number >= 0 (None too where `optional`). Refused at
+    construction, not on the first call, where it would surface as httpx's error."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        allowed = "a number of seconds" + (" or None" if optional else "")
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _count(value: object, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value!r}")
+    return value
 
 
 def _flag(value: object, name: str) -> str:
@@ -566,9 +589,12 @@ class _Base:
     ) -> None:
         self._url = url.rstrip("/")
         self._headers = {"X-API-Key": api_key} if api_key else {}
-        self._timeout = timeout_s
-        self._retries = retries
-        self._max_retry_wait_s = max_retry_wait_s
+        self._timeout = _seconds(timeout_s, "timeout_s", optional=True)
+        if self._timeout == 0:
+            raise ValueError("timeout_s must be above 0 seconds (None waits as long as it takes)")
+        self._retries = _count(retries, "retries", 0)
+        self._max_retry_wait_s = cast(float, _seconds(max_retry_wait_s, "max_retry_wait_s"))
+        max_connections = _count(max_connections, "max_connections", 1)
         self._limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=min(20, max_connections)
         )
@@ -763,7 +789,7 @@ class ClipClient(_Base):
         self._http = httpx.Client(
             base_url=self._url,
             headers=self._headers,
-            timeout=timeout_s,
+            timeout=self._timeout,
             transport=transport,
             limits=self._limits,
         )
@@ -878,7 +904,7 @@ class AsyncClipClient(_Base):
         self._http = httpx.AsyncClient(
             base_url=self._url,
             headers=self._headers,
-            timeout=timeout_s,
+            timeout=self._timeout,
             transport=transport,
             limits=self._limits,
         )

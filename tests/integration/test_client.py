@@ -1277,3 +1277,48 @@ async def test_the_async_client_bounds_a_whole_call_too(monkeypatch: pytest.Monk
     assert elapsed < 1.5
     # The second attempt had only what was left of the 0.5 s.
     assert all(limit <= 0.2 for limit in seen[1].values())
+
+
+@pytest.mark.parametrize(
+    ("setting", "error", "says"),
+    [
+        ({"timeout_s": "30"}, TypeError, "timeout_s must be a number of seconds or None, got '30'"),
+        ({"timeout_s": float("nan")}, TypeError, "timeout_s must be a number of seconds"),
+        ({"timeout_s": True}, TypeError, "timeout_s must be a number of seconds"),
+        ({"timeout_s": -1}, ValueError, "timeout_s must be at least 0 seconds, got -1"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be above 0 seconds (None waits"),
+        ({"retries": -1}, ValueError, "retries must be at least 0, got -1"),
+        ({"retries": 2.5}, TypeError, "retries must be a whole number, got 2.5"),
+        ({"max_retry_wait_s": None}, TypeError, "max_retry_wait_s must be a number of seconds,"),
+        ({"max_retry_wait_s": -0.5}, ValueError, "max_retry_wait_s must be at least 0 seconds"),
+        ({"max_connections": 0}, ValueError, "max_connections must be at least 1, got 0"),
+    ],
+)
+def test_settings_a_client_cannot_work_with_are_refused_when_it_is_made(
+    setting: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    """They surfaced on the first call, as httpx's own error (or, for a negative
+    timeout, as every call timing out at once)."""
+    for make in (ClipClient, AsyncClipClient):
+        with pytest.raises(error) as caught:
+            make("http://svc", **setting)
+        assert caught.value.args[0].startswith(says)
+
+
+def test_whole_seconds_and_no_retries_are_taken() -> None:
+    calls: list[httpx.Request] = []
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(503, json=body, headers={"Retry-After": "0"})
+
+    transport = httpx.MockTransport(busy)
+    with (
+        ClipClient("http://svc", timeout_s=5, retries=0, transport=transport) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        client.embed(b"x")
+    assert caught.value.message == "queue full"
+    assert len(calls) == 1
+    assert calls[0].extensions["timeout"]["read"] <= 5
