@@ -43,11 +43,13 @@ most, each wait stretched by up to as much again at random so that many refused 
 do not all come back at the same instant; a connection closed without an answer is sent
 again once. The error after the last try says how many were made. `timeout_s` bounds a
 whole call, its retries and the waits between them included: a retry that would start
-past it is not made (the error says so), and each attempt's connect, send and each read
-wait at most the time left (httpx times each read, so a server that trickles its answer
-can still overrun it). A client used after close() raises ClipClientError; settings
-it cannot work with (a timeout of 0 or below, retries that are not a whole number)
-raise TypeError or ValueError when it is made.
+past it, or with less time left than the last attempt took, is not made (the error says
+so), and each attempt's connect, send and each read wait at most the time left. The
+async client also bounds each attempt as a whole; the sync client's reads are timed one
+by one (httpx), so a server that trickles its answer can still hold it past timeout_s.
+A client used after close() raises ClipClientError; settings it cannot work with (a
+timeout of 0 or below or over 1,000,000 s, retries that are not a whole number) raise
+TypeError or ValueError when it is made.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ import asyncio
 import io
 import json
 import math
+import numbers
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -244,25 +248,34 @@ def _files(
     return parts
 
 
-def _seconds(value: object, name: str, *, optional: bool = False) -> float | None:
-    """A setting in seconds: a finite number >= 0 (None too where `optional`). Refused at
-    construction, not on the first call, where it would surface as httpx's error."""
+def _seconds(
+    value: object, name: str, *, optional: bool = False, above_zero: bool = False
+) -> float | None:
+    """A setting in seconds, refused at construction rather than on the first call (as
+    httpx's error, every call timing out at once, or an OverflowError from the socket
+    layer, which takes no timeout of about 1e10 s or more)."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         allowed = "a number of seconds" + (" or None" if optional else "")
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be at least 0 seconds, got {value!r}")
-    return float(value)
+    seconds = float(value)
+    low_ok = seconds > 0 if above_zero else seconds >= 0
+    if not (low_ok and seconds <= _MOST_SECONDS):  # NaN and inf too
+        least = "above 0" if above_zero else "at least 0"
+        hint = " (None waits as long as it takes)" if optional else ""
+        raise ValueError(
+            f"{name} must be {least} and at most {_MOST_SECONDS:.0f} seconds{hint}, got {value!r}"
+        )
+    return seconds
 
 
 def _count(value: object, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a whole number, got {value!r}")
     if value < least:
         raise ValueError(f"{name} must be at least {least}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _flag(value: object, name: str) -> str:
@@ -518,7 +531,7 @@ def _raise_for_error(response: httpx.Response) -> None:
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         code, message = "http_error", _foreign_answer(response)
     raise ClipServiceError(response.status_code, code, message)
 
@@ -528,7 +541,7 @@ def _parse_answer(call: _Call[T], response: httpx.Response) -> T:
     not in this service's shape: not JSON, or a field missing or malformed."""
     try:
         body = response.json()
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not text
+    except (ValueError, RecursionError) as exc:  # not JSON, not text, or nested past Python's
         raise _unexpected_answer(response, "not JSON") from exc
     if not isinstance(body, dict):
         raise _unexpected_answer(response, "not a JSON object")
@@ -561,8 +574,11 @@ def _foreign_answer(response: httpx.Response, problem: str = "") -> str:
 
 # Longest wait between two /ready polls of wait_until_ready.
 _READY_POLL_CAP_S = 2.0
+# The longest wait a setting may ask for (11.6 days); None is the way to wait for ever.
+_MOST_SECONDS = 1e6
 # An attempt with less time left than this would only time out: not started.
 _LEAST_ATTEMPT_S = 0.01
+_RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 
 
 def _backoff(attempt: int, cap_s: float) -> float:
@@ -570,8 +586,11 @@ def _backoff(attempt: int, cap_s: float) -> float:
 
 
 def _retry_delay(response: httpx.Response, attempt: int, cap_s: float) -> float:
-    header = response.headers.get("Retry-After", "")
-    delay = float(header) if header.replace(".", "", 1).isdigit() else _backoff(attempt, cap_s)
+    # Seconds in ASCII digits; anything else (an HTTP date, "²", which str.isdigit
+    # takes and float() refuses) gets the usual backoff.
+    header = response.headers.get("Retry-After", "").strip()
+    seconds = _RETRY_AFTER_SECONDS.fullmatch(header)
+    delay = float(seconds.group()) if seconds else _backoff(attempt, cap_s)
     return min(delay, cap_s)
 
 
@@ -589,9 +608,7 @@ class _Base:
     ) -> None:
         self._url = url.rstrip("/")
         self._headers = {"X-API-Key": api_key} if api_key else {}
-        self._timeout = _seconds(timeout_s, "timeout_s", optional=True)
-        if self._timeout == 0:
-            raise ValueError("timeout_s must be above 0 seconds (None waits as long as it takes)")
+        self._timeout = _seconds(timeout_s, "timeout_s", optional=True, above_zero=True)
         self._retries = _count(retries, "retries", 0)
         self._max_retry_wait_s = cast(float, _seconds(max_retry_wait_s, "max_retry_wait_s"))
         max_connections = _count(max_connections, "max_connections", 1)
@@ -616,21 +633,29 @@ class _Base:
         return None if deadline is None else max(deadline - time.monotonic(), _LEAST_ATTEMPT_S)
 
     @staticmethod
-    def _ends_past(deadline: float | None, delay: float) -> bool:
-        """A retry after `delay` would start with (almost) no time left: not worth it."""
-        return deadline is not None and time.monotonic() + delay + _LEAST_ATTEMPT_S >= deadline
+    def _ends_past(deadline: float | None, delay: float, took: float) -> bool:
+        """A retry after `delay` would start with less time left than the last attempt
+        took: it would most likely time out, and report an overloaded service (the 503
+        it just answered) as one that does not answer."""
+        need = max(took, _LEAST_ATTEMPT_S)
+        return deadline is not None and time.monotonic() + delay + need >= deadline
 
     def _delay_after_answer(
-        self, response: httpx.Response, attempt: int, deadline: float | None
+        self, response: httpx.Response, attempt: int, deadline: float | None, took: float
     ) -> float | None:
         """Seconds to wait before trying again, or None to stop with this answer."""
         if response.status_code not in RETRIED_STATUSES or attempt >= self._retries:
             return None
         delay = self._spread(_retry_delay(response, attempt, self._max_retry_wait_s))
-        return None if self._ends_past(deadline, delay) else delay
+        return None if self._ends_past(deadline, delay, took) else delay
 
     def _delay_after_failure(
-        self, exc: httpx.TransportError, attempt: int, dropped: int, deadline: float | None
+        self,
+        exc: httpx.RequestError,
+        attempt: int,
+        dropped: int,
+        deadline: float | None,
+        took: float,
     ) -> float:
         """Seconds to wait before trying again, or raises ClipConnectionError.
 
@@ -650,7 +675,7 @@ class _Base:
             elif isinstance(exc, _DROPPED) and dropped == 0:
                 delay = 0.0
             if delay is not None:
-                if not self._ends_past(deadline, delay):
+                if not self._ends_past(deadline, delay, took):
                     return delay
                 raise self._connection_error(exc, attempt + 1, out_of_time=True) from exc
         raise self._connection_error(exc, attempt + 1) from exc
@@ -663,7 +688,7 @@ class _Base:
 
     def _ready_delay(
         self,
-        outcome: httpx.Response | httpx.TransportError,
+        outcome: httpx.Response | httpx.RequestError,
         deadline: float,
         attempt: int,
         timeout_s: float,
@@ -703,7 +728,7 @@ class _Base:
         ) from outcome
 
     def _connection_error(
-        self, exc: httpx.TransportError, attempts: int, out_of_time: bool = False
+        self, exc: httpx.RequestError, attempts: int, out_of_time: bool = False
     ) -> ClipConnectionError:
         tries = f" ({attempts} attempts)" if attempts > 1 else ""
         if out_of_time:
@@ -725,6 +750,13 @@ class _Base:
                 f"no answer from the CLIP service at {self._url} within {self._timeout:g} s"
                 f"{tries}: {type(exc).__name__}: {_sentence(exc)} Check that the service is "
                 "not overloaded, or raise timeout_s."
+            )
+        elif isinstance(exc, httpx.DecodingError):
+            # An answer came, in a Content-Encoding its body does not match.
+            message = (
+                f"the answer from the CLIP service at {self._url} could not be decoded: "
+                f"{type(exc).__name__}: {_sentence(exc)} Something in between (a proxy) may "
+                "have changed it, or another server answers at that address."
             )
         elif isinstance(exc, _DROPPED):
             # Reached, then dropped: a restart or a crash mid-request, not a wrong URL.
@@ -807,15 +839,18 @@ class ClipClient(_Base):
         self._refuse_if_closed(self._http.is_closed)
         deadline, attempt, dropped = self._deadline(), 0, 0
         while True:
+            started = time.monotonic()
             try:
                 response = self._http.request(
                     call.method, call.path, timeout=self._time_left(deadline), **call.kwargs
                 )
-            except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt, dropped, deadline)  # or raises
+            except httpx.RequestError as exc:
+                took = time.monotonic() - started
+                delay = self._delay_after_failure(exc, attempt, dropped, deadline, took)
                 dropped += isinstance(exc, _DROPPED)
             else:
-                retry_in = self._delay_after_answer(response, attempt, deadline)
+                took = time.monotonic() - started
+                retry_in = self._delay_after_answer(response, attempt, deadline, took)
                 if retry_in is None:
                     return self._answer(call, response, attempt + 1)
                 delay = retry_in
@@ -830,10 +865,10 @@ class ClipClient(_Base):
         self._refuse_if_closed(self._http.is_closed)
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
-            outcome: httpx.Response | httpx.TransportError
+            outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = self._http.get("/ready", timeout=self._poll_timeout(deadline))
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 outcome = exc
             delay = self._ready_delay(outcome, deadline, attempt, timeout_s)
             if delay is None:
@@ -933,19 +968,34 @@ class AsyncClipClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def _attempt(self, call: _Call[Any], deadline: float | None) -> httpx.Response:
+        """One request, its whole answer read by `deadline`: httpx times each read, so
+        an answer trickled a byte at a time would otherwise hold the call for ever."""
+        time_left = self._time_left(deadline)
+        try:
+            async with asyncio.timeout(time_left):
+                return await self._http.request(
+                    call.method, call.path, timeout=time_left, **call.kwargs
+                )
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                "the answer was still arriving when the call's time ran out"
+            ) from None
+
     async def _send(self, call: _Call[T]) -> T:
         self._check_loop()
         deadline, attempt, dropped = self._deadline(), 0, 0
         while True:
+            started = time.monotonic()
             try:
-                response = await self._http.request(
-                    call.method, call.path, timeout=self._time_left(deadline), **call.kwargs
-                )
-            except httpx.TransportError as exc:
-                delay = self._delay_after_failure(exc, attempt, dropped, deadline)  # or raises
+                response = await self._attempt(call, deadline)
+            except httpx.RequestError as exc:
+                took = time.monotonic() - started
+                delay = self._delay_after_failure(exc, attempt, dropped, deadline, took)
                 dropped += isinstance(exc, _DROPPED)
             else:
-                retry_in = self._delay_after_answer(response, attempt, deadline)
+                took = time.monotonic() - started
+                retry_in = self._delay_after_answer(response, attempt, deadline, took)
                 if retry_in is None:
                     return self._answer(call, response, attempt + 1)
                 delay = retry_in
@@ -957,10 +1007,10 @@ class AsyncClipClient(_Base):
         self._check_loop()
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
-            outcome: httpx.Response | httpx.TransportError
+            outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = await self._http.get("/ready", timeout=self._poll_timeout(deadline))
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 outcome = exc
             delay = self._ready_delay(outcome, deadline, attempt, timeout_s)
             if delay is None:

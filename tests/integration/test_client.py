@@ -1182,13 +1182,20 @@ def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
         asyncio.run(aio.embed(b"x"))
 
 
-def test_timeout_s_bounds_a_whole_call_not_each_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def recorded_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The client's retry waits, recorded instead of slept, and not spread at random."""
+    waits: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)
+    return waits
+
+
+def test_timeout_s_bounds_a_whole_call_not_each_attempt(recorded_waits: list[float]) -> None:
     """timeout_s=60 with 3 retries could hold a call for 4 x 60 s plus 3 waits of up to
     30 s. Now a retry that would start past timeout_s is not made, and each attempt is
     given only what is left of it."""
-    waits: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", waits.append)
-    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)  # waits unspread
+    waits = recorded_waits
     seen: list[dict[str, float]] = []
 
     def busy(retry_after: str) -> httpx.MockTransport:
@@ -1227,11 +1234,9 @@ def test_timeout_s_bounds_a_whole_call_not_each_attempt(monkeypatch: pytest.Monk
 
 
 def test_refused_connections_are_not_retried_past_timeout_s(
-    monkeypatch: pytest.MonkeyPatch,
+    recorded_waits: list[float],
 ) -> None:
-    waits: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", waits.append)
-    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)
+    waits = recorded_waits
     attempts: list[httpx.Request] = []
 
     def refused(request: httpx.Request) -> httpx.Response:
@@ -1283,14 +1288,19 @@ async def test_the_async_client_bounds_a_whole_call_too(monkeypatch: pytest.Monk
     ("setting", "error", "says"),
     [
         ({"timeout_s": "30"}, TypeError, "timeout_s must be a number of seconds or None, got '30'"),
-        ({"timeout_s": float("nan")}, TypeError, "timeout_s must be a number of seconds"),
         ({"timeout_s": True}, TypeError, "timeout_s must be a number of seconds"),
-        ({"timeout_s": -1}, ValueError, "timeout_s must be at least 0 seconds, got -1"),
-        ({"timeout_s": 0}, ValueError, "timeout_s must be above 0 seconds (None waits"),
+        ({"timeout_s": float("nan")}, ValueError, "timeout_s must be above 0 and at most 1000000"),
+        ({"timeout_s": -1}, ValueError, "timeout_s must be above 0 and at most 1000000 seconds"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be above 0 and at most 1000000 seconds (No"),
+        # The socket layer takes no timeout of ~1e10 s: every sync call raised OverflowError.
+        ({"timeout_s": 1e10}, ValueError, "timeout_s must be above 0 and at most 1000000"),
+        ({"timeout_s": float("inf")}, ValueError, "timeout_s must be above 0 and at most"),
         ({"retries": -1}, ValueError, "retries must be at least 0, got -1"),
         ({"retries": 2.5}, TypeError, "retries must be a whole number, got 2.5"),
         ({"max_retry_wait_s": None}, TypeError, "max_retry_wait_s must be a number of seconds,"),
-        ({"max_retry_wait_s": -0.5}, ValueError, "max_retry_wait_s must be at least 0 seconds"),
+        ({"max_retry_wait_s": -0.5}, ValueError, "max_retry_wait_s must be at least 0 and at most"),
+        # time.sleep overflowed on a Retry-After as long as this would allow.
+        ({"max_retry_wait_s": 1e300}, ValueError, "max_retry_wait_s must be at least 0 and at"),
         ({"max_connections": 0}, ValueError, "max_connections must be at least 1, got 0"),
     ],
 )
@@ -1303,6 +1313,19 @@ def test_settings_a_client_cannot_work_with_are_refused_when_it_is_made(
         with pytest.raises(error) as caught:
             make("http://svc", **setting)
         assert caught.value.args[0].startswith(says)
+
+
+def test_numpy_numbers_are_taken_as_settings() -> None:
+    answer = httpx.Response(200, json={"embedding": _VECTOR})
+    transport = httpx.MockTransport(lambda request: answer)
+    with ClipClient(
+        "http://svc",
+        timeout_s=np.float32(5),
+        retries=np.int64(2),
+        max_connections=np.int64(4),
+        transport=transport,
+    ) as client:
+        assert client.embed(b"x").shape == (2,)
 
 
 def test_whole_seconds_and_no_retries_are_taken() -> None:
@@ -1322,3 +1345,97 @@ def test_whole_seconds_and_no_retries_are_taken() -> None:
     assert caught.value.message == "queue full"
     assert len(calls) == 1
     assert calls[0].extensions["timeout"]["read"] <= 5
+
+
+def test_a_retry_after_in_other_digits_gets_the_usual_backoff(
+    recorded_waits: list[float],
+) -> None:
+    """ "²" passed str.isdigit() and then failed float(): a ValueError out of a call."""
+    waits = recorded_waits
+    answers = [(b"\xb2", 503), (b"Wed, 21 Oct 2026 07:28:00 GMT", 503), (b"0", 200)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        retry_after, status = answers.pop(0)
+        if status == 200:
+            return httpx.Response(200, json={"embedding": _VECTOR})
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(status, json=body, headers=[(b"Retry-After", retry_after)])
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        assert client.embed(b"x").shape == (2,)
+    assert waits == [0.5, 1.0]  # the backoff of attempts 1 and 2
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_answers_python_cannot_read_are_the_clients_errors(status: int) -> None:
+    """A body of nested brackets deeper than Python's recursion limit raised
+    RecursionError, and a body its Content-Encoding does not match httpx's
+    DecodingError, out of the client: neither is a ClipClientError."""
+    deep = httpx.MockTransport(lambda request: httpx.Response(status, content=b"[" * 100_000))
+    with (
+        ClipClient("http://svc", retries=0, transport=deep) as client,
+        pytest.raises(ClipServiceError) as caught,
+    ):
+        client.embed(b"x")
+    assert caught.value.status == status
+    assert caught.value.code == ("unexpected_answer" if status == 200 else "http_error")
+
+    def not_gzip(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            status, content=b"plain, not gzip", headers={"Content-Encoding": "gzip"}
+        )
+
+    with (
+        ClipClient("http://svc", retries=0, transport=httpx.MockTransport(not_gzip)) as client,
+        pytest.raises(ClipConnectionError) as undecodable,
+    ):
+        client.embed(b"x")
+    assert undecodable.value.args[0].startswith(
+        "the answer from the CLIP service at http://svc could not be decoded: DecodingError:"
+    )
+    assert "a proxy" in undecodable.value.args[0]
+    with (
+        ClipClient("http://svc", transport=httpx.MockTransport(not_gzip)) as client,
+        pytest.raises(ClipConnectionError, match="could not be decoded"),
+    ):
+        client.wait_until_ready(timeout_s=1)
+
+
+def test_a_retry_needs_the_time_the_last_attempt_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 after 0.1 s, Retry-After 0.3, timeout_s 0.45: the retry would have started
+    with 0.05 s left and timed out, reporting an overloaded service as not answering."""
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)
+    calls: list[httpx.Request] = []
+
+    def slow_refusal(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        time.sleep(0.1)
+        body = {"error": {"code": "overloaded", "message": "queue full"}}
+        return httpx.Response(503, json=body, headers={"Retry-After": "0.3"})
+
+    transport = httpx.MockTransport(slow_refusal)
+    with (
+        ClipClient("http://svc", timeout_s=0.45, transport=transport) as client,
+        pytest.raises(ClipServiceError, match=r"after 1 attempt; the next would start past"),
+    ):
+        client.embed(b"x")
+    assert len(calls) == 1
+
+
+async def test_the_async_client_bounds_an_answer_trickled_a_byte_at_a_time() -> None:
+    """httpx times each read: 76 bytes at one a second held a call with timeout_s=3 for
+    75 s. The async client now bounds the whole attempt."""
+
+    async def trickle() -> Any:
+        for byte in b'{"embedding": "AAAA"}':
+            await asyncio.sleep(0.05)
+            yield bytes([byte])
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=trickle()))
+    started = time.monotonic()
+    async with AsyncClipClient("http://svc", timeout_s=0.3, transport=transport) as aio:
+        with pytest.raises(ClipConnectionError) as caught:
+            await aio.embed(b"x")
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.9  # the 21 bytes take 1.05 s
+    assert "within 0.3 s: ReadTimeout: the answer was still arriving" in caught.value.args[0]
