@@ -44,9 +44,10 @@ do not all come back at the same instant; a connection closed without an answer 
 again once. The error after the last try says how many were made. `timeout_s` bounds a
 whole call, its retries and the waits between them included: a retry that would start
 past it, or with less time left than the last attempt took, is not made (the error says
-so), and each attempt's connect, send and each read wait at most the time left. The
-async client also bounds each attempt as a whole; the sync client's reads are timed one
-by one (httpx), so a server that trickles its answer can still hold it past timeout_s.
+so), and each attempt's connect, send and each read wait at most the time left. An
+answer still arriving when the time is up is given up (httpx times each read, so one
+trickled a byte at a time would otherwise hold a call for ever); the sync client checks
+between the chunks it reads, so a read already waiting may take what was left once more.
 A client used after close() raises ClipClientError; settings it cannot work with (a
 timeout of 0 or below or over 1,000,000 s, retries that are not a whole number) raise
 TypeError or ValueError when it is made.
@@ -835,15 +836,43 @@ class ClipClient(_Base):
     def close(self) -> None:
         self._http.close()
 
+    def _attempt(self, call: _Call[Any], deadline: float | None) -> httpx.Response:
+        """One request, its answer read in chunks and given up once `deadline` passes:
+        httpx times each read, so an answer trickled a byte at a time would otherwise
+        hold the call for ever. A read already waiting may still take what was left."""
+        time_left = self._time_left(deadline)
+        if deadline is None:
+            return self._http.request(call.method, call.path, timeout=time_left, **call.kwargs)
+        request = self._http.build_request(call.method, call.path, timeout=time_left, **call.kwargs)
+        streamed = self._http.send(request, stream=True)
+        try:
+            body = bytearray()
+            for chunk in streamed.iter_bytes():  # decoded, as read() would
+                body += chunk
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(
+                        "the answer was still arriving when the call's time ran out",
+                        request=request,
+                    )
+        finally:
+            streamed.close()
+        # The decoded body, under headers that no longer describe an encoded one.
+        headers = [
+            (name, value)
+            for name, value in streamed.headers.raw
+            if name.lower() not in (b"content-encoding", b"content-length")
+        ]
+        return httpx.Response(
+            streamed.status_code, headers=headers, content=bytes(body), request=request
+        )
+
     def _send(self, call: _Call[T]) -> T:
         self._refuse_if_closed(self._http.is_closed)
         deadline, attempt, dropped = self._deadline(), 0, 0
         while True:
             started = time.monotonic()
             try:
-                response = self._http.request(
-                    call.method, call.path, timeout=self._time_left(deadline), **call.kwargs
-                )
+                response = self._attempt(call, deadline)
             except httpx.RequestError as exc:
                 took = time.monotonic() - started
                 delay = self._delay_after_failure(exc, attempt, dropped, deadline, took)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -1439,3 +1441,35 @@ async def test_the_async_client_bounds_an_answer_trickled_a_byte_at_a_time() -> 
     elapsed = time.monotonic() - started
     assert elapsed < 0.9  # the 21 bytes take 1.05 s
     assert "within 0.3 s: ReadTimeout: the answer was still arriving" in caught.value.args[0]
+
+
+def test_the_sync_client_bounds_an_answer_trickled_a_byte_at_a_time() -> None:
+    def trickle() -> Any:
+        for byte in b'{"embedding": "AAAA"}':
+            time.sleep(0.05)
+            yield bytes([byte])
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=trickle()))
+    started = time.monotonic()
+    with (
+        ClipClient("http://svc", timeout_s=0.3, transport=transport) as client,
+        pytest.raises(ClipConnectionError) as caught,
+    ):
+        client.embed(b"x")
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.9  # the 21 bytes take 1.05 s
+    assert "within 0.3 s: ReadTimeout: the answer was still arriving" in caught.value.args[0]
+
+
+def test_the_sync_client_reads_a_gzipped_answer_in_chunks() -> None:
+    """The chunked read (for the deadline) decodes the body as httpx's own read does."""
+    body = gzip.compress(json.dumps({"embedding": _VECTOR}).encode())
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        chunks = (body[i : i + 7] for i in range(0, len(body), 7))
+        return httpx.Response(200, content=chunks, headers={"Content-Encoding": "gzip"})
+
+    with ClipClient("http://svc", transport=httpx.MockTransport(gzipped)) as client:
+        np.testing.assert_allclose(client.embed(b"x"), [0.6, 0.8], atol=1e-6)
+    with ClipClient("http://svc", timeout_s=None, transport=httpx.MockTransport(gzipped)) as c:
+        np.testing.assert_allclose(c.embed(b"x"), [0.6, 0.8], atol=1e-6)
