@@ -851,7 +851,7 @@ class ClipClient(_Base):
                 body += chunk
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout(
-                        "the answer was still arriving when the call's time ran out",
+                        "the answer was not complete when the call's time ran out",
                         request=request,
                     )
         finally:
@@ -1008,7 +1008,7 @@ class AsyncClipClient(_Base):
                 )
         except TimeoutError:
             raise httpx.ReadTimeout(
-                "the answer was still arriving when the call's time ran out"
+                "the answer was not complete when the call's time ran out"
             ) from None
 
     async def _send(self, call: _Call[T]) -> T:
