@@ -271,6 +271,20 @@ def _seconds(
     return seconds
 
 
+def _base_url(url: object) -> str:
+    """The service's address as httpx will use it; refused here, with what to write,
+    rather than as an AttributeError or httpx's InvalidURL on the first call."""
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a string such as 'http://host:8000', got {url!r}")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"url {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"url must start with http:// or https:// and name a host, got {url!r}")
+    return url.rstrip("/")
+
+
 def _count(value: object, name: str, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a whole number, got {value!r}")
@@ -607,7 +621,9 @@ class _Base:
         max_retry_wait_s: float,
         max_connections: int,
     ) -> None:
-        self._url = url.rstrip("/")
+        self._url = _base_url(url)
+        if api_key is not None and not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a string or None, got {type(api_key).__name__}")
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = _seconds(timeout_s, "timeout_s", optional=True, above_zero=True)
         self._retries = _count(retries, "retries", 0)

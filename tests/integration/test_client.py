@@ -1473,3 +1473,24 @@ def test_the_sync_client_reads_a_gzipped_answer_in_chunks() -> None:
         np.testing.assert_allclose(client.embed(b"x"), [0.6, 0.8], atol=1e-6)
     with ClipClient("http://svc", timeout_s=None, transport=httpx.MockTransport(gzipped)) as c:
         np.testing.assert_allclose(c.embed(b"x"), [0.6, 0.8], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("url", "api_key", "error", "says"),
+    [
+        (None, None, TypeError, "url must be a string such as 'http://host:8000', got None"),
+        (8000, None, TypeError, "url must be a string such as 'http://host:8000', got 8000"),
+        ("localhost:8000", None, ValueError, "url must start with http:// or https://"),
+        ("http://[::1", None, ValueError, "url 'http://[::1' is not a valid URL"),
+        ("http://svc", 123, TypeError, "api_key must be a string or None, got int"),
+    ],
+)
+def test_an_address_or_key_it_cannot_use_is_refused_when_it_is_made(
+    url: Any, api_key: Any, error: type[Exception], says: str
+) -> None:
+    """They raised AttributeError, httpx's InvalidURL or its TypeError, some only on the
+    first call."""
+    for make in (ClipClient, AsyncClipClient):
+        with pytest.raises(error) as caught:
+            make(url, api_key=api_key)
+        assert caught.value.args[0].startswith(says)
