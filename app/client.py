@@ -88,6 +88,18 @@ RETRIED_STATUSES = (429, 502, 503, 504)
 # A connection closed without an answer: a keep-alive connection the server closed as the
 # request went out (a graceful restart does that), or a proxy with no backend yet.
 _DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# httpcore's words for a connection closed before or during the answer; its other protocol
+# errors (an illegal status line, a malformed header) are an answer that is not HTTP.
+_DISCONNECTED = re.compile(r"disconnected without sending|peer closed connection", re.I)
+
+
+def _dropped(exc: Exception) -> bool:
+    """The connection closed without an answer (worth one resend), as opposed to a
+    reply that is not HTTP: another kind of server, or TLS spoken to http://."""
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return bool(_DISCONNECTED.search(str(exc)))
+    return isinstance(exc, _DROPPED)
+
 
 T = TypeVar("T")
 
@@ -689,7 +701,7 @@ class _Base:
             delay: float | None = None
             if isinstance(exc, httpx.ConnectError):
                 delay = self._spread(_backoff(attempt, self._max_retry_wait_s))
-            elif isinstance(exc, _DROPPED) and dropped == 0:
+            elif _dropped(exc) and dropped == 0:
                 delay = 0.0
             if delay is not None:
                 if not self._ends_past(deadline, delay, took):
@@ -720,7 +732,7 @@ class _Base:
             # Loading answers Retry-After 5; asked more often, readiness is seen sooner. A
             # proxy in front answers 502/504 until the service listens.
             delay = min(_retry_delay(outcome, attempt, _READY_POLL_CAP_S), _READY_POLL_CAP_S)
-        elif isinstance(outcome, (httpx.ConnectError, httpx.TimeoutException, *_DROPPED)):
+        elif isinstance(outcome, (httpx.ConnectError, httpx.TimeoutException)) or _dropped(outcome):
             # Not listening yet (imports), or a port forward (docker, kubectl) that
             # accepts and closes while nothing listens behind it.
             delay = _backoff(attempt, _READY_POLL_CAP_S)
@@ -775,7 +787,13 @@ class _Base:
                 f"{type(exc).__name__}: {_sentence(exc)} Something in between (a proxy) may "
                 "have changed it, or another server answers at that address."
             )
-        elif isinstance(exc, _DROPPED):
+        elif isinstance(exc, httpx.RemoteProtocolError) and not _dropped(exc):
+            message = (
+                f"the CLIP service at {self._url} answered with something that is not HTTP"
+                f"{tries}: {type(exc).__name__}: {_sentence(exc)} Check the URL: another kind "
+                "of server may listen there, or one that wants https://."
+            )
+        elif _dropped(exc):
             # Reached, then dropped: a restart or a crash mid-request, not a wrong URL.
             message = (
                 f"the CLIP service at {self._url} closed the connection without an answer"
@@ -892,7 +910,7 @@ class ClipClient(_Base):
             except httpx.RequestError as exc:
                 took = time.monotonic() - started
                 delay = self._delay_after_failure(exc, attempt, dropped, deadline, took)
-                dropped += isinstance(exc, _DROPPED)
+                dropped += _dropped(exc)
             else:
                 took = time.monotonic() - started
                 retry_in = self._delay_after_answer(response, attempt, deadline, took)
@@ -1037,7 +1055,7 @@ class AsyncClipClient(_Base):
             except httpx.RequestError as exc:
                 took = time.monotonic() - started
                 delay = self._delay_after_failure(exc, attempt, dropped, deadline, took)
-                dropped += isinstance(exc, _DROPPED)
+                dropped += _dropped(exc)
             else:
                 took = time.monotonic() - started
                 retry_in = self._delay_after_answer(response, attempt, deadline, took)

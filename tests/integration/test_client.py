@@ -1494,3 +1494,34 @@ def test_an_address_or_key_it_cannot_use_is_refused_when_it_is_made(
         with pytest.raises(error) as caught:
             make(url, api_key=api_key)
         assert caught.value.args[0].startswith(says)
+
+
+def test_a_reply_that_is_not_http_is_named_so_and_not_sent_again() -> None:
+    """httpx raises RemoteProtocolError both for a connection closed without an answer
+    and for a reply that is not HTTP (another kind of server, TLS spoken to http://);
+    the second was sent twice and reported as a service that "may have restarted"."""
+    calls: list[httpx.Request] = []
+
+    def garbage(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.RemoteProtocolError("illegal status line: bytearray(b'hello there')")
+
+    transport = httpx.MockTransport(garbage)
+    with (
+        ClipClient("http://svc", transport=transport) as client,
+        pytest.raises(ClipConnectionError) as caught,
+    ):
+        client.embed(b"x")
+    assert len(calls) == 1
+    assert caught.value.args[0].startswith(
+        "the CLIP service at http://svc answered with something that is not HTTP: "
+        "RemoteProtocolError: illegal status line"
+    )
+    assert "https://" in caught.value.args[0]
+    started = time.monotonic()
+    with (
+        ClipClient("http://svc", transport=transport) as client,
+        pytest.raises(ClipConnectionError, match="not HTTP"),
+    ):
+        client.wait_until_ready(timeout_s=30)
+    assert time.monotonic() - started < 5  # no polling for 30 s
