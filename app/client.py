@@ -333,8 +333,29 @@ def _vectors(vectors: Sequence[npt.ArrayLike | str], name: str) -> Sequence[npt.
 
 
 def _sentence(exc: Exception) -> str:
-    """An exception's text ending in one full stop, however it ends itself."""
-    return (str(exc).rstrip(". ") or "no detail") + "."
+    """An exception's text ending in one full stop, however it ends itself. The async
+    transport's are vaguer than the sync one's ("All connection attempts failed", or
+    nothing for a timeout): the system's own error, further down the chain, is added."""
+    text = str(exc).rstrip(". ")
+    if not text or text == "All connection attempts failed":
+        system = _system_error(exc)
+        if system is not None:
+            text = f"{text}: {system}" if text else str(system)
+        elif isinstance(exc, httpx.TimeoutException) and not text:
+            text = "timed out"
+    return (text or "no detail") + "."
+
+
+def _system_error(exc: BaseException) -> OSError | None:
+    """The first error with an errno in `exc`'s chain of causes, if any."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        link = link.__cause__ or link.__context__
+    return None
 
 
 class _Unexpected(Exception):

@@ -1150,7 +1150,7 @@ def test_timeouts_name_the_client_pool_when_the_request_never_left(
     read = httpx.MockTransport(raising(httpx.ReadTimeout("")))
     with (
         ClipClient("http://svc", timeout_s=5, transport=read) as client,
-        pytest.raises(ClipConnectionError, match=r"ReadTimeout: no detail\. Check that"),
+        pytest.raises(ClipConnectionError, match=r"ReadTimeout: timed out\. Check that"),
     ):
         client.embed(b"x")
 
@@ -1525,3 +1525,24 @@ def test_a_reply_that_is_not_http_is_named_so_and_not_sent_again() -> None:
     ):
         client.wait_until_ready(timeout_s=30)
     assert time.monotonic() - started < 5  # no polling for 30 s
+
+
+async def test_the_async_clients_errors_say_what_the_system_said() -> None:
+    """Its transport's texts were "ConnectError: All connection attempts failed" and
+    "ReadTimeout: no detail", where the sync client's name the refusal and the timeout."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening
+        async with AsyncClipClient(refused_url, retries=0) as aio:
+            with pytest.raises(ClipConnectionError) as refused:
+                await aio.embed(b"x")
+    assert "ConnectError: All connection attempts failed: [Errno 111]" in refused.value.args[0]
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        async with AsyncClipClient(silent_url, timeout_s=0.3) as aio:
+            with pytest.raises(ClipConnectionError) as timed_out:
+                await aio.embed(b"x")
+    assert "within 0.3 s: ReadTimeout: " in timed_out.value.args[0]
+    assert "no detail" not in timed_out.value.args[0]
