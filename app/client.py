@@ -85,20 +85,19 @@ Boxes = npt.NDArray[Any] | Iterable[Sequence[float]]
 # 502 and 504 are a proxy's word for a backend that is restarting or busy. Every call is
 # safe to send again: the service computes, it stores nothing.
 RETRIED_STATUSES = (429, 502, 503, 504)
-# A connection closed without an answer: a keep-alive connection the server closed as the
-# request went out (a graceful restart does that), or a proxy with no backend yet.
-_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # httpcore's words for a connection closed before or during the answer; its other protocol
 # errors (an illegal status line, a malformed header) are an answer that is not HTTP.
 _DISCONNECTED = re.compile(r"disconnected without sending|peer closed connection", re.I)
 
 
 def _dropped(exc: Exception) -> bool:
-    """The connection closed without an answer (worth one resend), as opposed to a
-    reply that is not HTTP: another kind of server, or TLS spoken to http://."""
+    """The connection closed without an answer (worth one resend): a keep-alive
+    connection the server closed as the request went out (a graceful restart does that),
+    or a proxy with no backend yet; as opposed to a reply that is not HTTP: another kind
+    of server, or TLS spoken to http://."""
     if isinstance(exc, httpx.RemoteProtocolError):
         return bool(_DISCONNECTED.search(str(exc)))
-    return isinstance(exc, _DROPPED)
+    return isinstance(exc, httpx.ReadError | httpx.WriteError)
 
 
 T = TypeVar("T")

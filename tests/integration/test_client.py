@@ -1130,13 +1130,7 @@ def test_timeouts_name_the_client_pool_when_the_request_never_left(
     """300 calls at once on the default 100 connections: those that waited timeout_s
     for a connection were reported as the service not answering."""
 
-    def raising(error: Exception) -> Callable[[httpx.Request], httpx.Response]:
-        def handler(request: httpx.Request) -> httpx.Response:
-            raise error
-
-        return handler
-
-    pool = httpx.MockTransport(raising(httpx.PoolTimeout("")))
+    pool, _ = _raising(httpx.PoolTimeout(""))
     with (
         ClipClient("http://svc", timeout_s=5, max_connections=40, transport=pool) as client,
         pytest.raises(ClipConnectionError) as caught,
@@ -1147,7 +1141,7 @@ def test_timeouts_name_the_client_pool_when_the_request_never_left(
         "this client stayed busy for 5 s. Make fewer calls at once, or raise max_connections "
         "or timeout_s."
     )
-    read = httpx.MockTransport(raising(httpx.ReadTimeout("")))
+    read, _ = _raising(httpx.ReadTimeout(""))
     with (
         ClipClient("http://svc", timeout_s=5, transport=read) as client,
         pytest.raises(ClipConnectionError, match=r"ReadTimeout: timed out\. Check that"),
@@ -1184,8 +1178,19 @@ def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
         asyncio.run(aio.embed(b"x"))
 
 
+def _raising(error: Exception) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    """A transport whose every request raises `error`, and the requests it was sent."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        raise error
+
+    return httpx.MockTransport(handler), sent
+
+
 @pytest.fixture
-def recorded_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The client's retry waits, recorded instead of slept, and not spread at random."""
     waits: list[float] = []
     monkeypatch.setattr(client_module.time, "sleep", waits.append)
@@ -1193,11 +1198,10 @@ def recorded_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return waits
 
 
-def test_timeout_s_bounds_a_whole_call_not_each_attempt(recorded_waits: list[float]) -> None:
+def test_timeout_s_bounds_a_whole_call_not_each_attempt(waits: list[float]) -> None:
     """timeout_s=60 with 3 retries could hold a call for 4 x 60 s plus 3 waits of up to
     30 s. Now a retry that would start past timeout_s is not made, and each attempt is
     given only what is left of it."""
-    waits = recorded_waits
     seen: list[dict[str, float]] = []
 
     def busy(retry_after: str) -> httpx.MockTransport:
@@ -1236,16 +1240,9 @@ def test_timeout_s_bounds_a_whole_call_not_each_attempt(recorded_waits: list[flo
 
 
 def test_refused_connections_are_not_retried_past_timeout_s(
-    recorded_waits: list[float],
+    waits: list[float],
 ) -> None:
-    waits = recorded_waits
-    attempts: list[httpx.Request] = []
-
-    def refused(request: httpx.Request) -> httpx.Response:
-        attempts.append(request)
-        raise httpx.ConnectError("Connection refused")
-
-    transport = httpx.MockTransport(refused)
+    transport, attempts = _raising(httpx.ConnectError("Connection refused"))
     # Backoffs of 0.5, 1 and 2 s: the first two fit in 2 s, the third does not.
     with (
         ClipClient("http://svc", timeout_s=2, retries=5, transport=transport) as client,
@@ -1350,10 +1347,9 @@ def test_whole_seconds_and_no_retries_are_taken() -> None:
 
 
 def test_a_retry_after_in_other_digits_gets_the_usual_backoff(
-    recorded_waits: list[float],
+    waits: list[float],
 ) -> None:
     """ "²" passed str.isdigit() and then failed float(): a ValueError out of a call."""
-    waits = recorded_waits
     answers = [(b"\xb2", 503), (b"Wed, 21 Oct 2026 07:28:00 GMT", 503), (b"0", 200)]
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -1500,13 +1496,8 @@ def test_a_reply_that_is_not_http_is_named_so_and_not_sent_again() -> None:
     """httpx raises RemoteProtocolError both for a connection closed without an answer
     and for a reply that is not HTTP (another kind of server, TLS spoken to http://);
     the second was sent twice and reported as a service that "may have restarted"."""
-    calls: list[httpx.Request] = []
-
-    def garbage(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        raise httpx.RemoteProtocolError("illegal status line: bytearray(b'hello there')")
-
-    transport = httpx.MockTransport(garbage)
+    not_http = httpx.RemoteProtocolError("illegal status line: bytearray(b'hello there')")
+    transport, calls = _raising(not_http)
     with (
         ClipClient("http://svc", transport=transport) as client,
         pytest.raises(ClipConnectionError) as caught,
