@@ -44,10 +44,11 @@ do not all come back at the same instant; a connection closed without an answer 
 again once. The error after the last try says how many were made. `timeout_s` bounds a
 whole call, its retries and the waits between them included: a retry that would start
 past it, or with less time left than the last attempt took, is not made (the error says
-so), and each attempt's connect, send and each read wait at most the time left. An
-answer still arriving when the time is up is given up (httpx times each read, so one
-trickled a byte at a time would otherwise hold a call for ever); the sync client checks
-between the chunks it reads, so a read already waiting may take what was left once more.
+so), and each attempt's connect, send and reads together end when the time is up. An
+answer still arriving then is given up (httpx times each read, so one trickled a byte at
+a time would otherwise hold a call for ever). With a transport of your own, the sync
+client checks between the chunks it reads, so a read already waiting may take what was
+left once more.
 A client used after close() raises ClipClientError; settings it cannot work with (a
 timeout of 0 or below or over 1,000,000 s, retries that are not a whole number) raise
 TypeError or ValueError when it is made.
@@ -74,6 +75,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from app import call_deadline
 from app.codec import WIRE_DTYPES, decode_embedding, encode_embedding
 
 ImageInput = (
@@ -87,6 +89,7 @@ Boxes = npt.NDArray[Any] | Iterable[Sequence[float]]
 RETRIED_STATUSES = (429, 502, 503, 504)
 # httpcore's words for a connection closed before or during the answer; its other protocol
 # errors (an illegal status line, a malformed header) are an answer that is not HTTP.
+_NOT_COMPLETE = "the answer was not complete when the call's time ran out"
 _DISCONNECTED = re.compile(r"disconnected without sending|peer closed connection", re.I)
 
 
@@ -880,6 +883,7 @@ class ClipClient(_Base):
             transport=transport,
             limits=self._limits,
         )
+        call_deadline.bind(self._http)
 
     def __enter__(self) -> ClipClient:
         return self
@@ -891,25 +895,27 @@ class ClipClient(_Base):
         self._http.close()
 
     def _attempt(self, call: _Call[Any], deadline: float | None) -> httpx.Response:
-        """One request, its answer read in chunks and given up once `deadline` passes:
-        httpx times each read, so an answer trickled a byte at a time would otherwise
-        hold the call for ever. A read already waiting may still take what was left."""
+        """One request, over by `deadline`: httpx times each read, so an answer trickled
+        a byte at a time would otherwise hold the call for ever. On the client's own
+        transports every socket operation waits at most until `deadline`
+        (call_deadline); on others the answer is read in chunks, and given up between
+        them once `deadline` has passed."""
         time_left = self._time_left(deadline)
         if deadline is None:
             return self._http.request(call.method, call.path, timeout=time_left, **call.kwargs)
         request = self._http.build_request(call.method, call.path, timeout=time_left, **call.kwargs)
-        streamed = self._http.send(request, stream=True)
-        try:
-            body = bytearray()
-            for chunk in streamed.iter_bytes():  # decoded, as read() would
-                body += chunk
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout(
-                        "the answer was not complete when the call's time ran out",
-                        request=request,
-                    )
-        finally:
-            streamed.close()
+        with call_deadline.deadline(deadline):
+            streamed = self._http.send(request, stream=True)
+            try:
+                body = bytearray()
+                for chunk in streamed.iter_bytes():  # decoded, as read() would
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(_NOT_COMPLETE, request=request)
+            except httpx.TimeoutException as exc:
+                raise httpx.ReadTimeout(_NOT_COMPLETE, request=request) from exc
+            finally:
+                streamed.close()
         # The decoded body, under headers that no longer describe an encoded one.
         headers = [
             (name, value)
@@ -1061,9 +1067,7 @@ class AsyncClipClient(_Base):
                     call.method, call.path, timeout=time_left, **call.kwargs
                 )
         except TimeoutError:
-            raise httpx.ReadTimeout(
-                "the answer was not complete when the call's time ran out"
-            ) from None
+            raise httpx.ReadTimeout(_NOT_COMPLETE) from None
 
     async def _send(self, call: _Call[T]) -> T:
         self._check_loop()

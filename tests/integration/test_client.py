@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -1455,6 +1456,76 @@ def test_the_sync_client_bounds_an_answer_trickled_a_byte_at_a_time() -> None:
     elapsed = time.monotonic() - started
     assert elapsed < 0.9  # the 21 bytes take 1.05 s
     assert "within 0.3 s: ReadTimeout: the answer was not complete" in caught.value.args[0]
+
+
+def test_the_sync_client_ends_a_call_at_timeout_s_when_a_read_is_already_waiting() -> None:
+    """Headers at once, a byte of the body just before the time is up, then nothing: the
+    read that follows waited the attempt's whole timeout again (6.0 s for a call with
+    timeout_s=3 against such a server). Every socket read now ends with the call."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        done = threading.Event()
+
+        def stall() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n")
+                time.sleep(0.8)
+                connection.sendall(b'{"emb')
+                done.wait(10)
+
+        server = threading.Thread(target=stall, daemon=True)
+        server.start()
+        started = time.monotonic()
+        try:
+            with (
+                ClipClient(url, timeout_s=1.0) as client,
+                pytest.raises(ClipConnectionError) as caught,
+            ):
+                client.embed(b"x")
+        finally:
+            done.set()
+            server.join(10)
+    elapsed = time.monotonic() - started
+    assert 0.95 < elapsed < 1.4  # before: ~1.8 s (0.8 s, then a read given 1 s)
+    assert "within 1 s: ReadTimeout: the answer was not complete" in caught.value.args[0]
+
+
+def test_a_deadline_does_not_follow_a_connection_back_to_the_pool() -> None:
+    """The bound lives with the call, not with the socket: a kept-alive connection that
+    served a call with little time left serves the next call, without one, in full."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        body = json.dumps({"embedding": encode_embedding(np.array([0.6, 0.8], np.float32))})
+        answer = (
+            f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+        accepted: list[int] = []
+
+        def serve_two_on_one_connection() -> None:
+            connection, _ = listener.accept()
+            accepted.append(1)
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+                connection.recv(65536)
+                time.sleep(0.6)  # past the first call's deadline, within the second's
+                connection.sendall(answer)
+
+        server = threading.Thread(target=serve_two_on_one_connection, daemon=True)
+        server.start()
+        with ClipClient(url, timeout_s=0.5) as client:
+            np.testing.assert_allclose(client.embed(b"x"), [0.6, 0.8], atol=1e-6)
+            client._timeout = 5.0  # the next call, on the same kept-alive connection
+            np.testing.assert_allclose(client.embed(b"x"), [0.6, 0.8], atol=1e-6)
+        server.join(10)
+    assert accepted == [1]
 
 
 def test_the_sync_client_reads_a_gzipped_answer_in_chunks() -> None:
