@@ -88,6 +88,9 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
             "not both",
         ),
         ({"a": emb([1.0, 0.0]), "b": encode_embedding([1.0, 0.0, 0.0])}, 422, "b has 3 values"),
+        # A pair with a search's field: it was validated, then dropped (200).
+        ({"a": emb([1.0, 0.0]), "b": emb([1.0, 0.0]), "top_k": 3}, 422, "`top_k` belongs to"),
+        ({"a": emb([1.0, 0.0]), "b": emb([1.0, 0.0]), "top_k": 5}, 422, "`top_k` belongs to"),
         ({"a": "@@", "b": emb([1.0])}, 400, "a: embedding is not valid"),
         ({"a": "AAAAAAA=", "b": emb([1.0, 0.0])}, 400, "multiple of 4"),
         ({"a": encode_embedding(np.ones(DIM // 2)), "b": emb([1.0])}, 422, "looks like float16"),

@@ -99,6 +99,12 @@ async def similarity(
     if pair:
         if body.a is None or body.b is None:
             raise ValidationFailed("a pair needs both `a` and `b`")
+        if "top_k" in body.model_fields_set:
+            # Validated with the rest, then unused: the client meant a search.
+            raise ValidationFailed(
+                "`top_k` belongs to a search (`queries` and `gallery`); a pair (`a` and `b`) "
+                "takes only `dtype` besides"
+            )
         work = partial(pair_similarity, body.a, body.b, wire_dtype, dim)
         if len(body.a) + len(body.b) <= INLINE_PAIR_CHARS:
             return PairSimilarityResponse(similarity=work())
