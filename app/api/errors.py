@@ -149,6 +149,11 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        # FastAPI reads an empty body as a missing one: a malformed request (400), as
+        # the routes that parse their own JSON say, not a missing field.
+        _count(request, "invalid_json")
+        return error_response(400, "invalid_json", EMPTY_JSON_BODY)
     broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if broken is not None:
         # FastAPI files a body it cannot parse among the validation errors; it is a
@@ -167,6 +172,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+SEND_JSON = "send a JSON object as the schema in /docs shows"
+EMPTY_JSON_BODY = f"body is empty; {SEND_JSON}"
 
 
 def _is_routed(app: FastAPI, path: str) -> bool:

@@ -18,13 +18,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from app.api.errors import describe_validation_errors, shown
+from app.api.errors import EMPTY_JSON_BODY, describe_validation_errors, shown
 from app.api.multipart_framing import MultipartFraming
 from app.api.strict import (
     NESTED_TOO_DEEPLY,
     DuplicateKey,
-    json_error,
     loads_unique,
+    not_json_message,
     refuse_unknown_query_parameters,
 )
 from app.codec import Base64Error, decode_base64
@@ -119,14 +119,14 @@ def _unparsed_multipart_message(exc: BaseException, reason: str, field_name: str
 def _from_json(
     body: bytes, settings: Settings, field_name: str, many: bool, model: type[BaseModel]
 ) -> ImageInput:
+    if not body.strip():
+        raise InvalidRequest(EMPTY_JSON_BODY, code="invalid_json")
     try:
         document = loads_unique(body)
     except DuplicateKey as exc:
         raise ValidationFailed(str(exc)) from None
     except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
-        raise InvalidRequest(
-            f"body is not valid JSON: {json_error(exc)}", code="invalid_json"
-        ) from None
+        raise InvalidRequest(not_json_message(exc, body), code="invalid_json") from None
     except RecursionError:  # [[[[...]]]] a hundred thousand deep
         raise InvalidRequest(NESTED_TOO_DEEPLY, code="invalid_json") from None
     if many and isinstance(document, dict) and isinstance(document.get(field_name), list):

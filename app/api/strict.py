@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from app.api.body_limit import CodedHTTPException
-from app.api.errors import shown
+from app.api.errors import SEND_JSON, shown
 from app.errors import ValidationFailed
 
 
@@ -48,6 +48,22 @@ def json_error(exc: ValueError) -> str:
     return str(exc)
 
 
+def _looks_like_multipart(body: bytes) -> bool:
+    head = body[:2048].lstrip()
+    return head.startswith(b"--") and b"content-disposition" in head.lower()
+
+
+def not_json_message(exc: ValueError, body: bytes) -> str:
+    """Why `body`, sent as JSON, would not parse, and what to send instead: one wording
+    for every route, whether it parses its own body or FastAPI does."""
+    if _looks_like_multipart(body):
+        return (
+            "body is not valid JSON: it looks like multipart/form-data (what curl -F sends); "
+            f"send it with that Content-Type and no other, or {SEND_JSON}"
+        )
+    return f"body is not valid JSON: {json_error(exc)}; {SEND_JSON}"
+
+
 def loads_unique(body: bytes | str) -> Any:
     """json.loads, but DuplicateKey for an object with a repeated key."""
     return json.loads(body, object_pairs_hook=_unique_keys)
@@ -74,11 +90,17 @@ def refuse_unknown_query_parameters(request: Request, allowed: set[str], body_fi
 class _StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
+            body = await self.body()
             try:
-                self._json = loads_unique(await self.body())
+                self._json = loads_unique(body)
             except DuplicateKey as exc:
                 # HTTPException: FastAPI's body parsing lets it through as it stands.
                 raise HTTPException(422, str(exc)) from None
+            except ValueError as exc:
+                # FastAPI would say "error parsing the body" for anything but a syntax
+                # error (not UTF-8, an integer of 5000 digits), and give a syntax error
+                # another wording than the routes that parse their own bodies.
+                raise CodedHTTPException(400, "invalid_json", not_json_message(exc, body)) from None
             except RecursionError:  # FastAPI would call it a parse error of any kind
                 raise CodedHTTPException(400, "invalid_json", NESTED_TOO_DEEPLY) from None
         return self._json

@@ -136,6 +136,35 @@ async def test_bad_similarity_requests(
     assert expected in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # Empty: FastAPI called it a missing field (422), /embed a body that is not JSON.
+        (b"", "body is empty; send a JSON object"),
+        # Not UTF-8, and an integer too long to read: the cause named, as /embed does,
+        # rather than "not valid JSON (or holds a number too long to read)".
+        (b'{"a": "\xff"}', "body is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+        (b'{"top_k": ' + b"9" * 5000 + b"}", "an integer of more than 4300 digits"),
+        (b'{"a": ', "body is not valid JSON: Expecting value: line 1 column 7 (char 6)"),
+        # A multipart body under a JSON content type (curl -F with -H content-type: json).
+        (
+            b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\xd8\r\n--x--\r\n',
+            "it looks like multipart/form-data",
+        ),
+    ],
+)
+async def test_bodies_that_are_not_json_are_400_as_on_embed(
+    client: httpx.AsyncClient, body: bytes, expected: str
+) -> None:
+    for path in ("/similarity", "/embed"):
+        response = await client.post(
+            path, content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["code"] == "invalid_json"
+        assert expected in response.json()["error"]["message"], (path, response.text)
+
+
 async def test_similarity_takes_only_json(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/similarity", content=b"a=b", headers={"content-type": "text/plain"}
