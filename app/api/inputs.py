@@ -39,7 +39,7 @@ from app.errors import (
 
 _TRUE = {"1", "true", "yes", "on"}
 _QUERY_PARAMETERS = {"dtype"}  # what the image routes take in the URL
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass
@@ -251,6 +251,11 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
             return True
         if text in _FALSE:
             return False
+        if not text:
+            # An empty field (`-F analyze=`) read as false would drop what was asked for.
+            raise ValidationFailed(
+                f"`{name}` is empty; send true or false, or leave the field out for false"
+            )
         raise ValidationFailed(f"`{name}` must be true or false, got {shown(repr(value))}")
     try:
         return kind(value)

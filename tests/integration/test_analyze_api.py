@@ -101,6 +101,11 @@ async def test_a_real_photograph_goes_through(client: httpx.AsyncClient) -> None
             "include_embedding",
         ),
         ({"json": {"image": "AAAA", "include_embedding": "perhaps"}}, 422, "include_embedding"),
+        (
+            {"files": {"image": ("x.jpg", image_bytes())}, "data": {"include_embedding": ""}},
+            422,
+            "`include_embedding` is empty",
+        ),
         ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
         ({"json": {}}, 422, "image"),
     ],

@@ -240,6 +240,9 @@ async def test_non_finite_coordinates_are_refused(client: httpx.AsyncClient) -> 
         ({"boxes": "[[0, 0, 50"}, "not valid JSON"),
         ({"boxes": '{"x1": 0}'}, "JSON list"),
         ({"boxes": "[]", "analyze": "maybe"}, "true or false"),
+        # Empty: was read as false, dropping what the client meant to ask for.
+        ({"boxes": "[]", "analyze": ""}, "`analyze` is empty; send true or false"),
+        ({"boxes": "[]", "analyze": "  "}, "`analyze` is empty; send true or false"),
     ],
 )
 async def test_bad_form_fields_are_explained(
