@@ -254,3 +254,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     # uvicorn warns of every request its parser stops, before the service's protocol
     # answers it (431, 400) and logs that answer: one line is enough.
     logging.getLogger("uvicorn.error").addFilter(_not_uvicorn_invalid_request)
+    # The multipart parser warns of each malformed body it is given ("Expected boundary
+    # character ..."): the client's mistake, answered with a 400 and logged at INFO as
+    # every refusal is; at WARNING a client could fill the log with them.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -9,10 +9,14 @@ keep answering under any load. Pure ASGI, like the body-size limit.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_response
 from app.api.security import unauthorized_answer
+
+logger = logging.getLogger(__name__)
 
 
 class ConcurrencyLimitMiddleware:
@@ -35,13 +39,13 @@ class ConcurrencyLimitMiddleware:
             metrics = getattr(scope["app"].state if "app" in scope else None, "metrics", None)
             if metrics is not None:
                 metrics.rejections.labels("overloaded").inc()
-            response = error_response(
-                503,
-                "overloaded",
+            message = (
                 f"{self.in_flight} requests are in progress, the most this service takes at "
-                "once (CLIP_MAX_CONCURRENT_REQUESTS); retry shortly",
-                {"Retry-After": "1"},
+                "once (CLIP_MAX_CONCURRENT_REQUESTS); retry shortly"
             )
+            # At WARNING, as every 503 the service answers (app.api.errors).
+            logger.warning("request refused: overloaded: %s", message)
+            response = error_response(503, "overloaded", message, {"Retry-After": "1"})
             await response(scope, receive, send)
             return
         self.in_flight += 1

@@ -322,7 +322,7 @@ async def test_health_stays_fast_while_the_largest_request_decodes(
 
 
 async def test_posts_past_the_concurrency_bound_are_refused_before_their_body_is_read(
-    tiny_settings: Callable[..., Settings],
+    tiny_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
     holder: list[SlowEncoder] = []
     settings = tiny_settings(max_concurrent_requests=2, max_wait_ms=1, warmup=False)
@@ -354,6 +354,10 @@ async def test_posts_past_the_concurrency_bound_are_refused_before_their_body_is
     assert not body_read
     assert health.status_code == 200
     assert [r.status_code for r in done] == [200, 200]
+    # Logged at WARNING as the service's other 503s are (it was the access line alone).
+    refusals = [r for r in caplog.records if r.getMessage().startswith("request refused")]
+    assert [(r.levelname, r.name) for r in refusals] == [("WARNING", "app.api.concurrency")]
+    assert "CLIP_MAX_CONCURRENT_REQUESTS" in refusals[0].getMessage()
 
 
 async def test_past_the_concurrency_bound_a_request_without_a_valid_key_gets_401(

@@ -29,3 +29,27 @@ def test_library_warnings_and_torch_logs_are_json_lines() -> None:
     ]
     assert records[0]["message"] == "No CUDA runtime is found"
     assert "a library's FutureWarning" in records[1]["message"]
+
+
+# A multipart body with a broken boundary, as a client with a bug sends it.
+MULTIPART_SCRIPT = """
+from python_multipart.multipart import MultipartParser
+from app.observability import configure_logging
+configure_logging()
+parser = MultipartParser(b"boundary", callbacks={})
+try:
+    parser.write(b"--bXundary\\r\\nContent-Disposition: form-data; name=a\\r\\n\\r\\nx")
+except Exception as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_malformed_multipart_body_is_not_a_warning_in_the_log() -> None:
+    """python_multipart logged a WARNING line for each such body: a client's mistake,
+    already answered (400) and logged once at INFO, filled the log at WARNING."""
+    result = subprocess.run(
+        [sys.executable, "-c", MULTIPART_SCRIPT],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "refused: Expected boundary character" in result.stdout, result.stderr
+    assert "python_multipart" not in result.stderr, result.stderr
