@@ -7,6 +7,7 @@ loop only reads headers (open_image), to charge pixels before any decoding.
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import re
@@ -67,6 +68,25 @@ _LEFTOVER_BEFORE_END = re.compile(r"(\d+) extraneous bytes before marker 0xd9")
 _MOST_PADDING_BEFORE_END = 64
 
 
+# The first bytes of each accepted format's files.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_base64_text(data: bytes) -> bool:
+    """Text where an image file's bytes were due: a client that put the base64 (or a
+    data: URL) in a multipart field, or encoded a JSON image twice."""
+    head = data[:4096].strip()
+    if head[:5].lower() == b"data:":
+        return True
+    sample = re.sub(rb"\s", b"", head)[:64]
+    sample = sample[: len(sample) // 4 * 4].replace(b"-", b"+").replace(b"_", b"/")
+    try:
+        decoded = base64.b64decode(sample, validate=True)
+    except ValueError:
+        return False
+    return decoded.startswith(_IMAGE_SIGNATURES)
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode one image file into a loaded RGB image with EXIF orientation applied.
 
@@ -92,6 +112,12 @@ def open_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None) ->
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
+        if _looks_like_base64_text(data):
+            raise InvalidImage(
+                "file is not a decodable image: it is base64 text (or a data: URL), not "
+                "the image's bytes; in a multipart form send the file itself (curl -F "
+                'image=@crop.jpg), or send the base64 as JSON ({"image": "<base64>"})'
+            ) from None
         raise InvalidImage(
             "file is not a decodable image; send JPEG, PNG, WebP, BMP, GIF or TIFF"
         ) from None

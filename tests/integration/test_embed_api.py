@@ -136,6 +136,9 @@ async def test_a_part_without_a_filename_is_read_as_the_image(client: httpx.Asyn
     assert batch.status_code == 200, batch.text
     response = await client.post("/embed", files={"image": (None, b"hello")})
     assert "not a decodable image" in await error_of(response, 400)
+    # curl -F "image=$(base64 -w0 crop.jpg)": the base64 as a plain field, not the file.
+    text = await client.post("/embed", files={"image": (None, base64.b64encode(noise_jpeg(3)))})
+    assert "it is base64 text" in await error_of(text, 400)
 
 
 async def test_a_bad_crop_in_a_batch_fails_the_request_naming_the_item(

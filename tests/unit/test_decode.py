@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -145,6 +146,11 @@ def test_extreme_shapes_still_decode() -> None:
         (b"", "empty"),
         (b"hello, I am not an image", "not a decodable image"),
         (b"%PDF-1.4\n", "not a decodable image"),
+        # The base64 where the file's bytes were due (curl -F "image=$B"), or a data: URL.
+        (base64.b64encode(image_bytes(fmt="JPEG")), "it is base64 text"),
+        (base64.encodebytes(image_bytes(fmt="PNG")), "it is base64 text"),
+        (b"data:image/png;base64," + base64.b64encode(image_bytes(fmt="PNG")), "base64 text"),
+        (b"helloIamNotAnImageButAsciiText", "not a decodable image; send JPEG"),
         (image_bytes(fmt="JPEG")[:300], "truncated or corrupt"),
         (image_bytes(fmt="PNG")[:60], "truncated or corrupt"),
     ],
