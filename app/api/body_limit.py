@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response, shown
+from app.api.errors import error_response, missing_endpoint, shown
 from app.api.security import unauthorized_answer
 
 CLIENT_CLOSED_REQUEST = 499
@@ -80,6 +80,16 @@ async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send
     await response(scope, receive, send)
 
 
+def _has_endpoint(scope: Scope) -> bool:
+    """Whether a route answers at the request's path. A body sent to none gets the 404
+    that says so whatever its size (the router answers it without reading the body): a
+    413 would have the client shrink an upload that was never going anywhere."""
+    app = scope.get("app")
+    if app is None or not hasattr(app, "router"):
+        return True
+    return missing_endpoint(app, scope["path"], scope["path"]) is None
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
@@ -119,7 +129,7 @@ class BodyLimitMiddleware:
             await _refuse(response, scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > self.max_bytes and _has_endpoint(scope):
             response = error_response(
                 413,
                 "payload_too_large",

@@ -229,6 +229,22 @@ async def test_bodies_over_the_upload_limit_are_413(client: httpx.AsyncClient) -
     assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(response, 413)
 
 
+async def test_a_large_body_to_no_endpoint_is_404_not_413(
+    client: httpx.AsyncClient,
+) -> None:
+    """It was 413 "over CLIP_MAX_UPLOAD_BYTES": a client would shrink an upload that was
+    never going anywhere, then get the 404. Decided before the body, as the 413 was."""
+    big = b"\xff" * (3 * 1024 * 1024)
+    for path in ("/embeds", "/embed/batch/"):
+        response = await client.post(path, files={"image": ("big.jpg", big)})
+        assert response.status_code == 404, response.text
+        assert "no endpoint at" in response.json()["error"]["message"]
+    # A body sent too large to an endpoint is still refused before it is read.
+    assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(
+        await client.post("/embed", files={"image": ("big.jpg", big)}), 413
+    )
+
+
 async def test_images_over_the_pixel_limit_are_413(client: httpx.AsyncClient) -> None:
     import io
 
