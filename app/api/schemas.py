@@ -27,6 +27,12 @@ EMBEDDING_DESCRIPTION = (
 )
 
 
+# Said in the schema only: the service answers an empty string with its own 400, which
+# names the field ("image: image is empty (0 bytes)"), rather than a generic 422.
+_NOT_EMPTY: dict[str, JsonValue] = {"minLength": 1}
+_NONE_EMPTY: dict[str, JsonValue] = {"items": {"type": "string", "minLength": 1}}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +40,7 @@ class _Strict(BaseModel):
 class EmbedJSONRequest(_Strict):
     image: str = Field(
         ...,
+        json_schema_extra=_NOT_EMPTY,
         description="Base64 of the image file (JPEG, PNG, WebP, BMP, GIF, TIFF). "
         "A `data:image/...;base64,` prefix is accepted.",
         examples=[EXAMPLE_IMAGE],
@@ -44,6 +51,7 @@ class EmbedBatchJSONRequest(_Strict):
     images: list[str] = Field(
         ...,
         min_length=1,
+        json_schema_extra=_NONE_EMPTY,
         description="Base64 of each image file; results come back in this order.",
         examples=[[EXAMPLE_IMAGE, EXAMPLE_IMAGE]],
     )
@@ -108,16 +116,20 @@ class SimilarityRequest(_Strict):
 class PairSimilarityRequest(_Strict):
     """The pair form of /similarity (documentation: the route reads SimilarityRequest)."""
 
-    a: str = Field(..., description="First embedding (base64).")
-    b: str = Field(..., description="Second embedding (base64).")
+    a: str = Field(..., description="First embedding (base64).", json_schema_extra=_NOT_EMPTY)
+    b: str = Field(..., description="Second embedding (base64).", json_schema_extra=_NOT_EMPTY)
     dtype: WireDtype | None = Field(None, description=_SIMILARITY_DTYPE)
 
 
 class SearchSimilarityRequest(_Strict):
     """The search form of /similarity (documentation: the route reads SimilarityRequest)."""
 
-    queries: list[str] = Field(..., min_length=1, description="Query embeddings (base64).")
-    gallery: list[str] = Field(..., min_length=1, description="Gallery embeddings (base64).")
+    queries: list[str] = Field(
+        ..., min_length=1, description="Query embeddings (base64).", json_schema_extra=_NONE_EMPTY
+    )
+    gallery: list[str] = Field(
+        ..., min_length=1, description="Gallery embeddings (base64).", json_schema_extra=_NONE_EMPTY
+    )
     top_k: int = Field(5, ge=1, strict=True, description="Matches returned per query.")
     dtype: WireDtype | None = Field(None, description=_SIMILARITY_DTYPE)
 
@@ -217,6 +229,7 @@ class StatusResponse(BaseModel):
 class AnalyzeJSONRequest(_Strict):
     image: str = Field(
         ...,
+        json_schema_extra=_NOT_EMPTY,
         description="Base64 of one person crop (JPEG, PNG, WebP, BMP, GIF, TIFF).",
         examples=[EXAMPLE_IMAGE],
     )
@@ -271,6 +284,7 @@ BOXES_DESCRIPTION = (
 class EmbedFrameJSONRequest(_Strict):
     image: str = Field(
         ...,
+        json_schema_extra=_NOT_EMPTY,
         description="Base64 of the whole frame (JPEG, PNG, WebP, BMP, GIF, TIFF). "
         "A `data:image/...;base64,` prefix is accepted.",
         examples=[EXAMPLE_IMAGE],

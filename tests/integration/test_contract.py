@@ -261,6 +261,10 @@ async def test_metrics_401_is_json_as_documented(tiny_settings: Callable[..., Se
     assert response.headers["content-type"].startswith("application/json")
     declared = document["paths"]["/metrics"]["get"]["responses"]["401"]["content"]
     assert list(declared) == ["application/json"]
+    # One media type for its 200, as sent less its parameters: a second key carrying
+    # them ("text/plain; version=1.0.0; charset=utf-8", no schema) broke generated clients.
+    ok = document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert ok == {"text/plain": {"schema": {"type": "string"}}}
 
 
 # 6. MIME base64 (76-column lines) is read as RFC 2045 decoders read it.
@@ -304,6 +308,14 @@ async def test_the_schema_states_the_enforced_shapes(client: httpx.AsyncClient) 
     assert search["top_k"]["maximum"] == info["limits"]["max_top_k"]
     assert search["queries"]["maxItems"] == info["limits"]["max_queries"]
     assert search["gallery"]["maxItems"] == info["limits"]["max_gallery"]
+    # An empty base64 string is a 400 naming the field: not a string the schema allows.
+    pair = document["components"]["schemas"]["PairSimilarityRequest"]["properties"]
+    assert pair["a"]["minLength"] == pair["b"]["minLength"] == 1
+    assert search["queries"]["items"]["minLength"] == search["gallery"]["items"]["minLength"] == 1
+    assert batch["application/json"]["schema"]["properties"]["images"]["items"]["minLength"] == 1
+    for path in ("/embed", "/analyze", "/embed/frame"):
+        content = document["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/json"]["schema"]["properties"]["image"]["minLength"] == 1
 
 
 @pytest.mark.parametrize("top_k", ["3", True, 2.5])

@@ -100,7 +100,12 @@ async def info(service: ServiceDep) -> InfoResponse:
     "/metrics",
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **error_responses(401)},
+    # One media type, without parameters: CONTENT_TYPE_LATEST's "; version=...; charset"
+    # as a second key was a media type generated clients could not read.
+    responses={
+        200: {"description": f"Prometheus text format ({CONTENT_TYPE_LATEST})."},
+        **error_responses(401),
+    },
 )
 async def metrics(request: Request) -> Response:
     """Requests by endpoint and status, request latency, time queued and in the forward
