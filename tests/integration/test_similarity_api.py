@@ -21,6 +21,13 @@ from tests.conftest import serve
 DIM = 64
 
 
+def _half(first: float) -> str:
+    """A DIM-long embedding as float16 bytes."""
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[0] = first
+    return encode_embedding(vector, "float16")
+
+
 def emb(values: object) -> str:
     """base64 of `values`, zero-padded to the service's dimension (a shorter vector is
     the same direction in the first axes)."""
@@ -123,6 +130,23 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
             },
             422,
             "gallery[1] has 1 dims",
+        ),
+        # One request mixing the encodings: "looks like float32: send dtype float32"
+        # would only make the float16 ones fail instead.
+        (
+            {"queries": [_half(1.0)], "gallery": [emb([1.0])], "dtype": "float16"},
+            422,
+            "while the queries read as float16 fit; it looks like float32 beside the others",
+        ),
+        (
+            {"a": emb([1.0]), "b": _half(1.0)},
+            422,
+            "while a read as float32 fit; it looks like float16 beside the others",
+        ),
+        (
+            {"queries": [emb([1.0])], "gallery": [emb([1.0]), _half(1.0)]},
+            422,
+            "gallery[1] has 32 dims but gallery[0] has 64; it looks like float16 beside",
         ),
         ({"queries": [], "gallery": [emb([1.0])]}, 422, "queries"),
         ({"queries": [emb([1.0])], "gallery": ["!!"]}, 400, "gallery[0]"),
