@@ -326,6 +326,15 @@ _PARSER_BOTH_FRAMINGS = (
 )
 
 
+# llhttp's words for a Content-Length it cannot take, and what the sender should fix.
+_PARSER_BAD_CONTENT_LENGTH = {
+    "Duplicate Content-Length": "Content-Length was sent more than once",
+    "Invalid character in Content-Length": "Content-Length is not a whole number of bytes",
+    "Empty Content-Length": "Content-Length is empty",
+    "Content-Length overflow": "Content-Length is too large to be a length",
+}
+
+
 def _framing_message(parse_error: BaseException | None) -> str | None:
     """What to fix where the parser refused how the body is framed; None for other
     refusals. A request framed both ways is refused whole (RFC 9112 6.3 allows a server
@@ -338,6 +347,12 @@ def _framing_message(parse_error: BaseException | None) -> str | None:
             "Transfer-Encoding must name chunked once, as its last coding (`chunked, gzip` "
             "does not), or the body's length is unknown; send the body as it is, with "
             "Content-Length or Transfer-Encoding: chunked alone"
+        )
+    fault = _PARSER_BAD_CONTENT_LENGTH.get(str(parse_error))
+    if fault is not None:
+        return (
+            f"{fault}, so the body's length is unknown; send one Content-Length header "
+            "with the body's size in bytes (digits only), or Transfer-Encoding: chunked"
         )
     if str(parse_error) in _PARSER_BOTH_FRAMINGS:
         return (

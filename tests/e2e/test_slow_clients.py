@@ -242,6 +242,30 @@ def test_a_body_framed_both_ways_is_refused_naming_both_headers(
     assert message.startswith("Content-Length and Transfer-Encoding were both sent")
 
 
+@pytest.mark.parametrize(
+    ("length", "fault"),
+    [
+        (b"Content-Length: 5\r\nContent-Length: 6\r\n", "Content-Length was sent more than once"),
+        (b"Content-Length: -1\r\n", "Content-Length is not a whole number of bytes"),
+        (b"Content-Length: 5 5\r\n", "Content-Length is not a whole number of bytes"),
+        (b"Content-Length: 1" + b"0" * 25 + b"\r\n", "Content-Length is too large to be a length"),
+        (b"Content-Length:\r\n", "Content-Length is empty"),
+    ],
+)
+def test_a_content_length_that_is_no_length_is_named(
+    strict_server: RunningServer, length: bytes, fault: str
+) -> None:
+    """Each was "not valid HTTP/1.1 (its request line, headers or chunked framing)":
+    right, but not what to change."""
+    message = refused_as_invalid_http(
+        strict_server.url,
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + length
+        + b"\r\n{}",
+    )
+    assert message.startswith(f"{fault}, so the body's length is unknown")
+
+
 def counters(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
     return {
