@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,8 +59,9 @@ class Projection:
         return unit
 
     def save(self, path: str | Path) -> None:
-        if not (np.isfinite(self.weight).all() and np.isfinite(self.mean).all()):
-            raise ProjectionError(f"{path}: not written, its weight or mean is NaN or infinite")
+        fault = unusable(self.weight, self.mean)
+        if fault is not None:
+            raise ProjectionError(f"{path}: not written, {fault}")
         metadata = {**self.metadata, "model": self.model, "kind": self.kind}
         metadata["output_dim"] = str(self.output_dim)
         save_file(
@@ -91,19 +93,9 @@ class Projection:
         if "weight" not in tensors or "mean" not in tensors or "model" not in metadata:
             raise ProjectionError(f"{where}: needs tensors `weight`, `mean` and metadata `model`")
         weight, mean = tensors["weight"], tensors["mean"]
-        if weight.ndim != 2 or mean.shape != (weight.shape[1],):
-            raise ProjectionError(
-                f"{where}: weight {weight.shape} and mean {mean.shape} do not fit together"
-            )
-        # One NaN in the weight turns every served embedding into NaNs: refuse it here,
-        # where the message can name the file, rather than serve garbage.
-        for name, tensor in (("weight", weight), ("mean", mean)):
-            bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
-            if bad:
-                raise ProjectionError(
-                    f"{where}: {name} holds {bad} NaN or infinite value(s); refit the "
-                    "projection (python -m app.reid.fit_projection)"
-                )
+        fault = unusable(weight, mean)
+        if fault is not None:
+            raise ProjectionError(f"{where}: {fault}; refit it (python -m app.reid.fit_projection)")
         fitted_for = metadata["model"]
         fitted_weights = metadata.get(WEIGHTS_KEY, "")
         if expected_weights and fitted_weights:
@@ -123,6 +115,23 @@ class Projection:
                 f"{expected_model}; fit one for this model (python -m app.reid.fit_projection)"
             )
         return cls(weight, mean, fitted_for, metadata.get("kind", "linear"), metadata)
+
+
+def unusable(weight: npt.NDArray[Any], mean: npt.NDArray[Any]) -> str | None:
+    """Why a weight and mean make no projection to serve, or None. One NaN turns every
+    served embedding into NaNs; a weight with no rows, or of zeros, every one into an
+    empty or zero vector: refused where the message can name the file."""
+    if weight.ndim != 2 or mean.shape != (weight.shape[1],):
+        return f"weight {weight.shape} and mean {mean.shape} do not fit together"
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        return f"weight {weight.shape} maps to or from 0 dimensions"
+    for name, tensor in (("weight", weight), ("mean", mean)):
+        bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
+        if bad:
+            return f"{name} holds {bad} NaN or infinite value(s)"
+    if not np.any(weight):
+        return "weight is all zeros: every embedding would project to nothing"
+    return None
 
 
 def data_rank(centred: npt.NDArray[np.float64], singular: npt.NDArray[np.float64]) -> int:

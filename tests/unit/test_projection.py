@@ -137,6 +137,29 @@ def test_a_projection_with_nan_is_never_written(tmp_path: Path) -> None:
     assert not (tmp_path / "p.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("weight", "fault"),
+    [
+        # From --from-linear: a layer of 0 outputs served "dim": 0 and empty embeddings,
+        # one of zeros a zero vector for every crop; both exited 0 and were served.
+        (np.zeros((0, 4), np.float32), r"weight \(0, 4\) maps to or from 0 dimensions"),
+        (np.zeros((2, 4), np.float32), "weight is all zeros"),
+    ],
+)
+def test_a_projection_that_maps_to_nothing_is_neither_written_nor_loaded(
+    tmp_path: Path, weight: np.ndarray, fault: str
+) -> None:
+    path = tmp_path / "p.safetensors"
+    with pytest.raises(ProjectionError, match=fault):
+        Projection(weight, np.zeros(4, np.float32), "m", "linear").save(path)
+    assert not path.exists()
+    save_file(
+        {"weight": weight, "mean": np.zeros(4, np.float32)}, str(path), metadata={"model": "m"}
+    )
+    with pytest.raises(ProjectionError, match=rf"CLIP_PROJECTION={path}: {fault}"):
+        Projection.load(path, expected_model="m")
+
+
 def test_errors_name_the_option_the_caller_gives(tmp_path: Path) -> None:
     path = tmp_path / "p.safetensors"
     fit_pca(embeddings(), 4, "ViT-L-14/openai")[0].save(path)
