@@ -4,8 +4,10 @@ the service's defaults, and errors as one line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 from app.config import Backend, Precision, Settings
@@ -78,8 +80,33 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 
 @contextmanager
 def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """What USER_ERRORS raise inside ends the command by `fail`, not with a traceback."""
+    """What USER_ERRORS raise inside ends the command by `fail`, not with a traceback; a
+    service that fails a --url run, and Ctrl-C, end it with one line too."""
+    from app.client import ClipClientError
+
     try:
         yield
     except USER_ERRORS as exc:
         fail(parser, str(exc))
+    except ClipClientError as exc:  # not the user's input: a service that went away
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        # Nothing half-written is left: outputs are written whole, at the end.
+        parser.exit(130, f"{parser.prog}: interrupted; nothing was written\n")
+
+
+def writable_folder(path: Path) -> str | None:
+    """Why files cannot be created in `path` (or in the nearest folder above it that
+    exists, where it does not yet), or None if they can: tried, as permissions alone do
+    not tell (root passes os.access on /proc, which creates nothing)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing}/ ({exc.strerror or exc})"
+    return None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from tqdm import tqdm
 
 from app.config import Settings
+from app.errors import InvalidImage, PayloadTooLarge
 from app.inference.decode import decode_image
 from app.inference.model import ClipImageEncoder
 
@@ -57,13 +60,24 @@ def embed_in_process(
     rows = []
     for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch"):
         chunk = paths[start : start + batch_size]
-        inputs = [
-            encoder.preprocess(decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels))
-            for p in chunk
-        ]
+        inputs = [encoder.preprocess(_decoded(p, settings.max_image_pixels)) for p in chunk]
         rows.append(encoder.encode(inputs))
     dim = encoder.info.dim
     return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), encoder.info.model
+
+
+class UnreadableCrop(ValueError):
+    """A file among the crops that is no image, or one too large: named, so it can be
+    fixed or removed, instead of a traceback after the model has loaded."""
+
+
+def _decoded(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        return decode_image(path.read_bytes(), max_pixels=max_pixels)
+    except (InvalidImage, PayloadTooLarge) as exc:
+        raise UnreadableCrop(f"{path}: {exc.message}; fix or remove it") from None
+    except OSError as exc:
+        raise UnreadableCrop(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def embed_via_service(
@@ -72,13 +86,21 @@ def embed_via_service(
     """Embeddings as the service returns them (its projection applied, if it has one)."""
     import httpx
 
-    from app.client import ClipClient
+    from app.client import ClipClient, ClipServiceError
 
     headers = {"X-API-Key": api_key} if api_key else {}
     model = str(httpx.get(f"{url.rstrip('/')}/info", headers=headers).json()["model"])
+    rows = []
     with ClipClient(url, api_key=api_key) as client:
-        rows = [
-            client.embed_batch(list(paths[start : start + batch_size]))
-            for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch")
-        ]
+        for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch"):
+            chunk = list(paths[start : start + batch_size])
+            try:
+                rows.append(client.embed_batch(chunk))
+            except ClipServiceError as exc:
+                # The service names the image by its place in the batch: name the file.
+                place = re.match(r"images\[(\d+)\]: ", exc.message)
+                if exc.status in (400, 413, 422) and place and int(place[1]) < len(chunk):
+                    reason = exc.message[place.end() :]
+                    raise UnreadableCrop(f"{chunk[int(place[1])]}: {reason}") from None
+                raise
     return np.concatenate(rows), model

@@ -25,7 +25,13 @@ import numpy as np
 import numpy.typing as npt
 
 from app.inference.projection import Projection, ProjectionError
-from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
+from app.reid.cli import (
+    add_model_options,
+    fail,
+    one_line_errors,
+    settings_from,
+    writable_folder,
+)
 from app.reid.dataset import MarketSplit, labels, market_split, parse_name
 from app.reid.embedding import (
     ModelIdentity,
@@ -34,7 +40,7 @@ from app.reid.embedding import (
     identify,
     load_encoder,
 )
-from app.reid.metrics import AP_MODES, ApMode, ReidScores, evaluate
+from app.reid.metrics import AP_MODES, ApMode, ReidScores, evaluate, scorable_queries
 
 __all__ = ["labels", "main", "parse_name"]
 
@@ -92,8 +98,11 @@ def write_results(
     return table
 
 
-def load_projections(paths: list[Path], model: ModelIdentity) -> list[Projection]:
-    """Every projection file read and checked against the model: before any embedding."""
+def load_projections(
+    paths: list[Path], model: ModelIdentity, served: str | None = None
+) -> list[Projection]:
+    """Every projection file read and checked against the model: before any embedding.
+    `served`: the projection the service at --url applies already, if any."""
     projections = []
     for path in paths:
         projection = Projection.load(
@@ -103,6 +112,13 @@ def load_projections(paths: list[Path], model: ModelIdentity) -> list[Projection
             option="--projection",
             runs="--model is" if model.weights_sha256 else "the service at --url runs",
         )
+        if served and model.dim and projection.input_dim != model.dim:
+            raise ProjectionError(
+                f"--projection={path} maps raw {projection.input_dim}-d embeddings, but the "
+                f"service at --url applies a projection already ({served}, {model.dim}-d) and "
+                "projections do not stack: evaluate the file in process (without --url), or "
+                "against a service without CLIP_PROJECTION"
+            )
         if model.dim and projection.input_dim != model.dim:
             raise ProjectionError(
                 f"--projection={path} maps {projection.input_dim} dims, but {model.name} "
@@ -113,7 +129,9 @@ def load_projections(paths: list[Path], model: ModelIdentity) -> list[Projection
 
 
 def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m app.reid.eval_reid", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("dataset", type=Path, help="folder with query/ and bounding_box_test/")
     parser.add_argument(
         "--url", help="embed through this running service instead (its own model options)"
@@ -130,14 +148,30 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
     )
     parser.add_argument("--out", type=Path, default=Path("reid-results"))
     args = parser.parse_args(argv)
+    # Before the first image: hours of embedding must not end at a results folder
+    # that cannot be written.
+    if args.out.exists() and not args.out.is_dir():
+        fail(parser, f"--out {args.out} is a file; name a folder for reid.json and reid.md")
+    why = writable_folder(args.out)
+    if why is not None:
+        fail(parser, f"--out {args.out}: {why}")
+    if not args.dataset.is_dir():
+        fail(parser, f"{args.dataset}: no such folder")
 
     with one_line_errors(parser):
         split = market_split(args.dataset)
         everything = split.query + split.gallery
+        if not scorable_queries(*split.query_labels, *split.gallery_labels):
+            fail(
+                parser,
+                f"none of the {len(split.query)} queries in {args.dataset}/query has its "
+                "person in bounding_box_test/ on another camera (same-camera matches and "
+                "junk do not count): there is nothing to score",
+            )
         if args.url:
             info = service_info(args.url, args.api_key)
             model = ModelIdentity(str(info["model"]), dim=int(info.get("dim", 0)))
-            projections = load_projections(args.projection, model)
+            projections = load_projections(args.projection, model, info.get("projection"))
             run = {
                 "model": model.name,
                 "weights_sha256": None,  # /info does not say; checked by model id only
@@ -171,8 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
         failed: dict[str, str] = {}
         # Written now, so that hours of embedding survive whatever a projection does next.
         write_results(args.out, str(args.dataset), run, results, failed)
+        # Rows by file name, or by path where two files share a name (a row was lost).
+        short = [path.name for path in args.projection]
         for path, projection in zip(args.projection, projections, strict=True):
-            name = f"{path.name} ({projection.kind}, {projection.output_dim}-d)"
+            shown = path.name if short.count(path.name) == 1 else str(path)
+            name = f"{shown} ({projection.kind}, {projection.output_dim}-d)"
             try:
                 results[name] = scores_for(
                     projection.apply(query), projection.apply(gallery), split, args.ap_mode
@@ -198,6 +235,10 @@ def service_info(url: str, api_key: str | None) -> dict[str, Any]:
         response = httpx.get(f"{url.rstrip('/')}/info", headers=headers, timeout=30)
         response.raise_for_status()
         info: dict[str, Any] = response.json()
+    except httpx.HTTPStatusError as exc:
+        hint = "; give its key with --api-key" if exc.response.status_code == 401 else ""
+        status = f"{exc.response.status_code} {exc.response.reason_phrase}"
+        raise ValueError(f"--url {url}: cannot read its /info ({status}){hint}") from None
     except (httpx.HTTPError, ValueError) as exc:
         raise ValueError(f"--url {url}: cannot read its /info ({exc})") from None
     return info

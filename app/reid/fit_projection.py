@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,13 @@ from safetensors.numpy import load_file
 
 from app.inference.projection import WEIGHTS_KEY, Projection, fit_centring, fit_pca
 from app.inference.weights import LOCAL_DIR, reported_model_id
-from app.reid.cli import add_model_options, fail, one_line_errors, settings_from
+from app.reid.cli import (
+    add_model_options,
+    fail,
+    one_line_errors,
+    settings_from,
+    writable_folder,
+)
 from app.reid.dataset import labelled_crops
 from app.reid.embedding import embed_in_process, identify, image_files, load_encoder
 from app.reid.supervised import DEFAULT_SHRINKAGE, fit_supervised
@@ -33,7 +38,9 @@ DEFAULT_DIM = 128
 
 
 def main(argv: list[str] | None = None) -> Projection:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m app.reid.fit_projection", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "folder", type=Path, nargs="?", help="crops to fit on (searched recursively)"
     )
@@ -66,10 +73,35 @@ def main(argv: list[str] | None = None) -> Projection:
         )
     if args.supervised and args.whiten:
         fail(parser, "--supervised whitens within identities already; drop --whiten")
+    if args.from_linear:
+        ignored = [
+            flag
+            for flag, given in (
+                (str(args.folder), args.folder is not None),
+                ("--dim", args.dim is not None),
+                ("--whiten", args.whiten),
+                ("--centre", args.centre),
+                ("--supervised", args.supervised),
+                ("--shrinkage", args.shrinkage != DEFAULT_SHRINKAGE),
+            )
+            if given
+        ]
+        if ignored:
+            fail(
+                parser,
+                f"--from-linear converts a layer as it is: it takes no {', '.join(ignored)}",
+            )
+    elif args.dim is not None and args.dim < 1:
+        fail(parser, f"--dim {args.dim}: ask for 1 or more output dimensions")
+    elif not 0.0 < args.shrinkage <= 1.0:
+        fail(parser, f"--shrinkage {args.shrinkage}: give a value in (0, 1]")
     # Before any crop is embedded: a fit that cannot be written wastes every minute of it.
-    folder = args.out.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        fail(parser, f"--out {args.out}: {folder}/ is not a folder this user can write to")
+    if args.out.is_dir():
+        fail(parser, f"--out {args.out} is a folder; name the file to write")
+    parent = args.out.parent
+    why = writable_folder(parent) if parent.is_dir() else "it does not exist"
+    if why is not None:
+        fail(parser, f"--out {args.out}: {parent}/ is not a folder this user can write to ({why})")
 
     with one_line_errors(parser):
         if args.from_linear:
@@ -99,7 +131,15 @@ def from_linear(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pr
             f"{args.weight_key} takes {weight.shape[1]}-d input, but {args.for_model} embeds "
             f"in {expected} dims: a (out, {expected}) layer fits it",
         )
-    mean = tensors.get(args.mean_key, np.zeros(weight.shape[1], np.float32))
+    if args.mean_key and args.mean_key not in tensors:
+        fail(parser, f"{args.from_linear} has no tensor {args.mean_key!r} (--mean-key)")
+    mean = tensors[args.mean_key] if args.mean_key else np.zeros(weight.shape[1], np.float32)
+    if mean.shape != (weight.shape[1],):
+        fail(
+            parser,
+            f"{args.mean_key} is {mean.shape}, but {args.weight_key} takes {weight.shape[1]}-d "
+            f"input: a mean to subtract first is ({weight.shape[1]},)",
+        )
     # No weights hash: the file names a model id only, so it is checked by that id, as
     # /info reports it (the README's commands spell models local-dir:models/<folder>).
     model = reported_model_id(args.for_model)
@@ -127,12 +167,23 @@ def model_embed_dim(model: str) -> int | None:
 def fit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection:
     if args.folder is None:
         fail(parser, "give a folder of crops (or --from-linear)")
+    if not args.folder.is_dir():
+        fail(parser, f"{args.folder}: no such folder")
     # Everything that can be checked from names is checked before the first image.
     identities = None
     if args.supervised:
         labelled = labelled_crops(args.folder)
         paths, identities = labelled.paths, labelled.identities
         people = len(labelled.names)
+        if people < 2:
+            dropped = ""
+            if labelled.layout == "market1501":
+                dropped = " (junk and distractors, persons -1 and 0, carry none)"
+            fail(
+                parser,
+                f"--supervised needs crops of at least 2 identities; {args.folder} has "
+                f"{people}{dropped}",
+            )
         dim = args.dim if args.dim is not None else min(DEFAULT_DIM, people - 1)
         if not 1 <= dim <= people - 1:
             fail(
@@ -154,6 +205,8 @@ def fit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Projection
     settings = settings_from(args)
     encoder = load_encoder(settings)
     identity = identify(encoder)
+    if not args.centre and dim > encoder.info.dim:  # before the crops, not after
+        fail(parser, f"--dim {dim}: {encoder.info.model} embeds in {encoder.info.dim} dims")
     embeddings, model = embed_in_process(paths, settings, encoder=encoder)
     if args.centre:
         projection = fit_centring(embeddings, model)

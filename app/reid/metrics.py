@@ -86,3 +86,18 @@ def evaluate(
     evaluated = len(precisions)
     cmc = {k: float(hits[k - 1] / evaluated) if evaluated else 0.0 for k in ranks}
     return ReidScores(cmc, float(np.mean(precisions)) if evaluated else 0.0, evaluated, skipped)
+
+
+def scorable_queries(
+    query_ids: npt.NDArray[np.integer],
+    query_cams: npt.NDArray[np.integer],
+    gallery_ids: npt.NDArray[np.integer],
+    gallery_cams: npt.NDArray[np.integer],
+) -> int:
+    """How many queries evaluate() will score, from the labels alone: those whose person
+    (not junk) the gallery holds on another camera."""
+    return sum(
+        1
+        for person, camera in zip(query_ids, query_cams, strict=True)
+        if person != -1 and bool(np.any((gallery_ids == person) & (gallery_cams != camera)))
+    )
