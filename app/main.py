@@ -86,7 +86,9 @@ def create_app(
             # the text tower is gone by then (a lower startup peak).
             encoder = await asyncio.to_thread(load_encoder, settings, vocabulary.prompts())
             info = encoder.info
-            projection = load_projection(settings, info.model, info.dim, info.weights_sha256)
+            projection = load_projection(
+                settings, info.model, info.dim, info.weights_sha256, (info.precision, info.backend)
+            )
         except STARTUP_ERRORS as exc:
             logger.error("startup failed: %s", exc)
             raise  # ConciseStartupFailure keeps the server from printing its traceback
@@ -201,8 +203,14 @@ class ConciseStartupFailure:
 
 
 def load_projection(
-    settings: Settings, model: str, dim: int, weights: str = ""
+    settings: Settings,
+    model: str,
+    dim: int,
+    weights: str = "",
+    runs: tuple[str, str] | None = None,
 ) -> Projection | None:
+    """CLIP_PROJECTION, checked against the model; `runs` is the (precision, backend) the
+    service runs, which the file's fit is compared with."""
     if not settings.projection:
         return None
     projection = Projection.load(
@@ -213,6 +221,16 @@ def load_projection(
             f"CLIP_PROJECTION={settings.projection} maps {projection.input_dim} dims, but the "
             f"model gives {dim}"
         )
+    fitted = (projection.metadata.get("precision"), projection.metadata.get("backend"))
+    if runs is not None and None not in fitted and fitted != runs:
+        # Served, as it works; but its directions were fitted on slightly other embeddings
+        # (the README: fit and evaluate at the precision you serve).
+        logger.warning(
+            "CLIP_PROJECTION=%s was fitted on %s (%s) embeddings, and this service runs %s "
+            "(%s): it is served, but refit it at the served precision for the closest "
+            "match (python -m app.reid.fit_projection --precision %s --backend %s)",
+            settings.projection, *fitted, *runs, *runs,
+        )  # fmt: skip
     return projection
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,33 @@ async def test_embed_returns_the_projected_dim_matching_numpy_by_hand(
     by_hand = (raw[0] - projection.mean) @ projection.weight.T
     np.testing.assert_allclose(served, by_hand / np.linalg.norm(by_hand), atol=1e-5)
     np.testing.assert_allclose(decode_embedding(analyzed["embedding"]), served, atol=1e-5)
+
+
+async def test_a_projection_fitted_at_another_precision_is_served_with_a_warning(
+    tiny_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README says to fit at the precision served; nothing said when it was not."""
+    async with serve(tiny_settings(warmup=False)) as (_, client):
+        info = (await client.get("/info")).json()
+    rows = np.random.default_rng(0).normal(size=(20, info["dim"])).astype(np.float32)
+    projection = fit_pca(rows, 4, info["model"])[0]
+    warnings = []
+    for precision, backend in ((info["precision"], info["backend"]), ("bf16", "openvino")):
+        path = tmp_path / f"{precision}.safetensors"
+        metadata = {**projection.metadata, "precision": precision, "backend": backend}
+        dataclasses.replace(projection, metadata=metadata).save(path)
+        caplog.clear()
+        async with serve(tiny_settings(projection=str(path), warmup=False)) as (_, client):
+            assert (await client.get("/info")).json()["dim"] == 4  # served all the same
+        warnings.append(
+            [r.getMessage() for r in caplog.records if "was fitted on" in r.getMessage()]
+        )
+    assert warnings[0] == []
+    assert len(warnings[1]) == 1
+    assert (
+        f"fitted on bf16 (openvino) embeddings, and this service runs {info['precision']}"
+        in (warnings[1][0])
+    )
 
 
 async def test_a_projection_for_another_model_stops_startup(
