@@ -8,6 +8,7 @@ whole before any image is embedded.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,25 @@ def labelled_crops(folder: Path) -> LabelledCrops:
     paths = image_files(folder)
     if not paths:
         raise DatasetError(f"{folder} holds no images")
-    if all(_NAME.match(p.name) for p in paths):
+    named = [p for p in paths if _NAME.match(p.name)]
+    if named and len(named) != len(paths) and len(named) * 2 >= len(paths):
+        # Mostly Market-1501 names: the others are a mistake to fix, not a sign of the
+        # folder layout, which would label every crop by the folder they share.
+        odd = next(p for p in paths if not _NAME.match(p.name))
+        raise DatasetError(
+            f"{odd} is not named PPPP_cCsS_... though {len(named)} of the {len(paths)} crops "
+            "are: rename or remove it (or lay the crops out one sub-folder per identity)"
+        )
+    if len(named) == len(paths):
+        folders = {
+            p.relative_to(folder).parts[0] for p in paths if len(p.relative_to(folder).parts) > 1
+        }
+        if len(folders) > 1:
+            print(
+                f"note: {folder}: crops are labelled by their Market-1501 names; the "
+                f"{len(folders)} sub-folders they lie in are not read as identities",
+                file=sys.stderr,
+            )
         ids = labels(paths)[0]
         keep = [i for i, person in enumerate(ids) if person not in (JUNK, DISTRACTOR)]
         kept_paths = [paths[i] for i in keep]

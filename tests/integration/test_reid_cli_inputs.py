@@ -15,6 +15,7 @@ from app.client import ClipConnectionError, ClipServiceError
 from app.inference.projection import Projection, fit_pca
 from app.inference.weights import reported_model_id
 from app.reid import embedding, eval_reid, fit_projection
+from app.reid.dataset import labelled_crops
 from tests.helpers import noise_jpeg
 from tests.integration.test_reid_toolkit import (
     FAST,
@@ -265,3 +266,35 @@ def test_a_crop_the_service_refuses_is_named_by_its_path(
     monkeypatch.setattr("app.client.ClipClient.embed_batch", refusing)
     with pytest.raises(embedding.UnreadableCrop, match=rf"{paths[1]}: file is not a decodable"):
         embedding.embed_via_service(paths, "http://x")
+
+
+def test_one_misnamed_crop_among_market_names_is_named_not_relabelled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It switched the whole folder to the one-folder-per-identity layout: every crop
+    under bounding_box_train/ became one identity, and the message spoke of --dim."""
+    train = tmp_path / "market" / "bounding_box_train"
+    train.mkdir(parents=True)
+    for person in (1, 2, 3):
+        (train / f"{person:04d}_c1s1_000001_00.jpg").write_bytes(noise_jpeg(person))
+    (train / "person1.jpg").write_bytes(noise_jpeg(9))
+    out = str(tmp_path / "p.safetensors")
+    exits_with_one_line(
+        capsys,
+        lambda: fit_projection.main(
+            [str(tmp_path / "market"), "--supervised", *NO_MODEL, "--out", out]
+        ),
+        f"{train / 'person1.jpg'} is not named PPPP_cCsS_... though 3 of the 4 crops are",
+    )
+
+
+def test_market_names_in_sub_folders_are_labelled_by_name_and_said_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for folder, person in (("alice", 1), ("bob", 1), ("carol", 2)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{person:04d}_c1s1_00000{person}_00.jpg").write_bytes(b"x")
+    crops = labelled_crops(tmp_path)
+    assert crops.layout == "market1501"
+    assert crops.names == ["1", "2"]
+    assert "labelled by their Market-1501 names; the 3 sub-folders" in capsys.readouterr().err
