@@ -91,8 +91,8 @@ def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     except ClipClientError as exc:  # not the user's input: a service that went away
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     except KeyboardInterrupt:
-        # Nothing half-written is left: outputs are written whole, at the end.
-        parser.exit(130, f"{parser.prog}: interrupted; nothing was written\n")
+        # Outputs are written whole (eval_reid's raw results as soon as they exist).
+        parser.exit(130, f"{parser.prog}: interrupted; no file was left half-written\n")
 
 
 def writable_folder(path: Path) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,18 @@ def write_results(
     document["results"] = {name: asdict(s) for name, s in results.items()}
     if failed:
         document["failed"] = failed
-    (out / "reid.json").write_text(json.dumps(document, indent=2))
     table = markdown(results, dataset, run, failed)
-    (out / "reid.md").write_text(table)
+    _write_whole(out / "reid.json", json.dumps(document, indent=2))
+    _write_whole(out / "reid.md", table)
     return table
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Replaced at once: a run stopped while writing (Ctrl-C) leaves the earlier file,
+    never half of one."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def load_projections(

@@ -221,7 +221,7 @@ def test_eval_reid_keeps_a_row_per_projection_when_two_share_a_name(
 @pytest.mark.parametrize(
     ("fault", "status", "words"),
     [
-        (KeyboardInterrupt(), 130, "interrupted; nothing was written"),  # 128 + SIGINT
+        (KeyboardInterrupt(), 130, "interrupted; no file was left half-written"),  # 128 + SIGINT
         (ClipConnectionError("the CLIP service at http://x closed the connection", "http://x"), 1,
          "closed the connection"),
     ],
@@ -298,3 +298,20 @@ def test_market_names_in_sub_folders_are_labelled_by_name_and_said_so(
     assert crops.layout == "market1501"
     assert crops.names == ["1", "2"]
     assert "labelled by their Market-1501 names; the 3 sub-folders" in capsys.readouterr().err
+
+
+def test_results_stopped_while_being_written_leave_the_earlier_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r"
+    run = {"model": "m", "precision": "fp32", "backend": "torch", "ap_mode": "torchreid"}
+    eval_reid.write_results(out, "d", run, {}, {})
+    before = (out / "reid.json").read_text()
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_reid.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        eval_reid.write_results(out, "d", run, {}, {"x.safetensors": "failed"})
+    assert (out / "reid.json").read_text() == before  # whole, and the earlier one
