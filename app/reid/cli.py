@@ -4,6 +4,7 @@ the service's defaults, and errors as one line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,38 @@ def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     except KeyboardInterrupt:
         # Outputs are written whole (eval_reid's raw results as soon as they exist).
         parser.exit(130, f"{parser.prog}: interrupted; no file was left half-written\n")
+
+
+def output_file_problem(text: str) -> str | None:
+    """What is wrong with `text` as the file a tool writes (replacing it whole), or None.
+    Checked before any work: the write replaces whatever the name points at, and as root
+    that was /dev/null itself."""
+    if not text:
+        return "is empty; name the file to write"
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "is a folder; name the file to write"
+    if path.is_symlink():
+        return "is a symbolic link, which the file would replace; name the file itself"
+    if path.exists() and not path.is_file():
+        return "is not a regular file (a device or a pipe); name a file to write"
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        return f"lies under {parent}, which is a file, not a folder"
+    if not parent.exists():
+        return f"lies in {parent}/, which does not exist"
+    why = writable_folder(parent)
+    return f"lies in {parent}/, not a folder this user can write to ({why})" if why else None
+
+
+def output_folder_problem(text: str) -> str | None:
+    """What is wrong with `text` as the folder a tool writes its results in, or None."""
+    if not text:
+        return "is empty; name a folder for the results"
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        return "is a file; name a folder for the results"
+    return writable_folder(path)
 
 
 def writable_folder(path: Path) -> str | None:

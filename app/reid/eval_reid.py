@@ -30,8 +30,8 @@ from app.reid.cli import (
     add_model_options,
     fail,
     one_line_errors,
+    output_folder_problem,
     settings_from,
-    writable_folder,
 )
 from app.reid.dataset import MarketSplit, labels, market_split, parse_name
 from app.reid.embedding import (
@@ -155,15 +155,14 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
         help="mAP definition: torchreid (non-interpolated, the default) or market1501 "
         "(the dataset authors' MATLAB code, neighbouring precisions averaged)",
     )
-    parser.add_argument("--out", type=Path, default=Path("reid-results"))
+    parser.add_argument("--out", default="reid-results", help="folder for reid.json and reid.md")
     args = parser.parse_args(argv)
     # Before the first image: hours of embedding must not end at a results folder
     # that cannot be written.
-    if args.out.exists() and not args.out.is_dir():
-        fail(parser, f"--out {args.out} is a file; name a folder for reid.json and reid.md")
-    why = writable_folder(args.out)
-    if why is not None:
-        fail(parser, f"--out {args.out}: {why}")
+    problem = output_folder_problem(args.out)
+    if problem is not None:
+        fail(parser, f"--out {args.out or repr(args.out)}: {problem}")
+    args.out = Path(args.out)
     if not args.dataset.is_dir():
         fail(parser, f"{args.dataset}: no such folder")
 

@@ -27,8 +27,8 @@ from app.reid.cli import (
     add_model_options,
     fail,
     one_line_errors,
+    output_file_problem,
     settings_from,
-    writable_folder,
 )
 from app.reid.dataset import labelled_crops
 from app.reid.embedding import embed_in_process, identify, image_files, load_encoder
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> Projection:
     parser.add_argument(
         "folder", type=Path, nargs="?", help="crops to fit on (searched recursively)"
     )
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", required=True, help="the projection file to write")
     add_model_options(parser)
     parser.add_argument("--dim", type=int, help=f"output dimensions (default {DEFAULT_DIM})")
     parser.add_argument("--whiten", action="store_true", help="PCA with whitening")
@@ -91,17 +91,17 @@ def main(argv: list[str] | None = None) -> Projection:
                 parser,
                 f"--from-linear converts a layer as it is: it takes no {', '.join(ignored)}",
             )
+    elif args.shrinkage != DEFAULT_SHRINKAGE and not args.supervised:
+        fail(parser, "--shrinkage weighs --supervised's fit; without --supervised it does nothing")
     elif args.dim is not None and args.dim < 1:
         fail(parser, f"--dim {args.dim}: ask for 1 or more output dimensions")
     elif not 0.0 < args.shrinkage <= 1.0:
         fail(parser, f"--shrinkage {args.shrinkage}: give a value in (0, 1]")
     # Before any crop is embedded: a fit that cannot be written wastes every minute of it.
-    if args.out.is_dir():
-        fail(parser, f"--out {args.out} is a folder; name the file to write")
-    parent = args.out.parent
-    why = writable_folder(parent) if parent.is_dir() else "it does not exist"
-    if why is not None:
-        fail(parser, f"--out {args.out}: {parent}/ is not a folder this user can write to ({why})")
+    problem = output_file_problem(args.out)
+    if problem is not None:
+        fail(parser, f"--out {args.out or repr(args.out)} {problem}")
+    args.out = Path(args.out)
 
     with one_line_errors(parser):
         if args.from_linear:

@@ -4,6 +4,8 @@ alone tell; never a traceback, a silent default, or a result that looks real."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ def test_fit_projection_checks_its_options_before_the_model(
         (["--dim", "0"], "--dim 0: ask for 1 or more output dimensions"),
         (["--dim", "-3"], "--dim -3: ask for 1 or more"),
         (["--supervised", "--shrinkage", "0"], "--shrinkage 0.0: give a value in (0, 1]"),
+        (["--shrinkage", "0.5"], "without --supervised it does nothing"),  # was ignored
     ):
         exits_with_one_line(
             capsys,
@@ -58,8 +61,40 @@ def test_fit_projection_checks_its_options_before_the_model(
     exits_with_one_line(
         capsys,
         lambda: fit_projection.main([str(crops), *NO_MODEL, "--out", str(unwritable)]),
-        "/proc/ is not a folder this user can write to",
+        "lies in /proc/, not a folder this user can write to",
     )
+
+
+def test_fit_projection_never_replaces_what_is_not_a_regular_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The write replaces whatever the name points at: as root, --out /dev/null replaced
+    the system's /dev/null with a 10 kB file. A FIFO stands in for the device here."""
+    crops = crop_folder(tmp_path / "crops", 6)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "kept.safetensors"
+    target.write_bytes(b"theirs")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    a_file = tmp_path / "notes.md"
+    a_file.write_text("mine")
+    for out, words in (
+        (str(fifo), "is not a regular file (a device or a pipe)"),
+        (str(link), "is a symbolic link, which the file would replace"),
+        (f"{a_file}/", "is a folder; name the file to write"),  # pathlib drops the slash
+        (str(a_file / "p.safetensors"), f"lies under {a_file}, which is a file"),
+        ("", "--out '' is empty"),
+    ):
+        exits_with_one_line(
+            capsys,
+            lambda out=out: fit_projection.main([str(crops), *NO_MODEL, "--out", out]),
+            words,
+        )
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert link.is_symlink()
+    assert target.read_bytes() == b"theirs"
+    assert a_file.read_text() == "mine"
 
 
 def test_fit_projection_past_the_embedding_dim_is_refused_before_the_crops(
@@ -179,14 +214,15 @@ def test_eval_reid_checks_out_and_dataset_before_the_model(
     a_file = tmp_path / "results.txt"
     a_file.write_text("x")
     for out, words in (
-        (a_file, "is a file; name a folder"),
-        (a_file / "sub", f"{a_file} is not a folder"),
-        (Path("/proc/reid"), "cannot write in /proc/"),
+        (str(a_file), "is a file; name a folder"),
+        (str(a_file / "sub"), f"{a_file} is not a folder"),
+        ("/proc/reid", "cannot write in /proc/"),
+        ("", "--out '': is empty"),  # was the current folder
     ):
         exits_with_one_line(
             capsys,
-            lambda out=out: eval_reid.main([str(dataset), *NO_MODEL, "--out", str(out)]),
-            f"--out {out}",
+            lambda out=out: eval_reid.main([str(dataset), *NO_MODEL, "--out", out]),
+            f"--out {out or repr(out)}",
             words,
         )
     exits_with_one_line(

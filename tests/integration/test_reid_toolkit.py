@@ -255,7 +255,7 @@ def test_fit_projection_refuses_what_it_could_not_write_or_serve_in_one_line(
     exits_with_one_line(
         capsys,
         lambda: fit_projection.main([str(crops), "--model", model, *FAST, "--out", nowhere]),
-        "is not a folder this user can write to",
+        "missing/, which does not exist",
     )
     embed_dim = model_embed_dim(tiny_model_dir)
     wrong = tmp_path / "wrong.safetensors"
