@@ -104,14 +104,15 @@ def unit_rows(
     *,
     indexed: bool = True,
     dim: int | None = None,
-    read_before: str = "",
+    others: Sequence[tuple[str, str]] = (),
 ) -> FloatRows:
     """Base64 embeddings to a 2-D float32 array of unit rows, each `dim` long if given.
 
     Errors name the item (`gallery[3]: ...`, or just `name` when not `indexed`) and come
     in item order: the first bad item is the one reported, whatever is wrong with it.
-    `read_before` names embeddings of the same request already read at `dtype`: a
-    length that looks like the other dtype then means the request mixes the two.
+    `others` are (name, base64) of other embeddings in the same request: where one of
+    them reads at `dtype` to `dim` values, a length that looks like the other dtype
+    means the request mixes the two, and "send the other dtype" would be wrong advice.
     """
     if not texts:
         raise ValidationFailed(f"`{name}` is empty")
@@ -127,8 +128,12 @@ def unit_rows(
             raise InvalidEmbedding(f"{where}: {exc}") from None
         if matrix is None:
             if dim is not None and vector.shape[0] != dim:
+                neighbours = [(f"{name}[{j}]", texts[j]) for j in range(1, min(3, len(texts)))]
+                fitting = next(
+                    (n for n, t in [*neighbours, *others] if _reads_to(t, dtype, dim)), ""
+                )
                 raise ValidationFailed(
-                    wrong_dim_message(where, vector.shape[0], dim, dtype, read_before)
+                    wrong_dim_message(where, vector.shape[0], dim, dtype, fitting)
                 )
             matrix = np.empty((len(texts), vector.shape[0]), dtype=np.float32)
         elif vector.shape[0] != matrix.shape[1]:
@@ -156,22 +161,29 @@ _MIXED = (
 )
 
 
+def _reads_to(text: str, dtype: str, dim: int) -> bool:
+    try:
+        return int(decode_embedding(text, dtype, check_finite=False).shape[0]) == dim
+    except EmbeddingDecodeError:
+        return False
+
+
 def _read_as_the_other(dtype: str, got: int, expected: int) -> bool:
     """Whether `got` values where `expected` were due is what the other dtype's bytes
     give when read as `dtype`: half as many (float16 read as float32), or twice."""
     return got * 2 == expected if dtype == "float32" else got == expected * 2
 
 
-def wrong_dim_message(where: str, got: int, dim: int, dtype: str, read_before: str = "") -> str:
+def wrong_dim_message(where: str, got: int, dim: int, dtype: str, fitting: str = "") -> str:
     """Why an embedding of the wrong length was refused, and the likely fix: the same
-    bytes read as float32 give half as many values as float16 would. Where other
-    embeddings of the request (`read_before`) read fine, the request mixes the two."""
+    bytes read as float32 give half as many values as float16 would. Where another
+    embedding of the request (`fitting`) reads fine, the request mixes the two."""
     values = "value" if got == 1 else "values"
     message = (
         f"{where} has {got} {values} read as {dtype}, but this service's embeddings have {dim}"
     )
-    if read_before and _read_as_the_other(dtype, got, dim):
-        return f"{message}, while {read_before} read as {dtype} fit; " + _MIXED.format(
+    if fitting and _read_as_the_other(dtype, got, dim):
+        return f"{message}, while {fitting} read as {dtype} fit; " + _MIXED.format(
             other=_OTHER_DTYPE[dtype]
         )
     if dtype == "float32" and got * 2 == dim:
@@ -207,8 +219,8 @@ def same_dim(left: FloatRows, right: FloatRows, a: str, b: str) -> None:
 
 def pair_similarity(a: str, b: str, dtype: str = "float32", dim: int | None = None) -> float:
     """Cosine similarity of two base64 embeddings, clipped to [-1, 1]."""
-    left = unit_rows([a], "a", dtype, indexed=False, dim=dim)
-    right = unit_rows([b], "b", dtype, indexed=False, dim=dim, read_before="a")
+    left = unit_rows([a], "a", dtype, indexed=False, dim=dim, others=[("b", b)])
+    right = unit_rows([b], "b", dtype, indexed=False, dim=dim, others=[("a", a)])
     same_dim(left, right, "a", "b")
     # In float64 over the rows' own norms, then to float32, the precision the embeddings
     # carry: a float32 unit row is unit only to ~1e-7, so its product with itself in
@@ -308,8 +320,10 @@ def search_json(
 
     The caller checks the sizes first (`check_search_size`).
     """
-    query_rows = unit_rows(queries, "queries", dtype, dim=dim)
-    gallery_rows = unit_rows(gallery, "gallery", dtype, dim=dim, read_before="the queries")
+    query_rows = unit_rows(queries, "queries", dtype, dim=dim, others=[("the gallery", gallery[0])])
+    gallery_rows = unit_rows(
+        gallery, "gallery", dtype, dim=dim, others=[("the queries", queries[0])]
+    )
     same_dim(query_rows, gallery_rows, "queries", "gallery")
     indices, similarities = top_k(query_rows, gallery_rows, k)
     return matches_json(indices, similarities)

@@ -148,6 +148,30 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
             422,
             "gallery[1] has 32 dims but gallery[0] has 64; it looks like float16 beside",
         ),
+        # The odd one first in the request: the queries, checked first, were advised to
+        # change dtype, which would have broken the gallery.
+        (
+            {"queries": [emb([1.0])], "gallery": [_half(1.0)] * 3, "dtype": "float16"},
+            422,
+            "queries[0] has 128 values read as float16, but this service's embeddings have "
+            "64, while the gallery read as float16 fit; it looks like float32 beside",
+        ),
+        (
+            {"queries": [_half(1.0), emb([1.0])], "gallery": [emb([1.0])]},
+            422,
+            "while queries[1] read as float32 fit; it looks like float16 beside",
+        ),
+        (
+            {"a": _half(1.0), "b": emb([1.0])},
+            422,
+            "while b read as float32 fit; it looks like float16 beside",
+        ),
+        # Alone in its dtype, with nothing that fits: the advice to switch stands.
+        (
+            {"queries": [_half(1.0)], "gallery": [_half(1.0)]},
+            422,
+            'it looks like float16: send "dtype": "float16" with it',
+        ),
         ({"queries": [], "gallery": [emb([1.0])]}, 422, "queries"),
         ({"queries": [emb([1.0])], "gallery": ["!!"]}, 400, "gallery[0]"),
     ],
