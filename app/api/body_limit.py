@@ -21,9 +21,10 @@ import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response, missing_endpoint, shown
+from app.api.errors import error_response, shown
 from app.api.security import unauthorized_answer
 
 CLIENT_CLOSED_REQUEST = 499
@@ -81,13 +82,15 @@ async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send
 
 
 def _has_endpoint(scope: Scope) -> bool:
-    """Whether a route answers at the request's path. A body sent to none gets the 404
-    that says so whatever its size (the router answers it without reading the body): a
-    413 would have the client shrink an upload that was never going anywhere."""
+    """Whether a route takes the request's method at its path. A body sent to none gets
+    the 404 or 405 that says so whatever its size (the router answers those without
+    reading the body): a 413 would have the client shrink an upload that was never
+    going anywhere."""
     app = scope.get("app")
-    if app is None or not hasattr(app, "router"):
+    router = getattr(app, "router", None)
+    if router is None:
         return True
-    return missing_endpoint(app, scope["path"], scope["path"]) is None
+    return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
 class BodyLimitMiddleware:

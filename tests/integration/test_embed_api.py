@@ -229,7 +229,7 @@ async def test_bodies_over_the_upload_limit_are_413(client: httpx.AsyncClient) -
     assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(response, 413)
 
 
-async def test_a_large_body_to_no_endpoint_is_404_not_413(
+async def test_a_large_body_to_no_endpoint_is_404_or_405_not_413(
     client: httpx.AsyncClient,
 ) -> None:
     """It was 413 "over CLIP_MAX_UPLOAD_BYTES": a client would shrink an upload that was
@@ -239,6 +239,9 @@ async def test_a_large_body_to_no_endpoint_is_404_not_413(
         response = await client.post(path, files={"image": ("big.jpg", big)})
         assert response.status_code == 404, response.text
         assert "no endpoint at" in response.json()["error"]["message"]
+    # A method the endpoint does not take: the 405 that says so, as for a small body.
+    wrong_method = await client.post("/health", files={"image": ("big.jpg", big)})
+    assert wrong_method.status_code == 405, wrong_method.text
     # A body sent too large to an endpoint is still refused before it is read.
     assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(
         await client.post("/embed", files={"image": ("big.jpg", big)}), 413
