@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import open_clip
+# open_clip is imported where it is used: its import takes seconds (torch, torchvision),
+# which the re-ID tools' --help and option checks, importing this module, should not pay.
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -105,6 +106,8 @@ def _checkpoints_open_clip_loads(folder: Path, found: list[Path]) -> list[Path]:
     """The weights file(s) open_clip will load from `folder`, so that a stray unreadable
     file beside them does not stop the service. Every file found, should open_clip's
     (private) chooser ever be gone."""
+    import open_clip
+
     choose = getattr(getattr(open_clip, "factory", None), "_find_checkpoint_in_dir", None)
     if len(found) > 1 and callable(choose):
         chosen = choose(folder)
@@ -114,6 +117,8 @@ def _checkpoints_open_clip_loads(folder: Path, found: list[Path]) -> list[Path]:
 
 
 def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
+    import open_clip
+
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
         raise WeightsUnavailable(
@@ -162,6 +167,8 @@ def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
 
 
 def _fetch_tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
+    import open_clip
+
     setting = f"CLIP_MODEL={name} CLIP_PRETRAINED={tag}"
     if "file" in tag_cfg:
         return str(tag_cfg["file"])

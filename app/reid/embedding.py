@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -15,7 +16,9 @@ from tqdm import tqdm
 from app.config import Settings
 from app.errors import InvalidImage, PayloadTooLarge
 from app.inference.decode import decode_image
-from app.inference.model import ClipImageEncoder
+
+if TYPE_CHECKING:  # torch and open_clip: imported when a model is loaded, not before
+    from app.inference.model import ClipImageEncoder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -43,6 +46,8 @@ def identify(encoder: ClipImageEncoder) -> ModelIdentity:
 
 
 def load_encoder(settings: Settings) -> ClipImageEncoder:
+    from app.inference.model import ClipImageEncoder
+
     encoder = ClipImageEncoder.load(settings)
     encoder.release_text_tower()
     return encoder

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +353,32 @@ def test_results_stopped_while_being_written_leave_the_earlier_file_whole(
     with pytest.raises(KeyboardInterrupt):
         eval_reid.write_results(out, "d", run, {}, {"x.safetensors": "failed"})
     assert (out / "reid.json").read_text() == before  # whole, and the earlier one
+
+
+def test_the_tools_answer_help_and_option_mistakes_without_importing_torch() -> None:
+    """torch and open_clip took 3-4 s to import before --help printed, and a Ctrl-C in
+    those seconds was a traceback; they now load with the model, inside the tools'
+    one-line error handling."""
+    script = (
+        "import sys, app.reid.eval_reid, app.reid.fit_projection; "
+        "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_ctrl_c_while_the_model_loads_ends_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = market_dataset(tmp_path / "market", people=2)
+
+    def interrupted(settings: object) -> Any:
+        raise KeyboardInterrupt  # as if in the middle of importing torch
+
+    monkeypatch.setattr(eval_reid, "load_encoder", interrupted)
+    with pytest.raises(SystemExit) as caught:
+        eval_reid.main([str(dataset), *NO_MODEL, "--out", str(tmp_path / "r")])
+    assert caught.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
