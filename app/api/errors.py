@@ -154,19 +154,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         # the routes that parse their own JSON say, not a missing field.
         _count(request, "invalid_json")
         return error_response(400, "invalid_json", EMPTY_JSON_BODY)
-    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if broken is not None:
-        # FastAPI files a body it cannot parse among the validation errors; it is a
-        # malformed request (400), as the routes that parse their own JSON say.
-        _count(request, "invalid_json")
-        position = (broken.get("loc") or ("body", "?"))[-1]
-        reason = (broken.get("ctx") or {}).get("error", "not JSON")
-        return error_response(
-            400,
-            "invalid_json",
-            f"body is not valid JSON: {shown(reason)} at character {position}; send a JSON "
-            "object as the schema in /docs shows",
-        )
     _count(request, "validation_error")
     return error_response(422, "validation_error", describe_validation_errors(errors))
 
@@ -217,10 +204,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 400 and message == _FASTAPI_BODY_PARSE_ERROR:
         # FastAPI's own JSON parsing (the JSON-only routes) says no more than this.
         code = "invalid_json"
-        message = (
-            "body is not valid JSON (or holds a number too long to read); send a JSON "
-            "object as the schema in /docs shows"
-        )
+        message = f"body is not valid JSON (or holds a number too long to read); {SEND_JSON}"
     _count(request, code)
     return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
