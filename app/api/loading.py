@@ -36,6 +36,7 @@ from app.api.transport import (
     error_body,
     head_size,
     headers_too_slow,
+    host_refusal,
     invalid_http_message,
     json_body,
     unknown_method_refusal,
@@ -148,6 +149,10 @@ class LoadingResponder(asyncio.Protocol):
         self._request = (method, _shown_target(self._read.url))
         if head_size(self._read.url, self._read.headers) > MAX_HEAD_BYTES:
             self._answer(*HEADERS_TOO_LARGE)
+            return
+        refusal = host_refusal(self._parser.get_http_version(), self._read.headers)
+        if refusal is not None:
+            self._answer(*refusal)
             return
         paths = _paths(self._read.url)
         if paths is None:  # a target the app's server refuses

@@ -102,6 +102,27 @@ def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
+def host_refusal(
+    http_version: str, headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes, str, str] | None:
+    """The 400 RFC 9112 (3.2) requires for an HTTP/1.1 request without a Host header, or
+    for any request with more than one: a proxy or a cache keys on it, so a request
+    that has none or two is not one to guess about. None where Host is as it should be.
+    `headers` as the parser read them, names in lower case."""
+    hosts = sum(1 for name, _ in headers if name == b"host")
+    if hosts > 1:
+        fault = "Host was sent more than once"
+    elif hosts == 0 and http_version == "1.1":
+        fault = "an HTTP/1.1 request must carry a Host header, and this one has none"
+    else:
+        return None
+    return (
+        b"400 Bad Request",
+        "invalid_http",
+        f"{fault}; send one Host header naming the server (host:port), as HTTP clients do",
+    )
+
+
 def invalid_http_message(
     headers: list[tuple[bytes, bytes]], parse_error: BaseException | None
 ) -> str:
@@ -176,6 +197,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         # Exact, where data_received counted whole reads: the last one may carry body.
         if head_size(self.url, self.headers) > MAX_HEAD_BYTES:
             self._head_refusal = HEADERS_TOO_LARGE
+        else:
+            self._head_refusal = host_refusal(self.parser.get_http_version(), self.headers)
+        if self._head_refusal is not None:
             # Stops the parser before the app sees the request; uvicorn then answers
             # through send_400_response, which gives this refusal instead.
             raise _RefusedHead

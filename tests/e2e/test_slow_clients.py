@@ -196,6 +196,33 @@ def test_a_tls_handshake_is_told_the_port_speaks_plain_http(
     assert "http://" in message
 
 
+@pytest.mark.parametrize(
+    ("head", "fault"),
+    [
+        (b"GET /health HTTP/1.1\r\n\r\n", "has none"),
+        (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than once"),
+        (b"GET /health HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", "more than once"),
+    ],
+    ids=["HTTP/1.1 without Host", "two Hosts", "two Hosts in HTTP/1.0"],
+)
+def test_a_request_without_one_host_header_is_a_400_naming_it(
+    strict_server: RunningServer, head: bytes, fault: str
+) -> None:
+    """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host, and to
+    any with more than one; they used to be served."""
+    message = refused_as_invalid_http(strict_server.url, head)
+    assert fault in message
+    assert "send one Host header" in message
+
+
+def test_an_http_1_0_request_needs_no_host(strict_server: RunningServer) -> None:
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        status, body, _ = read_response(sock)
+    assert (status, body) == (200, {"status": "ok"})
+
+
 @pytest.mark.parametrize("codings", [b"gzip", b"identity", b"deflate, br"])
 def test_a_transfer_encoding_not_ending_in_chunked_is_named(
     strict_server: RunningServer, codings: bytes

@@ -103,21 +103,27 @@ async def test_ready_and_work_get_a_json_503_that_says_the_model_is_loading() ->
 async def test_every_answer_while_loading_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="app.api.loading"):
         async with loading_port() as (port, _, _):
-            await exchange(port, b"GET /health HTTP/1.1\r\n\r\n")
-            await exchange(port, b"POST /embed?x=1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            await exchange(
+                port, b"POST /embed?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            )
     lines = [(r.method, r.path, r.status, r.client) for r in caplog.records]  # type: ignore[attr-defined]
     assert lines == [("GET", "/health", 200, "127.0.0.1"), ("POST", "/embed", 503, "127.0.0.1")]
 
 
 async def test_health_is_200_while_loading_and_head_gets_headers_only() -> None:
     async with loading_port() as (port, refusals, _):
-        status, headers, body = parse(await exchange(port, b"GET /health HTTP/1.1\r\n\r\n"))
+        status, headers, body = parse(
+            await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
         assert (status, json.loads(body)) == (200, {"status": "ok"})
-        status, headers, body = parse(await exchange(port, b"HEAD /health HTTP/1.1\r\n\r\n"))
+        status, headers, body = parse(
+            await exchange(port, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
         assert status == 200
         assert body == b""
         assert int(headers["content-length"]) > 0
-        status, _, body = parse(await exchange(port, b"HEAD /ready HTTP/1.1\r\n\r\n"))
+        status, _, body = parse(await exchange(port, b"HEAD /ready HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert status == 503
         assert body == b""
         assert refusals == [(503, "not_ready")]
@@ -183,7 +189,7 @@ async def test_the_listening_socket_outlives_the_responder_with_its_queue() -> N
     assert loading.hand_over(asyncio.Protocol) == 0
     await asyncio.sleep(0.05)
     client = socket.create_connection(listener.getsockname(), timeout=10)  # queued
-    client.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
+    client.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
 
     async def app_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -236,7 +242,7 @@ async def test_answered_connections_are_not_handed_over() -> None:
     listener = listening_socket()
     loading = await answer_while_loading(listener, 5.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
-    writer.write(b"GET /ready HTTP/1.1\r\n\r\n")
+    writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     status, _, _ = parse(await asyncio.wait_for(reader.read(), timeout=10))
     assert status == 503
@@ -278,9 +284,14 @@ async def test_health_answers_while_loading_are_counted() -> None:
     server = await answer_while_loading(listener, 5.0, on_health=lambda: count_health(app))
     try:
         port = listener.getsockname()[1]
-        for request in (b"GET /health HTTP/1.1\r\n\r\n", b"HEAD /health HTTP/1.1\r\n\r\n"):
+        for request in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
             await exchange(port, request)
-        await exchange(port, b"GET /ready HTTP/1.1\r\n\r\n")  # a refusal: counted elsewhere
+        await exchange(
+            port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        )  # a refusal: counted elsewhere
     finally:
         server.close()
         listener.close()
@@ -360,33 +371,37 @@ async def test_a_404_while_loading_quotes_the_path_as_the_app_will(path: str) ->
 
 
 # Heads the app's server takes or refuses in ways a hand-written reader gets wrong.
+POST_EMBED = b"POST /embed HTTP/1.1\r\nHost: x\r\n"
 HEADS_READ_AS_THE_APP_READS_THEM = [
     b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n",  # two spaces: taken
     b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",  # an empty line first: taken
     b"GET /health\r\n\r\n",  # HTTP/0.9's request line: taken
     b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",
     b"GET /health HTTP/1.x\r\nHost: x\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nNoColon\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n",
-    b"GET /health HTTP/1.1\r\n Folded: y\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nX: \x01\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nContent-Length: x\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nab",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-    b"POST /embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
-    b"GET http://x HTTP/1.1\r\n\r\n",
-    b"GET http://x/health HTTP/1.1\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\n Folded: y\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    POST_EMBED + b"Transfer-Encoding: gzip\r\n\r\n",
+    POST_EMBED + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nab",
+    POST_EMBED + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+    POST_EMBED + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    POST_EMBED + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    POST_EMBED + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    POST_EMBED + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n",
+    b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://x/health HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /health?x=\xff HTTP/1.1\r\n\r\n",
+    b"GET /health?x=\xff HTTP/1.1\r\nHost: x\r\n\r\n",
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
-    b"get /health HTTP/1.1\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nX: " + b"a" * (64 * 1024) + b"\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+    b"get /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * (64 * 1024) + b"\r\n\r\n",
+    b"GET /health HTTP/1.1\r\n\r\n",  # no Host: refused (RFC 9112 3.2)
+    b"GET /health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",  # two: refused
+    b"GET /health HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs none: taken
 ]
 
 
