@@ -28,6 +28,7 @@ from app.api.body_limit import BodyLimitMiddleware
 from app.api.concurrency import ConcurrencyLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.head import HeadAsGetMiddleware
+from app.api.media_types import declared_media_types
 from app.api.openapi import install_openapi
 from app.api.routes import analyze, embed, frame, similarity, system
 from app.api.security import require_api_key
@@ -47,6 +48,8 @@ from app.observability import Metrics, RequestObservability, configure_logging
 from app.search import SearchExecutor
 
 logger = logging.getLogger("app")
+# The routes that take work, behind the API keys where they are set.
+_WORK_ROUTES = (embed, frame, analyze, similarity)
 
 # (settings, the texts to embed while the text tower is at hand) -> the encoder
 EncoderFactory = Callable[[Settings, Sequence[str]], ImageEncoder]
@@ -150,6 +153,7 @@ def create_app(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
         read_timeout_s=settings.request_timeout_s,
+        media_types=declared_media_types(m.router for m in _WORK_ROUTES),
     )
     # Before the body limit reads anything: a refusal costs no body bytes at all.
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
@@ -159,7 +163,7 @@ def create_app(
     # Only when keys are set: the schema then shows the security scheme, and never
     # claims one the service does not enforce.
     protected = [Depends(require_api_key)] if settings.api_keys else []
-    for module in (embed, frame, analyze, similarity):
+    for module in _WORK_ROUTES:
         app.include_router(module.router, dependencies=protected)
     app.include_router(system.open_router)  # /health and /ready: orchestrators hold no keys
     app.include_router(system.router, dependencies=protected)

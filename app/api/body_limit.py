@@ -25,7 +25,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response, shown
+from app.api.media_types import DeclaredMediaTypes, media_type_of
 from app.api.security import unauthorized_answer
+from app.errors import InvalidRequest
 
 CLIENT_CLOSED_REQUEST = 499
 # Where the server's protocol notes, in the request's scope state, that it refused the
@@ -94,10 +96,30 @@ def _has_endpoint(scope: Scope) -> bool:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        read_timeout_s: float,
+        media_types: DeclaredMediaTypes | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
+        self.media_types = media_types or {}
+
+    def _media_type_refusal(self, scope: Scope) -> str | None:
+        """The route's 415 for this request's body type, where the route declares the
+        types it takes and this is not one of them; None otherwise."""
+        declared = self.media_types.get((scope["method"], scope.get("path", "")))
+        if declared is None:
+            return None
+        headers = scope["headers"]
+        sent = [value.decode("latin-1") for name, value in headers if name == b"content-type"]
+        try:
+            return declared.refusal(media_type_of(sent))
+        except InvalidRequest:
+            return None  # two Content-Types: the route says so once the body is in range
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,11 +155,14 @@ class BodyLimitMiddleware:
             return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes and _has_endpoint(scope):
-            response = error_response(
-                413,
-                "payload_too_large",
-                too_large_message(int(declared), self.max_bytes, path=scope.get("path", "")),
-            )
+            wrong_type = self._media_type_refusal(scope)
+            if wrong_type is not None:
+                response = error_response(415, "unsupported_media_type", wrong_type)
+            else:
+                size_message = too_large_message(
+                    int(declared), self.max_bytes, path=scope.get("path", "")
+                )
+                response = error_response(413, "payload_too_large", size_message)
             await _refuse(response, scope, receive, send)
             return
 

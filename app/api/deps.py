@@ -11,10 +11,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from app.analysis.service import AnalysisService
-from app.api.errors import shown
-from app.api.inputs import request_media_type
 from app.config import Settings
-from app.errors import NotReady, ShuttingDown, UnsupportedMediaType
+from app.errors import NotReady, ShuttingDown
 from app.inference.service import EmbeddingService
 from app.search import SearchExecutor
 
@@ -53,11 +51,3 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 AnalysisDep = Annotated[AnalysisService, Depends(get_analysis)]
 ServiceDep = Annotated[EmbeddingService, Depends(get_service)]
 SearchExecutorDep = Annotated[SearchExecutor, Depends(get_search_executor)]
-
-
-async def require_json(request: Request) -> None:
-    media_type = request_media_type(request)
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"content type {shown(media_type or 'none')} is not taken here; send application/json"
-        )

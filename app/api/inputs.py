@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from app.api.errors import EMPTY_JSON_BODY, describe_validation_errors, shown
+from app.api.media_types import MULTIPART, BodyMediaTypes, is_json, request_media_type
 from app.api.multipart_framing import MultipartFraming
 from app.api.strict import (
     NESTED_TOO_DEEPLY,
@@ -64,32 +65,13 @@ async def read_images(
     fields = "".join(f", `{name}`" for name in options)
     refuse_unknown_query_parameters(request, _QUERY_PARAMETERS, f"`{field_name}`{fields}")
     media_type = request_media_type(request)
-    if media_type == "application/json" or media_type.endswith("+json"):
+    if is_json(media_type):
         body = await request.body()  # size and time limits: BodyLimitMiddleware
         return _from_json(body, settings, field_name, many, json_model)
-    if media_type == "multipart/form-data":
+    if media_type == MULTIPART:
         return await _from_multipart(request, settings, field_name, many, options)
-    given_type = shown(media_type or "none")
-    others = "".join(f" and field `{name}`" for name in options)
-    raise UnsupportedMediaType(
-        f"content type {given_type} is not taken here; send multipart/form-data with file field "
-        f"`{field_name}`{others}, or application/json with `{field_name}` as base64{others}"
-    )
-
-
-def request_media_type(request: Request) -> str:
-    """The body's media type, lower case, without parameters ("" when none is sent).
-    Sent twice, it is refused: servers and proxies differ on which copy counts, so a
-    body would be read as one type here and checked as the other on its way."""
-    sent = request.headers.getlist("content-type")
-    if len(sent) > 1:
-        named = ", ".join(shown(value, 40) for value in sent[:3])
-        raise InvalidRequest(
-            f"the request has {len(sent)} Content-Type headers ({named}"
-            f"{', ...' if len(sent) > 3 else ''}); send one",
-            code="invalid_http",
-        )
-    return sent[0].split(";")[0].strip().lower() if sent else ""
+    refusal = BodyMediaTypes(field_name, tuple(options)).refusal(media_type)
+    raise UnsupportedMediaType(refusal or f"content type {shown(media_type)} is not taken here")
 
 
 def _unparsed_multipart_message(exc: BaseException, reason: str, field_name: str) -> str:

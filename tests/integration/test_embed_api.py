@@ -248,6 +248,33 @@ async def test_a_large_body_to_no_endpoint_is_404_or_405_not_413(
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "content_type", "send"),
+    [
+        ("/embed", "text/plain", "multipart/form-data with file field `image`"),
+        ("/embed/batch", "image/jpeg", "file field `images`"),
+        ("/embed/frame", "application/x-www-form-urlencoded", "and field `boxes`"),
+        ("/analyze", None, "and field `include_embedding`"),
+        ("/similarity", "multipart/form-data; boundary=x", "send application/json"),
+    ],
+)
+async def test_a_large_body_of_a_type_the_endpoint_does_not_take_is_415_not_413(
+    client: httpx.AsyncClient, path: str, content_type: str | None, send: str
+) -> None:
+    """It was 413: shrunk, the body got the 415 next. The type is decided before the
+    body, as the size was, and in the words a small body of that type gets."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    small = await error_of(await client.post(path, content=b"x", headers=headers), 415)
+    large = await client.post(path, content=b"x" * (3 * 1024 * 1024), headers=headers)
+    assert await error_of(large, 415) == small
+    assert send in small
+    # A type the endpoint takes keeps its 413.
+    json_large = await client.post(
+        path, content=b"x" * (3 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
+    assert "CLIP_MAX_UPLOAD_BYTES" in await error_of(json_large, 413)
+
+
 async def test_images_over_the_pixel_limit_are_413(client: httpx.AsyncClient) -> None:
     import io
 

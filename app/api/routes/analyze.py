@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from app.analysis.analyzer import GarmentDescription
 from app.api.deps import AnalysisDep, SettingsDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
+from app.api.media_types import BodyMediaTypes
 from app.api.routes.embed import DtypeQuery
 from app.api.schemas import AnalyzeJSONRequest, AnalyzeResponse, ColorShareModel, Garment
 from app.api.strict import StrictRoute
@@ -36,6 +37,7 @@ _INCLUDE_EMBEDDING = {
     openapi_extra=image_request_body(
         "image", many=False, json_model=AnalyzeJSONRequest, extra=_INCLUDE_EMBEDDING
     ),
+    dependencies=[Depends(BodyMediaTypes("image", ("include_embedding",)))],
 )
 async def analyze(
     request: Request, analysis: AnalysisDep, settings: SettingsDep, dtype: DtypeQuery = "float32"

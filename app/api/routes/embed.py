@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
+from app.api.media_types import BodyMediaTypes
 from app.api.schemas import (
     EmbedBatchJSONRequest,
     EmbedBatchResponse,
@@ -38,6 +39,7 @@ _IMAGE_ERRORS = error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500)
     '"<base64>"}`. Returns its L2-normalised CLIP image embedding.',
     responses=_IMAGE_ERRORS,
     openapi_extra=image_request_body("image", many=False, json_model=EmbedJSONRequest),
+    dependencies=[Depends(BodyMediaTypes("image"))],
 )
 async def embed(
     request: Request, service: ServiceDep, settings: SettingsDep, dtype: DtypeQuery = "float32"
@@ -61,6 +63,7 @@ async def embed(
     "error names it (`images[3]: ...`).",
     responses=_IMAGE_ERRORS,
     openapi_extra=image_request_body("images", many=True, json_model=EmbedBatchJSONRequest),
+    dependencies=[Depends(BodyMediaTypes("images"))],
 )
 async def embed_batch(
     request: Request, service: ServiceDep, settings: SettingsDep, dtype: DtypeQuery = "float32"

@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from app.api.deps import AnalysisDep, ServiceDep, SettingsDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
 from app.api.inputs import image_request_body, read_images
+from app.api.media_types import BodyMediaTypes
 from app.api.routes.analyze import garment_model
 from app.api.routes.embed import DtypeQuery
 from app.api.schemas import (
@@ -85,6 +86,7 @@ def _frame_request_body() -> dict[str, Any]:
     "outside the frame are clipped, and `boxes` in the answer says how each was used.",
     responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500, specific=_ERRORS),
     openapi_extra=_frame_request_body(),
+    dependencies=[Depends(BodyMediaTypes("image", ("boxes", "analyze")))],
 )
 async def embed_frame(
     request: Request,

@@ -13,9 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from app.api.deps import SearchExecutorDep, ServiceDep, SettingsDep, require_json
+from app.api.deps import SearchExecutorDep, ServiceDep, SettingsDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_responses
+from app.api.media_types import JSON_ONLY
 from app.api.schemas import (
     PairSimilarityResponse,
     SearchSimilarityResponse,
@@ -62,7 +63,7 @@ _SIMILARITY_ERRORS = {
     responses=error_responses(
         400, 401, 408, 413, 415, 422, 503, 504, 500, specific=_SIMILARITY_ERRORS
     ),
-    dependencies=[Depends(require_json)],
+    dependencies=[Depends(JSON_ONLY)],
 )
 async def similarity(
     request: Request,
