@@ -119,7 +119,12 @@ def describe_validation_errors(errors: list[Any]) -> str:
     parts = []
     for error in errors[:5]:
         location = _location(error.get("loc", ()))
-        parts.append(f"{location or 'body'}: {shown(error.get('msg', 'invalid'), 300)}")
+        message = shown(error.get("msg", "invalid"), 300)
+        if "input" in error and error["input"] is None and message.startswith("Input should"):
+            # "Input should be a valid integer" of a null reads as if the value were lost.
+            message = f"null was sent; {message[0].lower()}{message[1:]}"
+            message += " (a field that has a default may be left out; /docs shows which)"
+        parts.append(f"{location or 'body'}: {message}")
     if len(errors) > 5:
         parts.append(f"and {len(errors) - 5} more")
     return "; ".join(parts)

@@ -173,6 +173,13 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
             'it looks like float16: send "dtype": "float16" with it',
         ),
         ({"queries": [], "gallery": [emb([1.0])]}, 422, "queries"),
+        # A null read "Input should be a valid integer", as if the value had been lost.
+        (
+            {"queries": [emb([1.0])], "gallery": [emb([1.0])], "top_k": None},
+            422,
+            "top_k: null was sent; input should be a valid integer (a field that has a "
+            "default may be left out",
+        ),
         ({"queries": [emb([1.0])], "gallery": ["!!"]}, 400, "gallery[0]"),
     ],
 )
