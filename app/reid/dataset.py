@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from app.reid.embedding import image_files
+from app.reid.metrics import DISTRACTOR, JUNK
 
 _NAME = re.compile(r"^(-?\d+)_c(\d+)")
-JUNK, DISTRACTOR = -1, 0
 
 
 class DatasetError(ValueError):

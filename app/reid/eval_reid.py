@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,15 @@ from app.reid.embedding import (
     identify,
     load_encoder,
 )
-from app.reid.metrics import AP_MODES, ApMode, ReidScores, evaluate, scorable_queries
+from app.reid.metrics import (
+    AP_MODES,
+    DISTRACTOR,
+    JUNK,
+    ApMode,
+    ReidScores,
+    evaluate,
+    scorable_queries,
+)
 
 __all__ = ["labels", "main", "parse_name"]
 
@@ -174,7 +183,15 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
                 parser,
                 f"none of the {len(split.query)} queries in {args.dataset}/query has its "
                 "person in bounding_box_test/ on another camera (same-camera matches and "
-                "junk do not count): there is nothing to score",
+                "junk do not count, nor do queries of junk or distractors, persons -1 and "
+                "0): there is nothing to score",
+            )
+        nobody = int(np.isin(split.query_labels[0], (JUNK, DISTRACTOR)).sum())
+        if nobody:
+            print(
+                f"note: {nobody} of the {len(split.query)} queries are junk or distractors "
+                "(persons -1 and 0), which name no one: they are skipped",
+                file=sys.stderr,
             )
         if args.url:
             info = service_info(args.url, args.api_key)

@@ -2,7 +2,9 @@
 
 For each query, gallery items of the same person seen by the same camera are removed
 (they are trivially easy), as are junk items (person id -1); distractors (id 0) stay as
-negatives. A query whose person has no gallery item left is skipped. CMC rank-k is the
+negatives. A query whose person has no gallery item left is skipped, as is a query of
+junk or of a distractor: neither is a person (every distractor shares id 0), so the
+other distractors would count as its matches. CMC rank-k is the
 fraction of queries with a true match among their k best; mAP averages AP over queries.
 
 AP comes in two definitions that published tables mix, 0.2-2.6 points apart on Market-like
@@ -29,6 +31,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+# Market-1501's person ids that name no one: junk crops, and distractors (not in the query
+# set; in the gallery, negatives for every query).
+JUNK, DISTRACTOR = -1, 0
+
 ApMode = Literal["torchreid", "market1501"]
 AP_MODES: tuple[ApMode, ...] = ("torchreid", "market1501")
 
@@ -38,7 +44,7 @@ class ReidScores:
     cmc: dict[int, float]  # rank -> fraction of queries matched within it
     mean_ap: float
     queries: int  # evaluated
-    skipped: int  # no valid match in the gallery
+    skipped: int  # no valid match in the gallery, or a query of junk or a distractor
 
 
 def average_precision(positions: npt.NDArray[np.integer], mode: ApMode = "torchreid") -> float:
@@ -71,9 +77,12 @@ def evaluate(
     precisions: list[float] = []
     skipped = 0
     for row, person, camera in zip(similarity, query_ids, query_cams, strict=True):
+        if person in (JUNK, DISTRACTOR):
+            skipped += 1
+            continue
         order = np.argsort(-row, kind="stable")  # ties: gallery order (module docstring)
         same_view = (gallery_ids[order] == person) & (gallery_cams[order] == camera)
-        junk = gallery_ids[order] == -1
+        junk = gallery_ids[order] == JUNK
         keep = ~(same_view | junk)
         matches = gallery_ids[order][keep] == person
         if not matches.any():
@@ -95,9 +104,10 @@ def scorable_queries(
     gallery_cams: npt.NDArray[np.integer],
 ) -> int:
     """How many queries evaluate() will score, from the labels alone: those whose person
-    (not junk) the gallery holds on another camera."""
+    (not junk, not a distractor) the gallery holds on another camera."""
     return sum(
         1
         for person, camera in zip(query_ids, query_cams, strict=True)
-        if person != -1 and bool(np.any((gallery_ids == person) & (gallery_cams != camera)))
+        if person not in (JUNK, DISTRACTOR)
+        and bool(np.any((gallery_ids == person) & (gallery_cams != camera)))
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.reid.metrics import evaluate
+from app.reid.metrics import evaluate, scorable_queries
 
 
 def test_hand_computed_case_with_junk_distractors_and_same_camera_exclusion() -> None:
@@ -109,6 +109,17 @@ def test_a_tie_goes_to_the_item_listed_first_in_the_gallery() -> None:
     match_first = evaluate(tied, person, camera, np.array([1, 0]), cameras)
     assert (distractor_first.cmc[1], distractor_first.mean_ap) == (0.0, 0.5)
     assert (match_first.cmc[1], match_first.mean_ap) == (1.0, 1.0)
+
+
+def test_a_query_of_a_distractor_or_junk_is_skipped_not_scored() -> None:
+    """Every distractor is person 0: a distractor query used to find the others as its
+    matches (here a perfect score for a crop that names no one)."""
+    gallery_ids, gallery_cams = np.array([0, 0, 1, -1]), np.array([2, 2, 2, 2])
+    query_ids, query_cams = np.array([0, -1, 1]), np.array([1, 1, 1])
+    similarity = np.array([[0.9, 0.8, 0.1, 0.0], [0.0, 0.0, 0.0, 0.9], [0.1, 0.2, 0.9, 0.0]])
+    scores = evaluate(similarity, query_ids, query_cams, gallery_ids, gallery_cams)
+    assert (scores.queries, scores.skipped, scores.mean_ap) == (1, 2, 1.0)
+    assert scorable_queries(query_ids, query_cams, gallery_ids, gallery_cams) == 1
 
 
 def test_an_unknown_ap_mode_is_refused() -> None:

@@ -32,7 +32,8 @@ def mean_ap(projection: Projection, rows: np.ndarray, ids: np.ndarray) -> float:
     # Every crop a query against all the others; alternate cameras, so that each has
     # matches left once its own camera (itself included) is excluded.
     cams = np.arange(len(ids)) % 2
-    return evaluate(projected @ projected.T, ids, cams, ids, cams).mean_ap
+    people = ids + 1  # Market-1501's numbering: 0 is a distractor, not a person
+    return evaluate(projected @ projected.T, people, cams, people, cams).mean_ap
 
 
 def test_lda_keeps_identity_where_pca_keeps_the_nuisance() -> None:
