@@ -131,7 +131,9 @@ async def test_region_crops_share_forward_passes_with_embed_traffic(
 ) -> None:
     encoders: list[CountingEncoder] = []
     factory = wrapping(CountingEncoder, encoders)
-    async with serve(tiny_settings(max_wait_ms=300, warmup=False), factory) as (_, client):
+    # One stream: with two (torch's default on 2+ threads) four items go two to a pass.
+    settings = tiny_settings(max_wait_ms=300, warmup=False, forward_streams=1)
+    async with serve(settings, factory) as (_, client):
         encoders[0].batch_sizes.clear()
         responses = await asyncio.gather(
             client.post(

@@ -59,7 +59,9 @@ async def test_concurrent_requests_share_forward_passes(
     tiny_settings: Callable[..., Settings],
 ) -> None:
     encoders: list[CountingEncoder] = []
-    settings = tiny_settings(max_wait_ms=200, max_batch_size=16, warmup=False)
+    # One stream: with two (torch's default on 2+ threads) the batcher splits what
+    # waits between them, and this counts the passes of one.
+    settings = tiny_settings(max_wait_ms=200, max_batch_size=16, warmup=False, forward_streams=1)
     crops = [noise_jpeg(seed) for seed in range(16)]
     async with serve(settings, wrapping(CountingEncoder, encoders)) as (_, client):
         singles = []
@@ -98,7 +100,8 @@ async def test_a_failed_forward_pass_fails_its_requests_and_the_next_succeed(
 ) -> None:
     encoder: list[FailingOnceEncoder] = []
     factory = wrapping(FailingOnceEncoder, encoder)
-    async with serve(tiny_settings(max_wait_ms=100), factory) as (_, client):
+    # One stream, so that the three requests meet in the pass that fails.
+    async with serve(tiny_settings(max_wait_ms=100, forward_streams=1), factory) as (_, client):
         encoder[0].armed = True
         failed = await asyncio.gather(
             *(client.post("/embed", files={"image": ("c.jpg", noise_jpeg(i))}) for i in range(3))

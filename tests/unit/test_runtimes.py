@@ -156,3 +156,22 @@ def test_a_one_stream_tower_keeps_its_threads_whatever_another_tower_set() -> No
         list(pool.map(two_streams, [torch.zeros(4, 3, 8, 8)] * 2))
     one_stream(torch.zeros(4, 3, 8, 8))
     assert alone.seen == [(4, 4)]
+
+
+@pytest.mark.usefixtures("torch_threads")
+def test_a_tower_built_after_another_ran_takes_torchs_own_threads_not_a_streams_share() -> None:
+    """Built with threads=0 after a two-stream pass had left the process on one thread,
+    a tower took one stream on one thread: a test's second app, a benchmark's next
+    configuration. torch's own count is read before any pass sets it."""
+    default = torch.get_num_threads()
+    first = TorchTower(ThreadCountingTower(), torch.float32, streams=2, threads=2 * default)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(first, [torch.zeros(4, 3, 8, 8)] * 2))
+    assert torch.get_num_threads() == default  # a stream's share: half of 2 x default
+    torch.set_num_threads(1)  # as a two-stream tower on two threads leaves it
+    cpu = torch.device("cpu")
+    later = torch_tower(torch.nn.Linear(4, 4), Precision.FP32, cpu, streams=0)
+    assert later.concurrency == (2 if default >= 2 else 1)
+    counting = ThreadCountingTower()
+    TorchTower(counting, torch.float32, streams=1)(torch.zeros(2, 3, 8, 8))
+    assert counting.seen == [(2, default)]

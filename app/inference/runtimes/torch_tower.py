@@ -9,6 +9,12 @@ import torch
 from app.config import Backend, Precision
 from app.inference.runtimes.tower import Tower, Turns
 
+# torch's own choice of threads, read before any pass here sets the process's count
+# (each pass sets its own, below): a tower built later in the process (a benchmark's next
+# configuration, a load tool's probe, a test's next app) read a stream's share instead,
+# and took one stream on one thread.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
 
 class TorchTower:
     """torch's tower; with `streams` > 1 (CPU), that many passes at once under load,
@@ -24,7 +30,7 @@ class TorchTower:
         self._visual = visual
         self._dtype = dtype
         self.concurrency = max(1, streams)
-        self._threads = threads or torch.get_num_threads()
+        self._threads = threads or _TORCH_DEFAULT_THREADS
         self._stream_threads = max(1, self._threads // self.concurrency)
         self._turns = Turns(self.concurrency)
 
@@ -72,5 +78,5 @@ def torch_tower(
         # Two passes at once, each on half the threads: on 2 cores 1.06-1.07x the crops/s
         # (fp32, bf16) and 1.34x (int8) under 16 clients, a lone client's latency kept
         # by the solo turn (README, Performance). The weights are shared: no memory cost.
-        streams = 2 if (threads or torch.get_num_threads()) >= 2 else 1
+        streams = 2 if (threads or _TORCH_DEFAULT_THREADS) >= 2 else 1
     return TorchTower(visual, dtype, streams, threads)
