@@ -39,7 +39,8 @@ def test_bench_writes_json_markdown_and_plot(tiny_model_dir: Path, tmp_path: Pat
     assert -1 <= fp32["different_outfit_cosine"] <= fp32["same_outfit_cosine"] + 1
     assert result["codec_encode_us"] > 0
     assert result["codec_decode_us"] > 0
-    assert "| torch | int8 | cpu |" in (out / "result.md").read_text()
+    assert "| torch | int8 | cpu | 2 |" in (out / "result.md").read_text()
+    assert fp32["streams"] == 2  # torch's default on a CPU: timed with a batch on each
     with Image.open(out / "throughput.png") as plot:
         assert plot.size[0] > 100
 
