@@ -327,7 +327,8 @@ async def test_analyze_over_the_queue_gets_413(tiny_settings: Callable[..., Sett
 
 async def test_all_boxes_share_one_forward_pass(tiny_settings: Callable[..., Settings]) -> None:
     encoders: list[CountingEncoder] = []
-    settings = tiny_settings(max_batch_size=16, warmup=False)
+    # One stream: with two, a frame's boxes are shared between both (by design).
+    settings = tiny_settings(max_batch_size=16, warmup=False, forward_streams=1)
     async with serve(settings, wrapping(CountingEncoder, encoders)) as (_, client):
         boxes = [[x, 0, x + 40, 120] for x in range(0, 280, 40)]
         response = await post_frame(client, encoded(frame_image()), boxes)

@@ -53,10 +53,15 @@ async def test_metrics_count_requests_batches_and_rejections(
 async def test_refusals_before_routing_count_under_their_endpoint(
     tiny_settings: Callable[..., Settings],
 ) -> None:
-    """A 413 by Content-Length and a 415 by Content-Encoding are decided before the
-    router runs; they still belong to the endpoint that was called."""
+    """A 413 by Content-Length and a 415 by Content-Encoding or (for a body over the
+    limit) Content-Type are decided before the router runs; they still belong to the
+    endpoint that was called."""
     async with serve(tiny_settings(warmup=False, max_upload_bytes=1024)) as (_, client):
-        await client.post("/embed/batch", content=b"x" * 2000, headers={"content-type": "a/b"})
+        await client.post(
+            "/embed/batch", content=b"x" * 2000, headers={"content-type": "application/json"}
+        )
+        # Too large and of a type /analyze does not take: the type is what it is told.
+        await client.post("/analyze", content=b"x" * 2000, headers={"content-type": "a/b"})
         await client.post(
             "/similarity",
             content=b"{}",
@@ -66,6 +71,7 @@ async def test_refusals_before_routing_count_under_their_endpoint(
         text = (await client.get("/metrics")).text
     assert sample(text, "clip_requests_total", endpoint="/embed/batch", status="413") == 1
     assert sample(text, "clip_requests_total", endpoint="/similarity", status="415") == 1
+    assert sample(text, "clip_requests_total", endpoint="/analyze", status="415") == 1
     # A path with no endpoint is a 404 whatever the body's size (before: a 413).
     assert sample(text, "clip_requests_total", endpoint="other", status="404") == 1
 

@@ -126,7 +126,8 @@ async def test_a_client_that_hangs_up_costs_no_forward_pass(
     """A raw ASGI call whose client disconnects right after sending the body: its image
     never reaches the model, and nobody is sent a real answer."""
     holder: list[SlowEncoder] = []
-    settings = tiny_settings(max_wait_ms=1, warmup=False)
+    # One stream: with two, the hung-up image would have one of its own to run on.
+    settings = tiny_settings(max_wait_ms=1, warmup=False, forward_streams=1)
     async with serve(settings, slow_factory(holder)) as (app, client):
         encoder = holder[0]
         encoder.delay_s = 0.3
@@ -245,8 +246,13 @@ async def test_refusals_log_no_traceback_and_a_failed_batch_logs_one(
     caplog.set_level(logging.INFO)
     caplog.handler.addFilter(RequestIdFilter())
     holder: list[SlowEncoder] = []
-    settings = tiny_settings(
-        max_queue=4, max_batch_size=4, max_batch_images=4, max_wait_ms=200, warmup=False
+    settings = tiny_settings(  # one stream: the three requests meet in the pass that fails
+        max_queue=4,
+        max_batch_size=4,
+        max_batch_images=4,
+        max_wait_ms=200,
+        warmup=False,
+        forward_streams=1,
     )
     async with serve(settings, slow_factory(holder)) as (_, client):
         encoder = holder[0]
