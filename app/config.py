@@ -167,6 +167,13 @@ class Settings(BaseSettings):
             raise ValueError("CLIP_DEVICE must be one of auto, cpu, cuda, cuda:N")
         return value
 
+    @field_validator("precision", "backend", "resize_mode", mode="before")
+    @classmethod
+    def _fold_choice(cls, value: object) -> object:
+        # `FP32`, `OpenVINO` or `fp32 ` (a .env file's trailing space) mean what they say,
+        # as CLIP_DEVICE=CUDA does.
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -245,11 +252,25 @@ class Settings(BaseSettings):
         return self.max_wait_ms / 1000.0
 
 
+class MisspeltApiKeys(ValueError):
+    """A CLIP_ variable that reads as a misspelt CLIP_API_KEYS, which is not set."""
+
+
 def load_settings() -> Settings:
     """Settings from the environment; raises a readable error naming the bad variable,
-    and warns of CLIP_ variables no setting reads (a typo would otherwise go unseen)."""
+    and warns of CLIP_ variables no setting reads (a typo would otherwise go unseen).
+    A misspelt CLIP_API_KEYS is refused (MisspeltApiKeys), not warned of: ignored, it
+    would serve every caller without a key, the one mistake not to start with."""
+    unknown = unknown_variables(os.environ)
+    misspelt = [name for name, known in unknown.items() if known == "CLIP_API_KEYS"]
+    if misspelt and "CLIP_API_KEYS" not in os.environ:
+        raise MisspeltApiKeys(
+            f"{misspelt[0]} is not a setting of this service; API keys are read from "
+            "CLIP_API_KEYS (comma-separated), and without it the service would run "
+            f"without authentication: rename {misspelt[0]} to CLIP_API_KEYS"
+        )
     settings = Settings()
-    for name, known in unknown_variables(os.environ).items():
+    for name, known in unknown.items():
         hint = f"; did you mean {known}?" if known else ""
         logger.warning("%s is not a setting of this service and is ignored%s", name, hint)
     return settings

@@ -116,7 +116,18 @@ def create_app(
         analysis = AnalysisService(service, analyzer)
         app.state.analysis = analysis
         searches = app.state.searches = SearchExecutor()
-        logger.info("ready: %s", encoder.info)
+        logger.info(
+            "ready: %s on %s, %s %s, %d dims, %d forward stream(s); API keys: %s",
+            info.model,
+            info.device,
+            info.backend,
+            info.precision,
+            service.output_dim,
+            info.streams,
+            f"required ({len(settings.api_keys)} set)"
+            if settings.api_keys
+            else "none (every caller is served; set CLIP_API_KEYS to require one)",
+        )
         try:
             yield
         finally:

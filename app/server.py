@@ -40,7 +40,7 @@ from pydantic_settings import SettingsError
 from app.api.errors import missing_endpoint
 from app.api.loading import answer_while_loading
 from app.api.transport import connection_limit, header_deadline_protocol
-from app.config import Settings, load_settings
+from app.config import MisspeltApiKeys, Settings, load_settings
 from app.early_exit import STOP_SIGNALS
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
@@ -213,17 +213,17 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         logger.error("invalid settings: %s", describe_invalid_settings(exc))
         return 1  # what the uncaught error exited with before
-    except SettingsError as exc:  # a value pydantic-settings could not even parse
+    except (SettingsError, MisspeltApiKeys) as exc:  # SettingsError: a value not even parsed
         logger.error("invalid settings: %s", exc)
         return 1
     return serve(create_app(settings), settings, args.host, args.port)
 
 
 def describe_invalid_settings(error: ValidationError) -> str:
-    """Every problem, by environment variable, in one line. Values are left out: one
-    may be an API key."""
+    """Every problem, by environment variable, in one line, with the value given where
+    it is short text (quoted, so that a stray space shows); never an API key's."""
     problems = []
-    for detail in error.errors(include_url=False, include_input=False):
+    for detail in error.errors(include_url=False):
         # Field problems are located by field name; the cross-field checks' messages
         # name their variables themselves.
         message = detail["msg"].removeprefix("Value error, ")
@@ -232,5 +232,8 @@ def describe_invalid_settings(error: ValidationError) -> str:
             variable = f"CLIP_{str(field).upper()}"
             if variable not in message:  # `CLIP_REGION_BOUNDS[1]: ...` for a list's item
                 message = f"{variable}{''.join(f'[{i}]' for i in item)}: {message}"
+            given = detail.get("input")
+            if field != "api_keys" and isinstance(given, str) and len(given) <= 64:
+                message += f" (got {given!r})"
         problems.append(message)
     return "; ".join(dict.fromkeys(problems))

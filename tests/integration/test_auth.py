@@ -114,3 +114,21 @@ async def test_refusals_from_the_headers_answer_a_caller_without_a_key_with_401(
                 assert response.json()["error"]["code"] == "unauthorized"
             else:  # with a valid key, the limit itself
                 assert response.status_code in (413, 415), response.text
+
+
+@pytest.mark.parametrize("keys", ["", KEYS])
+async def test_the_ready_line_says_whether_callers_need_a_key(
+    tiny_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture, keys: str
+) -> None:
+    """An operator reading the start-up log learns whether the service is open, without
+    it quoting a key."""
+    with caplog.at_level(logging.INFO, logger="app"):
+        async with serve(tiny_settings(api_keys=keys, warmup=False)):
+            pass
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready: ")]
+    assert len(ready) == 1, ready
+    assert "torch fp32" in ready[0]
+    listed = [key for key in keys.split(",") if key]
+    expected = f"API keys: required ({len(listed)} set)" if listed else "API keys: none"
+    assert expected in ready[0]
+    assert not any(key in caplog.text for key in listed)

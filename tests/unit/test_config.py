@@ -4,7 +4,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.config import Precision, ResizeMode, Settings, load_settings, unknown_variables
+from app.config import (
+    Backend,
+    MisspeltApiKeys,
+    Precision,
+    ResizeMode,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
 
 
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,3 +152,42 @@ def test_a_misspelt_variable_is_named_with_the_setting_meant(
     assert settings.max_batch_size == 32
     assert "CLIP_MAX_BATCHSIZE is not a setting" in caplog.text
     assert "did you mean CLIP_MAX_BATCH_SIZE?" in caplog.text
+
+
+def test_choices_are_read_whatever_their_case_and_surrounding_spaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CLIP_PRECISION", "FP32 ")
+    monkeypatch.setenv("CLIP_BACKEND", " OpenVINO")
+    monkeypatch.setenv("CLIP_RESIZE_MODE", "Model")
+    settings = Settings()
+    assert (settings.precision, settings.backend, settings.resize_mode) == (
+        Precision.FP32,
+        Backend.OPENVINO,
+        ResizeMode.MODEL,
+    )
+
+
+def test_a_misspelt_api_keys_variable_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warned of and ignored, CLIP_API_KEY=secret served every caller without a key."""
+    monkeypatch.setenv("CLIP_API_KEY", "secret")
+    with pytest.raises(MisspeltApiKeys, match="rename CLIP_API_KEY to CLIP_API_KEYS"):
+        load_settings()
+    monkeypatch.setenv("CLIP_API_KEYS", "secret")  # both set: the keys are on; a warning
+    assert [key.get_secret_value() for key in load_settings().api_keys] == ["secret"]
+
+
+def test_a_bad_setting_is_quoted_in_its_error_but_never_an_api_key() -> None:
+    from pydantic import ValidationError
+
+    from app.server import describe_invalid_settings
+
+    with pytest.raises(ValidationError) as bad:
+        Settings(precision="fp33", max_batch_size="abc")
+    message = describe_invalid_settings(bad.value)
+    assert "CLIP_PRECISION: Input should be" in message
+    assert "(got 'fp33')" in message
+    assert "(got 'abc')" in message
+    with pytest.raises(ValidationError) as bad_keys:
+        Settings(api_keys=" , ")
+    assert "' , '" not in describe_invalid_settings(bad_keys.value)
