@@ -13,9 +13,11 @@ model's). Hashing ViT-B-32's ~170 MB costs ~0.15 s of a start.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -58,7 +60,20 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
     """folder/filename, made by `make(staging_folder)` on a miss or a damaged entry."""
     remove_abandoned(folder.parent)  # on every start: a hit too may follow a killed one
     if folder.exists():
-        problem = damage(folder, filename)
+        try:
+            problem = damage(folder, filename)
+        except EntryUnreadable as exc:
+            # Another user's entry (a cache warmed as root, a volume two deployments
+            # share): whole, as far as anyone knows, and not ours to set aside.
+            logger.warning(
+                "conversion cache entry %s is not readable by this process (uid %d: %s); "
+                "leaving it to its owner and converting for this run only: run the "
+                "service as the user that wrote CLIP_CACHE_DIR, or make it readable",
+                folder,
+                os.getuid(),
+                exc,
+            )
+            return _for_this_run(filename, make)
         if problem is None:
             logger.info("conversion cache hit: %s", folder)
             return Artefact(folder / filename)
@@ -79,25 +94,41 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
             folder.parent,
             exc,
         )
-        remove_abandoned(Path(tempfile.gettempdir()), (_TEMPORARY_PREFIX,))
-        staging = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX))
-        _TEMPORARY.add(staging)
-        try:
-            make(staging)
-        except BaseException:
-            Artefact(staging / filename, temporary=True).release()
-            raise
-        return Artefact(staging / filename, temporary=True)
+        return _for_this_run(filename, make)
     _TEMPORARY.add(staging)  # a SIGTERM mid-conversion left 170 MB here until an hour passed
     try:
-        make(staging)
-        write_manifest(staging, folder.name)
-        placed = _place(staging, folder, filename)
+        try:
+            make(staging)
+            write_manifest(staging, folder.name)
+        except Exception as exc:
+            if not _write_failure(exc, folder.parent):
+                raise
+            # A full volume: the conversion itself is fine, and may fit elsewhere.
+            logger.warning(
+                "writing the converted model into the conversion cache %s failed (%s: "
+                "%s; %s); converting for this run only: free space there, or point "
+                "CLIP_CACHE_DIR at a volume with room",
+                folder.parent,
+                type(exc).__name__,
+                exc,
+                free_space(folder.parent),
+            )
+            shutil.rmtree(staging, ignore_errors=True)
+            _TEMPORARY.discard(staging)
+            return _for_this_run(filename, make, cache_failure=exc)
+        # mkdtemp made it private (0700): an entry is for every user of the cache.
+        staging.chmod(0o777 & ~_umask())
+        try:
+            placed = _place(staging, folder, filename)
+        except EntryUnreadable:
+            # Another user's entry landed first: ours serves this run.
+            _TEMPORARY.add(staging)
+            return Artefact(staging / filename, temporary=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
         _TEMPORARY.discard(staging)
+        raise
+    _TEMPORARY.discard(staging)
     seconds = time.perf_counter() - started
     if placed:
         logger.info("converted the image tower in %.1fs into %s", seconds, folder)
@@ -109,6 +140,78 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
             folder,
         )
     return Artefact(folder / filename)
+
+
+class EntryUnreadable(OSError):
+    """A cache entry this process may not read (another user's)."""
+
+
+class CacheWriteFailed(RuntimeError):
+    """The conversion could be written neither into the cache nor to a temporary folder."""
+
+
+# What writing a file on a full volume, or past a quota or file-size limit, raises:
+# OSError with these, or (OpenVINO's serialiser) a C++ stream error in a RuntimeError.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_STREAM_ERRORS = ("iostream error", "No space left", "Disk quota exceeded", "File too large")
+_LOW_SPACE_BYTES = 1 << 30
+
+
+def _write_failure(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc`, raised while converting into `folder`, is the volume refusing
+    the bytes rather than the model failing to convert."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    if any(words in str(exc) for words in _STREAM_ERRORS):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free // (1 << 20)} MB free there"
+    except OSError:
+        return "its free space unknown"
+
+
+def _umask() -> int:
+    """The process's umask, without setting it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _for_this_run(
+    filename: str, make: Callable[[Path], None], cache_failure: BaseException | None = None
+) -> Artefact:
+    """`make` into a temporary folder of this process's own, released once loaded."""
+    remove_abandoned(Path(tempfile.gettempdir()), (_TEMPORARY_PREFIX,))
+    staging = Path(tempfile.mkdtemp(prefix=_TEMPORARY_PREFIX))
+    _TEMPORARY.add(staging)
+    try:
+        make(staging)
+    except BaseException as exc:
+        Artefact(staging / filename, temporary=True).release()
+        if (
+            cache_failure is not None
+            and isinstance(exc, Exception)
+            and _write_failure(exc, staging)
+        ):
+            raise CacheWriteFailed(
+                f"the converted model could be written neither into the conversion cache "
+                f"({type(cache_failure).__name__}: {cache_failure}) nor into "
+                f"{tempfile.gettempdir()} ({type(exc).__name__}: {exc}); is the disk "
+                "full? Free space, or point CLIP_CACHE_DIR at a volume with room"
+            ) from exc
+        raise
+    return Artefact(staging / filename, temporary=True)
 
 
 def _place(staging: Path, folder: Path, filename: str) -> bool:
@@ -145,6 +248,8 @@ def damage(entry: Path, filename: str) -> str | None:
         manifest = json.loads((entry / MANIFEST).read_text())
     except FileNotFoundError:
         return f"no {MANIFEST}: written by an older version, or by hand"
+    except PermissionError as exc:
+        raise EntryUnreadable(exc.errno, exc.strerror, exc.filename) from exc
     except (OSError, ValueError) as exc:
         return f"{MANIFEST} unreadable: {exc}"
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -166,6 +271,8 @@ def damage(entry: Path, filename: str) -> str | None:
                 return f"{name} is {path.stat().st_size} bytes, not {expected['bytes']}"
             if _sha256(path) != expected["sha256"]:
                 return f"{name} does not match its SHA-256"
+    except PermissionError as exc:
+        raise EntryUnreadable(exc.errno, exc.strerror, exc.filename) from exc
     except OSError as exc:
         return f"unreadable: {exc}"
     return None

@@ -243,3 +243,88 @@ def test_old_conversions_for_a_run_are_swept_from_the_temporary_folder(
     artefact = cached(blocked / "key", "tower.xml", Converter())
     artefact.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-reid-build.log", "file"]
+
+
+def test_an_entry_is_readable_by_the_caches_other_users(tmp_path: Path) -> None:
+    """mkdtemp's 0700 made every entry private to whoever converted it: a cache warmed
+    as root, or shared by two deployments, was unreadable to the other user."""
+    folder = tmp_path / "cache" / "key"
+    cached(folder, "tower.xml", Converter())
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~conversion_cache._umask()
+    assert folder.stat().st_mode & 0o005 == 0o005  # others may read and enter it
+
+
+def test_another_users_entry_is_left_alone_and_converted_for_this_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was called damaged, moved aside (where its owner's files stayed, undeletable)
+    and converted again, every start, by each user in turn."""
+    convert, folder = Converter(), tmp_path / "cache" / "key"
+    cached(folder, "tower.xml", convert)
+    read_text = Path.read_text
+
+    def as_another_user(path: Path, *args: object, **kwargs: object) -> str:
+        if path.name == MANIFEST:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", as_another_user)
+    with caplog.at_level(logging.WARNING):
+        artefact = cached(folder, "tower.xml", convert)
+    assert artefact.temporary
+    assert convert.calls == 2
+    assert "not readable by this process" in caplog.text
+    assert "damaged" not in caplog.text
+    monkeypatch.undo()
+    assert damage(folder, "tower.xml") is None  # the owner's entry, untouched
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key"]
+    artefact.release()
+
+
+class FullVolume(Converter):
+    """Fails as a full disk does the first `failures` times: OpenVINO's serialiser
+    raises a C++ stream error, not an OSError."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def __call__(self, staging: Path) -> None:
+        super().__call__(staging)
+        if self.calls <= self.failures:
+            raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: iostream error")
+
+
+def test_a_full_cache_volume_converts_for_this_run_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk under CLIP_CACHE_DIR made `auto` fall back to torch, saying only
+    "openvino could not run this model (basic_ios::clear: iostream error)"."""
+    convert, folder = FullVolume(failures=1), tmp_path / "cache" / "key"
+    with caplog.at_level(logging.WARNING):
+        artefact = cached(folder, "tower.xml", convert)
+    assert artefact.temporary
+    assert artefact.path.is_file()
+    assert convert.calls == 2
+    assert "writing the converted model into the conversion cache" in caplog.text
+    assert "MB free there" in caplog.text
+    assert list((tmp_path / "cache").iterdir()) == []  # no half entry, no staging
+    artefact.release()
+
+
+def test_a_full_disk_everywhere_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(conversion_cache.CacheWriteFailed, match="is the disk full"):
+        cached(tmp_path / "cache" / "key", "tower.xml", FullVolume(failures=2))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_conversion_that_fails_for_its_own_reasons_is_not_tried_twice(tmp_path: Path) -> None:
+    calls = []
+
+    def broken(staging: Path) -> None:
+        calls.append(staging)
+        raise ValueError("unsupported operation")
+
+    with pytest.raises(ValueError, match="unsupported operation"):
+        cached(tmp_path / "cache" / "key", "tower.xml", broken)
+    assert len(calls) == 1
