@@ -4,8 +4,10 @@ On SIGTERM (or SIGINT) the service stops admitting work at once (uvicorn closes 
 listening socket and idle connections; a request inside the app that has not reached the
 model yet answers 503 with Retry-After), lets requests in flight finish within
 CLIP_REQUEST_TIMEOUT_S, drains or fails what the batcher holds, and exits 0 — an
-orchestrator reads anything else as a crash. (`uvicorn app.main:app` serves the same
-app, but re-raises the signal after shutting down, so its exit status is -15.)
+orchestrator reads anything else as a crash. A second signal exits at once, each request
+still in flight answered a JSON 503, with 128 + the signal: work was dropped.
+(`uvicorn app.main:app` serves the same app, but re-raises the signal after shutting
+down, so its exit status is -15.)
 
     python -m app --host 0.0.0.0 --port 8000
 
@@ -27,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Generator
 from contextlib import contextmanager
 from functools import partial
@@ -39,7 +42,11 @@ from pydantic_settings import SettingsError
 
 from app.api.errors import missing_endpoint
 from app.api.loading import answer_while_loading
-from app.api.transport import connection_limit, header_deadline_protocol
+from app.api.transport import (
+    HeaderDeadlineProtocol,
+    connection_limit,
+    header_deadline_protocol,
+)
 from app.config import MisspeltApiKeys, Settings, load_settings
 from app.early_exit import STOP_SIGNALS
 from app.inference.conversion_cache import remove_temporary
@@ -51,6 +58,13 @@ from app.observability import configure_logging
 HEADER_TIMEOUT_S = 10.0
 
 logger = logging.getLogger("app")
+# How long a forced exit waits for the loop to answer the requests in flight.
+_FORCED_EXIT_S = 2.0
+FORCED_EXIT = (
+    b"503 Service Unavailable",
+    "shutting_down",
+    "the service was stopped before this request finished; retry on another replica",
+)
 
 
 def _what_to_do(host: str) -> str:
@@ -77,6 +91,7 @@ class GracefulServer(uvicorn.Server):
         self._app = app
         self._header_timeout_s = header_timeout_s
         self._loading = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loading:
@@ -89,16 +104,43 @@ class GracefulServer(uvicorn.Server):
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(0)
-        if not self.should_exit:  # the first signal; a second forces the exit
-            logger.info(
-                "%s: draining, no new work; requests in flight have up to %d s",
-                signal.Signals(sig).name,
-                self.config.timeout_graceful_shutdown,
-            )
+        if self.should_exit and self._loop is not None:  # a second signal: exit now
+            # On the loop, not in this handler, which may have interrupted a write; and
+            # whatever the loop is doing, out within a moment.
+            threading.Timer(_FORCED_EXIT_S, os._exit, (128 + sig,)).start()
+            self._loop.call_soon_threadsafe(self._exit_now, sig)
+            return
+        logger.info(
+            "%s: draining, no new work; requests in flight have up to %d s (a second "
+            "signal exits at once)",
+            signal.Signals(sig).name,
+            self.config.timeout_graceful_shutdown,
+        )
         self._app.state.draining = True  # refuse new work before anything else
         super().handle_exit(sig, frame)
 
+    def _exit_now(self, sig: int) -> None:
+        """Answer every request in flight with a JSON 503 and exit 128 + sig, as a shell
+        reports a process its signal ended: uvicorn's forced exit cancelled them instead,
+        each a plain-text 500 and a 70-line traceback, and the process exited 0."""
+        answered = 0
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, HeaderDeadlineProtocol):
+                answered += connection.abandon(*FORCED_EXIT)
+            else:
+                connection.shutdown()
+        logger.warning(
+            "a second %s: exiting now; %d request(s) in flight answered 503 shutting_down",
+            signal.Signals(sig).name,
+            answered,
+        )
+        remove_temporary()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + sig)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         config = self.config
         if sockets is not None or config.fd is not None or config.uds is not None:
             await super().startup(sockets)  # not how this entry point is run

@@ -291,6 +291,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             b"400 Bad Request", "invalid_http", message, counted=not reading_body
         )
 
+    def abandon(self, status: bytes, code: str, message: str) -> bool:
+        """At a forced exit: answer the request in flight with this refusal if its
+        response has not begun, and close the connection. Whether one was answered."""
+        if self.transport.is_closing():
+            return False
+        cycle = self.cycle
+        answered = cycle is not None and not cycle.response_started
+        if answered:
+            self.transport.write(closing_response(status, error_body(code, message)))
+        self.transport.close()
+        return answered
+
     def _reading_body(self) -> bool:
         """Whether the bytes being parsed are the body of the last request read."""
         return not self.pipeline and self.cycle is not None and self.cycle.more_body

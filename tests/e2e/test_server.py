@@ -236,6 +236,46 @@ def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_pa
     assert messages[-1] == "stopped"  # the log says it stopped cleanly, not only the status
 
 
+def test_a_second_signal_answers_requests_in_flight_with_a_json_503_and_exits_at_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An operator who will not wait: uvicorn's forced exit cancelled the requests in
+    flight (a plain-text 500 each and a 70-line traceback) and the process exited 0."""
+    env = {"CLIP_MODEL": f"local-dir:{tiny_model_dir}", "CLIP_DEVICE": "cpu"}
+    log = tmp_path / "server.log"
+    with ready_server(env, log, PRODUCTION) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        # In flight: inside the app, its body still arriving when the signals come.
+        upload = socket.create_connection((host, int(port)), timeout=10)
+        upload.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"image": "'
+        )
+        time.sleep(0.3)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert running.process.poll() is None  # draining: the upload may still finish
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=10) == 128 + signal.SIGINT
+        assert time.monotonic() - started < 3
+        answer = b""
+        while chunk := upload.recv(65536):
+            answer += chunk
+        upload.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+    text = log.read_text()
+    assert "Exception in ASGI application" not in text
+    assert "Traceback" not in text
+    messages = [json.loads(line)["message"] for line in text.splitlines() if line.startswith("{")]
+    assert (
+        "a second SIGINT: exiting now; 1 request(s) in flight answered 503 shutting_down"
+        in messages
+    )
+
+
 def test_python_m_app_answers_503_while_the_model_loads(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
