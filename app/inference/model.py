@@ -21,6 +21,7 @@ from PIL import Image
 from app.config import Backend, Precision, ResizeMode, Settings
 from app.inference.calibration import calibration_for
 from app.inference.checkpoint_init import onto_checkpoint_tensors
+from app.inference.conversion_cache import CacheWriteFailed
 from app.inference.cpu_features import cpu_has_fast_bf16, cpu_has_int8_dot_product
 from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.memory import page_out_files, release_freed_memory
@@ -187,7 +188,10 @@ class ClipImageEncoder:
         except Exception as exc:
             if backend == Backend.TORCH:
                 raise
-            if settings.backend != Backend.AUTO:
+            if isinstance(exc, CacheWriteFailed):  # the disk, not the backend, to fix
+                if settings.backend != Backend.AUTO:
+                    raise BackendUnavailable(str(exc)) from exc
+            elif settings.backend != Backend.AUTO:
                 raise BackendUnavailable(
                     f"CLIP_BACKEND={backend} could not convert or load this model ({exc}); "
                     "use CLIP_BACKEND=torch or auto"
@@ -197,6 +201,16 @@ class ClipImageEncoder:
             backend = Backend.TORCH
             tower = build_tower(  # torch needs no calibration
                 visual, backend, precision, device, image_size, cache_dir, settings.torch_threads
+            )
+        if settings.forward_streams > tower.concurrency:
+            logger.warning(
+                "CLIP_FORWARD_STREAMS=%d, but %s runs %d forward stream(s) here: %s",
+                settings.forward_streams,
+                backend,
+                tower.concurrency,
+                "a GPU runs one pass at a time"
+                if device.type != "cpu"
+                else "a stream needs a core of its own (this machine's, or CLIP_TORCH_THREADS)",
             )
         if backend != Backend.TORCH and text_model is not None:
             # The runtime holds its own copy of the weights; the text tower still needs

@@ -436,3 +436,16 @@ def test_a_first_int8_start_logs_no_advice_meant_for_developers(
     assert "converted the image tower" in caplog.text  # a cold start, logged
     assert "pre-processing" not in caplog.text
     assert not logging.getLogger().filters
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_more_streams_than_cores_are_capped_with_a_warning(
+    tiny_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    """CLIP_FORWARD_STREAMS=64 on 2 cores: torch and ONNX Runtime ran 64 one-thread
+    passes taking turns on two cores (OpenVINO capped it), and none said a word."""
+    settings = tiny_settings(backend=backend, forward_streams=64, torch_threads=2)
+    with caplog.at_level(logging.WARNING, logger="app.inference.model"):
+        encoder = ClipImageEncoder.load(settings)
+    assert encoder.info.streams == 2
+    assert f"CLIP_FORWARD_STREAMS=64, but {backend} runs 2 forward stream(s) here" in caplog.text

@@ -152,7 +152,8 @@ def onnxruntime_tower(
     artefact = cached(folder, filename, export)
     release_source()
     cores = threads or usable_cpus()
-    streams = default_streams(visual, precision, cores) if streams == 0 else streams
+    # A stream needs a core of its own: more only take turns on the same ones.
+    streams = default_streams(visual, precision, cores) if streams == 0 else min(streams, cores)
 
     def session(intra_op_threads: int) -> Any:
         options = ort.SessionOptions()
