@@ -91,7 +91,9 @@ class Settings(BaseSettings):
         description="Images admitted and not yet answered (decoding, queued or in a forward "
         "pass); a request that would pass it is refused (503) before its images are decoded.",
     )
-    request_timeout_s: float = Field(30.0, gt=0)
+    # At most an hour: it also bounds the drain at shutdown, and a millisecond count
+    # given as seconds (30000) would hold a stopping pod for 8 hours.
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_batch_images: int = Field(64, ge=1)
     max_queries: int = Field(1000, ge=1, description="Most queries in one /similarity search.")
     max_gallery: int = Field(100_000, ge=1, description="Most gallery items in one search.")

@@ -191,3 +191,13 @@ def test_a_bad_setting_is_quoted_in_its_error_but_never_an_api_key() -> None:
     with pytest.raises(ValidationError) as bad_keys:
         Settings(api_keys=" , ")
     assert "' , '" not in describe_invalid_settings(bad_keys.value)
+
+
+def test_a_request_timeout_past_an_hour_is_refused() -> None:
+    """1e300 was taken, and SIGTERM then promised requests a 300-digit number of
+    seconds; 30000 (milliseconds meant) would hold a stopping pod for 8 hours."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="less than or equal to 3600"):
+        Settings(request_timeout_s=30000)
+    assert Settings(request_timeout_s=3600).request_timeout_s == 3600
