@@ -316,8 +316,20 @@ def _build(
     except WeightsUnavailable:
         raise
     except Exception as exc:
+        cause = " ".join(str(exc).split())[:200] or type(exc).__name__
+        if "Weights only load failed" in cause:  # torch's page of advice, not the cause
+            cause = "the file is neither a torch checkpoint nor safetensors"
+        if source.checkpoint is not None and Path(source.checkpoint).is_file():
+            # torch's own words for a file that is no checkpoint: "101", or a page of
+            # advice about weights_only.
+            raise WeightsUnavailable(
+                f"CLIP_PRETRAINED={source.checkpoint} is not a checkpoint open_clip can "
+                f"load for {source.model_name} (a .safetensors, or a torch .pt/.bin/.pth "
+                f"of the model's state dict): {type(exc).__name__}: {cause}"
+            ) from exc
         raise WeightsUnavailable(
-            f"open_clip could not build {source.display_name} (CLIP_MODEL / CLIP_PRETRAINED): {exc}"
+            f"open_clip could not build {source.display_name} (CLIP_MODEL / CLIP_PRETRAINED): "
+            f"{cause}"
         ) from exc
     if model not in loaded_into:
         # Built without random init: unloaded weights would be uninitialised memory.

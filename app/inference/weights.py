@@ -77,8 +77,9 @@ def _resolve_local_dir(path_text: str) -> ModelSource:
     path = Path(path_text).expanduser()
     setting = f"CLIP_MODEL=local-dir:{path_text}"
     if not _readable_dir(path, setting, "the model folder"):
+        found = "is a file, not a folder" if path.is_file() else "directory not found"
         raise WeightsUnavailable(
-            f"{setting}: directory not found. Point CLIP_MODEL at a "
+            f"{setting}: {found}. Point CLIP_MODEL at a "
             "folder holding open_clip_config.json and the weights (python -m "
             "app.tools.random_model writes one for testing)."
         )

@@ -500,6 +500,22 @@ def test_python_m_app_reports_missing_weights_in_a_line() -> None:
     assert_reported_in_a_line(result, "CLIP_MODEL=local-dir:/nonexistent: directory not found")
 
 
+def test_a_file_where_the_weights_belong_is_named_as_such(tmp_path: Path) -> None:
+    """A text file as CLIP_PRETRAINED was "open_clip could not build ViT-B-32/afile: 101";
+    a file as the local-dir folder, "directory not found"."""
+    text, noise = tmp_path / "afile", tmp_path / "noise.pt"
+    text.write_text("hello world\n")
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    for weights in (text, noise):
+        result = run_app({"CLIP_MODEL": "ViT-B-32", "CLIP_PRETRAINED": str(weights)})
+        records = assert_reported_in_a_line(
+            result, f"CLIP_PRETRAINED={weights} is not a checkpoint open_clip can load"
+        )
+        assert not any("weights_only" in record["message"] for record in records)
+    result = run_app({"CLIP_MODEL": f"local-dir:{text}"})
+    assert_reported_in_a_line(result, f"CLIP_MODEL=local-dir:{text}: is a file, not a folder")
+
+
 def test_python_m_app_reports_invalid_settings_in_a_line() -> None:
     result = run_app({"CLIP_MAX_WAIT_MS": "-1", "CLIP_DEVICE": "tpu"})
     assert result.returncode == 1
