@@ -112,8 +112,9 @@ class RequestObservability:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        sent = [value for name, value in scope["headers"] if name == b"x-request-id"]
+        # Two ids: which one a proxy or a log keeps differs, so neither is this request's.
+        incoming = sent[0].decode("latin-1") if len(sent) == 1 else ""
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)

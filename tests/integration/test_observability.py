@@ -84,12 +84,16 @@ async def test_request_ids_are_returned_and_logged(
     assert given.headers["x-request-id"] == "camera-7.frame-42"
     minted = await client.get("/health", headers={"X-Request-ID": "bad id with spaces"})
     assert re.fullmatch(r"[0-9a-f]{32}", minted.headers["x-request-id"])
+    # Two ids: the last one was taken silently; a proxy may have logged the first.
+    two = await client.get("/health", headers=[("X-Request-ID", "a-1"), ("X-Request-ID", "b-2")])
+    assert re.fullmatch(r"[0-9a-f]{32}", two.headers["x-request-id"])
     error = await client.post("/embed", json={"image": "%%%"})
     assert re.fullmatch(r"[0-9a-f]{32}", error.headers["x-request-id"])
     records = [r for r in caplog.records if r.name == "app.access"]
-    assert [getattr(r, "request_id", None) for r in records[-3:]] == [
+    assert [getattr(r, "request_id", None) for r in records[-4:]] == [
         "camera-7.frame-42",
         minted.headers["x-request-id"],
+        two.headers["x-request-id"],
         error.headers["x-request-id"],
     ]
     line = json.loads(JsonFormatter().format(records[-1]))
