@@ -102,6 +102,14 @@ def labelled_crops(folder: Path) -> LabelledCrops:
                 f"{loose[0]} lies directly in {folder}: a supervised fit needs Market-1501 "
                 "names (PPPP_cC...) or one sub-folder per identity"
             )
+        if named:
+            # Fewer than half: not the Market-1501 layout, but its names were not read.
+            print(
+                f"note: {folder}: {len(named)} of the {len(paths)} crops have Market-1501 "
+                "names (PPPP_cC...), the rest do not: every crop is labelled by its "
+                "sub-folder, and those names are not read as identities",
+                file=sys.stderr,
+            )
         kept_paths = paths
         names = [p.relative_to(folder).parts[0] for p in paths]
         layout = "folders"

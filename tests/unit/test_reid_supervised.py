@@ -92,3 +92,19 @@ def test_labels_from_one_folder_per_identity(tmp_path: Path) -> None:
     (tmp_path / "stray.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match="one sub-folder per identity"):
         labelled_crops(tmp_path)
+
+
+def test_a_few_market_names_among_folders_are_noted_not_silently_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for person in ("alice", "bob"):
+        (tmp_path / person).mkdir()
+        for i in range(3):
+            (tmp_path / person / f"{i}.png").write_bytes(b"")
+    (tmp_path / "bob" / "0002_c1s1_000001_00.jpg").write_bytes(b"")
+    crops = labelled_crops(tmp_path)
+    assert crops.layout == "folders"
+    assert crops.names == ["alice", "bob"]
+    note = capsys.readouterr().err
+    assert "1 of the 7 crops have Market-1501 names" in note
+    assert "labelled by its sub-folder" in note
