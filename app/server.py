@@ -234,11 +234,11 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
     return 0
 
 
-def count_refusal(app: FastAPI, status: int, code: str) -> None:
-    """A connection answered below the app (headers too slow, not HTTP), in its metrics:
-    no endpoint was reached."""
+def count_refusal(app: FastAPI, status: int, code: str, endpoint: str = "other") -> None:
+    """A connection answered below the app (headers too slow, not HTTP; the model still
+    loading), in its metrics, under the endpoint it named ("other" where none)."""
     metrics = app.state.metrics
-    metrics.requests.labels("other", str(status)).inc()
+    metrics.requests.labels(endpoint, str(status)).inc()
     metrics.rejections.labels(code).inc()
 
 

@@ -170,15 +170,26 @@ class LoadingResponder(asyncio.Protocol):
             self._answer(b"404 Not Found", "not_found", missing, head_only=head_only)
             return
         unavailable = b"503 Service Unavailable"
-        self._answer(unavailable, "not_ready", NOT_READY_MESSAGE, head_only=head_only)
+        # The app has an endpoint there: counted under it, as the app counts its answers.
+        self._answer(
+            unavailable, "not_ready", NOT_READY_MESSAGE, head_only=head_only, endpoint=path
+        )
 
     def _headers_too_slow(self) -> None:
         self._timer = None
         self._answer(*headers_too_slow(self._header_timeout_s))
 
-    def _answer(self, status: bytes, code: str, message: str, *, head_only: bool = False) -> None:
+    def _answer(
+        self,
+        status: bytes,
+        code: str,
+        message: str,
+        *,
+        head_only: bool = False,
+        endpoint: str = "other",
+    ) -> None:
         if self._on_refusal is not None:
-            self._on_refusal(int(status.split()[0]), code)
+            self._on_refusal(int(status.split()[0]), code, endpoint)
         if code not in ("not_ready", "not_found"):  # a refusal of the bytes themselves
             self._linger_budget = _LINGER_BYTES_AFTER_REFUSAL
             if self._request == ("-", "-"):

@@ -38,8 +38,9 @@ _RESERVED_DESCRIPTORS = 256
 _MAX_DESCRIPTORS = 65536
 
 
-# Told (status, code) of each answer given here, below the app: for its metrics.
-RefusalObserver = Callable[[int, str], None]
+# Told (status, code, endpoint) of each answer given below the app, for its metrics: the
+# endpoint's path where the request named one (the loading port's 503s), else "other".
+RefusalObserver = Callable[[int, str, str], None]
 
 # Longest request line and headers taken (nginx's large_client_header_buffers are 32 KiB).
 # httptools has no limit of its own: it holds a header's bytes until the header ends.
@@ -313,7 +314,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
         logger.info("refused below the app: %s %s from %s", status.decode(), code, client)
         if counted and self.on_refusal is not None:
-            self.on_refusal(int(status.split()[0]), code)
+            self.on_refusal(int(status.split()[0]), code, "other")
         self.transport.write(closing_response(status, error_body(code, message)))
         self.transport.close()
 
@@ -326,7 +327,7 @@ def _refusal_app(
 
     async def refuse(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if on_refusal is not None:
-            on_refusal(status, code)
+            on_refusal(status, code, "other")
         body = error_body(code, message)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                    (b"content-length", str(len(body)).encode())]  # fmt: skip

@@ -38,7 +38,7 @@ async def loading_port(
     server = await answer_while_loading(
         listener,
         header_timeout_s,
-        lambda status, code: refusals.append((status, code)),
+        lambda status, code, endpoint: refusals.append((status, code)),
         missing_endpoint=partial(missing_endpoint, app) if app is not None else None,
     )
     try:
@@ -272,16 +272,22 @@ async def test_what_follows_a_refused_head_is_not_read_for_long() -> None:
 
 async def test_health_answers_while_loading_are_counted() -> None:
     """/health answered below the app is in the request count, as once the app serves:
-    a dashboard of liveness probes otherwise began only when the model was ready."""
+    a dashboard of liveness probes otherwise began only when the model was ready; and
+    /ready's 503 under /ready."""
     from fastapi import FastAPI
 
     from app.observability import Metrics
-    from app.server import count_health
+    from app.server import count_health, count_refusal
 
     app = FastAPI()
     app.state.metrics = Metrics.create()
     listener = listening_socket()
-    server = await answer_while_loading(listener, 5.0, on_health=lambda: count_health(app))
+    server = await answer_while_loading(
+        listener,
+        5.0,
+        on_refusal=lambda status, code, endpoint: count_refusal(app, status, code, endpoint),
+        on_health=lambda: count_health(app),
+    )
     try:
         port = listener.getsockname()[1]
         for request in (
@@ -299,6 +305,11 @@ async def test_health_answers_while_loading_are_counted() -> None:
         "clip_requests_total", {"endpoint": "/health", "status": "200"}
     )
     assert counted == 2
+    # /ready's 503 under /ready, where the app counts its answers (it was "other").
+    not_ready = app.state.metrics.registry.get_sample_value(
+        "clip_requests_total", {"endpoint": "/ready", "status": "503"}
+    )
+    assert not_ready == 1
 
 
 @pytest.mark.parametrize("path", ["/health/", "/embed/", "/nowhere", "/emb%65d/"])
