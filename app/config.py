@@ -265,7 +265,7 @@ def load_settings() -> Settings:
     would serve every caller without a key, the one mistake not to start with."""
     unknown = unknown_variables(os.environ)
     misspelt = [name for name, known in unknown.items() if known == "CLIP_API_KEYS"]
-    if misspelt and "CLIP_API_KEYS" not in os.environ:
+    if misspelt and "CLIP_API_KEYS" not in {name.upper() for name in os.environ}:
         raise MisspeltApiKeys(
             f"{misspelt[0]} is not a setting of this service; API keys are read from "
             "CLIP_API_KEYS (comma-separated), and without it the service would run "
@@ -279,10 +279,11 @@ def load_settings() -> Settings:
 
 
 def unknown_variables(environment: Mapping[str, str]) -> dict[str, str | None]:
-    """CLIP_ variables that are not settings, each with the closest setting's name."""
+    """CLIP_ variables that are not settings, each with the closest setting's name. In
+    any case, as the settings themselves are read: `clip_max_batchsize` is a typo too."""
     names = [f"CLIP_{field.upper()}" for field in Settings.model_fields]
     return {
-        variable: next(iter(difflib.get_close_matches(variable, names, n=1)), None)
+        variable: next(iter(difflib.get_close_matches(variable.upper(), names, n=1)), None)
         for variable in sorted(environment)
-        if variable.startswith("CLIP_") and variable not in names
+        if variable.upper().startswith("CLIP_") and variable.upper() not in names
     }

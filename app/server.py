@@ -49,6 +49,7 @@ from app.api.transport import (
 )
 from app.config import MisspeltApiKeys, Settings, load_settings
 from app.early_exit import STOP_SIGNALS
+from app.errors import ShuttingDown
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
 from app.observability import configure_logging
@@ -126,7 +127,9 @@ class GracefulServer(uvicorn.Server):
         answered = 0
         for connection in list(self.server_state.connections):
             if isinstance(connection, HeaderDeadlineProtocol):
-                answered += connection.abandon(*FORCED_EXIT)
+                answered += connection.abandon(
+                    *FORCED_EXIT, retry_after_s=ShuttingDown.retry_after_s
+                )
             else:
                 connection.shutdown()
         logger.warning(

@@ -108,18 +108,22 @@ class BodyLimitMiddleware:
         self.read_timeout_s = read_timeout_s
         self.media_types = media_types or {}
 
-    def _media_type_refusal(self, scope: Scope) -> str | None:
-        """The route's 415 for this request's body type, where the route declares the
-        types it takes and this is not one of them; None otherwise."""
+    def _media_type_refusal(self, scope: Scope) -> Response | None:
+        """The route's answer to this request's body type, where the route declares the
+        types it takes and this is not one of them (415), or two were sent (400); None
+        otherwise."""
         declared = self.media_types.get((scope["method"], scope.get("path", "")))
         if declared is None:
             return None
         headers = scope["headers"]
         sent = [value.decode("latin-1") for name, value in headers if name == b"content-type"]
         try:
-            return declared.refusal(media_type_of(sent))
-        except InvalidRequest:
-            return None  # two Content-Types: the route says so once the body is in range
+            wrong_type = declared.refusal(media_type_of(sent))
+        except InvalidRequest as exc:  # as the route answers it
+            return error_response(400, exc.code, exc.message)
+        if wrong_type is None:
+            return None
+        return error_response(415, "unsupported_media_type", wrong_type)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,15 +159,13 @@ class BodyLimitMiddleware:
             return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes and _has_endpoint(scope):
-            wrong_type = self._media_type_refusal(scope)
-            if wrong_type is not None:
-                response = error_response(415, "unsupported_media_type", wrong_type)
-            else:
-                size_message = too_large_message(
-                    int(declared), self.max_bytes, path=scope.get("path", "")
-                )
-                response = error_response(413, "payload_too_large", size_message)
-            await _refuse(response, scope, receive, send)
+            size_message = too_large_message(
+                int(declared), self.max_bytes, path=scope.get("path", "")
+            )
+            answer = self._media_type_refusal(scope) or error_response(
+                413, "payload_too_large", size_message
+            )
+            await _refuse(answer, scope, receive, send)
             return
 
         loop = asyncio.get_running_loop()

@@ -79,6 +79,7 @@ class LoadingResponder(asyncio.Protocol):
         # where, and as, the app will refuse it, and taken where the app takes it.
         self._read = _RequestHead()
         self._parser = httptools.HttpRequestParser(self._read)
+        self._read.parser = self._parser
         self._request = ("-", "-")  # method and path, once the request line is read
         self._linger_budget = _LINGER_BYTES
         self._answered = False
@@ -145,12 +146,12 @@ class LoadingResponder(asyncio.Protocol):
         self._answer(*refusal)
 
     def _answer_request(self) -> None:
-        method = self._parser.get_method().decode("ascii")
+        method = self._read.method
         self._request = (method, _shown_target(self._read.url))
         if head_size(self._read.url, self._read.headers) > MAX_HEAD_BYTES:
             self._answer(*HEADERS_TOO_LARGE)
             return
-        refusal = host_refusal(self._parser.get_http_version(), self._read.headers)
+        refusal = host_refusal(self._read.http_version, self._read.headers)
         if refusal is not None:
             self._answer(*refusal)
             return
@@ -234,14 +235,26 @@ class _RequestHead:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.parser: httptools.HttpRequestParser | None = None
+        self.method = ""
+        self.http_version = ""
 
+    # Only the first request is answered (then the connection closes): one pipelined
+    # behind it in the same read must not add its URL and headers to the first's.
     def on_url(self, url: bytes) -> None:
-        self.url += url
+        if not self.complete:
+            self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value.rstrip(b" \t")))
+        if not self.complete:
+            self.headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
+        if not self.complete and self.parser is not None:
+            # Read now: once the parser has gone on to a pipelined request, it tells that
+            # one's.
+            self.method = self.parser.get_method().decode("ascii")
+            self.http_version = self.parser.get_http_version()
         self.complete = True
 
 

@@ -292,15 +292,23 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             b"400 Bad Request", "invalid_http", message, counted=not reading_body
         )
 
-    def abandon(self, status: bytes, code: str, message: str) -> bool:
+    def abandon(
+        self, status: bytes, code: str, message: str, *, retry_after_s: int | None = None
+    ) -> bool:
         """At a forced exit: answer the request in flight with this refusal if its
-        response has not begun, and close the connection. Whether one was answered."""
+        response has not begun (with its request id and Retry-After, as the app's own
+        503s), and close the connection. Whether one was answered."""
         if self.transport.is_closing():
             return False
         cycle = self.cycle
         answered = cycle is not None and not cycle.response_started
-        if answered:
-            self.transport.write(closing_response(status, error_body(code, message)))
+        if cycle is not None and answered:
+            request_id = cycle.scope.get("state", {}).get("request_id")
+            extra = f"x-request-id: {request_id}\r\n" if request_id else ""
+            if retry_after_s is not None:
+                extra += f"retry-after: {retry_after_s}\r\n"
+            body = error_body(code, message)
+            self.transport.write(closing_response(status, body, extra_headers=extra.encode()))
         self.transport.close()
         return answered
 

@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
         nobody = int(np.isin(split.query_labels[0], (JUNK, DISTRACTOR)).sum())
         if nobody:
             print(
-                f"note: {nobody} of the {len(split.query)} queries are junk or distractors "
-                "(persons -1 and 0), which name no one: they are skipped",
+                f"note: {nobody} of the {len(split.query)} queries "
+                f"{'is junk or a distractor' if nobody == 1 else 'are junk or distractors'} "
+                "(persons -1 and 0), which name no one: skipped",
                 file=sys.stderr,
             )
         if args.url:

@@ -266,6 +266,8 @@ def test_a_second_signal_answers_requests_in_flight_with_a_json_503_and_exits_at
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503"), answer
     assert json.loads(body)["error"]["code"] == "shutting_down"
+    assert b"\r\nretry-after: 5" in head  # as every 503 of the service
+    assert b"\r\nx-request-id: " in head
     text = log.read_text()
     assert "Exception in ASGI application" not in text
     assert "Traceback" not in text

@@ -175,6 +175,17 @@ def test_a_misspelt_api_keys_variable_stops_the_start(monkeypatch: pytest.Monkey
         load_settings()
     monkeypatch.setenv("CLIP_API_KEYS", "secret")  # both set: the keys are on; a warning
     assert [key.get_secret_value() for key in load_settings().api_keys] == ["secret"]
+    # Settings are read in any case, so typos are caught in any case too.
+    monkeypatch.delenv("CLIP_API_KEYS")
+    monkeypatch.delenv("CLIP_API_KEY")
+    monkeypatch.setenv("clip_api_key", "secret")
+    with pytest.raises(MisspeltApiKeys, match="rename clip_api_key to CLIP_API_KEYS"):
+        load_settings()
+    monkeypatch.setenv("clip_api_keys", "secret")  # the right name, in lower case
+    assert [key.get_secret_value() for key in load_settings().api_keys] == ["secret"]
+    assert unknown_variables({"clip_max_batchsize": "4"}) == {
+        "clip_max_batchsize": "CLIP_MAX_BATCH_SIZE"
+    }
 
 
 def test_a_bad_setting_is_quoted_in_its_error_but_never_an_api_key() -> None:

@@ -460,3 +460,22 @@ async def test_the_loading_port_takes_and_refuses_heads_as_the_apps_server_does(
         server.should_exit = True
         await serving
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "status"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+        (b"GET /health HTTP/1.1\r\nHost: a\r\n\r\nGET /ready HTTP/1.1\r\n\r\n", 200),
+        (POST_EMBED + b"Content-Length: 0\r\n\r\nGET /health HTTP/1.0\r\n\r\n", 503),
+    ],
+    ids=["two /health", "then /ready without Host", "POST then GET"],
+)
+async def test_a_request_pipelined_while_loading_does_not_change_the_first(
+    pipelined: bytes, status: int
+) -> None:
+    """The second request's URL and headers were added to the first's: two /health were
+    "Host was sent more than once", /health then /ready "no endpoint at /health/ready"."""
+    async with loading_port() as (port, _, _):
+        answered, _, _ = parse(await exchange(port, pipelined))
+    assert answered == status
