@@ -89,11 +89,9 @@ def cached(folder: Path, filename: str, make: Callable[[Path], None]) -> Artefac
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder.parent))
     except OSError as exc:
-        logger.warning(
-            "conversion cache %s not writable (%s); converting for this run only",
-            folder.parent,
-            exc,
-        )
+        cache = folder.parent
+        why = "is a file, not a folder" if cache.is_file() else f"not writable ({exc})"
+        logger.warning("conversion cache %s %s; converting for this run only", cache, why)
         return _for_this_run(filename, make)
     _TEMPORARY.add(staging)  # a SIGTERM mid-conversion left 170 MB here until an hour passed
     try:

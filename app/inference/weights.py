@@ -139,6 +139,12 @@ def _resolve_builtin(model: str, pretrained: str) -> ModelSource:
             display_name=f"{name}/{Path(pretrained).name}",
         )
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg and Path(pretrained).is_dir():
+        raise WeightsUnavailable(
+            f"CLIP_PRETRAINED={pretrained} is a folder; name the checkpoint file in it, or "
+            "serve the folder with CLIP_MODEL=local-dir:<folder> (open_clip_config.json "
+            "and the weights)"
+        )
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise WeightsUnavailable(

@@ -516,6 +516,8 @@ def test_a_file_where_the_weights_belong_is_named_as_such(tmp_path: Path) -> Non
         assert not any("weights_only" in record["message"] for record in records)
     result = run_app({"CLIP_MODEL": f"local-dir:{text}"})
     assert_reported_in_a_line(result, f"CLIP_MODEL=local-dir:{text}: is a file, not a folder")
+    result = run_app({"CLIP_MODEL": "ViT-B-32", "CLIP_PRETRAINED": str(tmp_path)})
+    assert_reported_in_a_line(result, f"CLIP_PRETRAINED={tmp_path} is a folder")
 
 
 def test_python_m_app_reports_invalid_settings_in_a_line() -> None:

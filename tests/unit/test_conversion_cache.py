@@ -328,3 +328,15 @@ def test_a_conversion_that_fails_for_its_own_reasons_is_not_tried_twice(tmp_path
     with pytest.raises(ValueError, match="unsupported operation"):
         cached(tmp_path / "cache" / "key", "tower.xml", broken)
     assert len(calls) == 1
+
+
+def test_a_cache_path_that_is_a_file_is_named_as_such(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It read "not writable ([Errno 17] File exists)"."""
+    (tmp_path / "cache").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        artefact = cached(tmp_path / "cache" / "key", "tower.xml", Converter())
+    assert artefact.temporary
+    assert "is a file, not a folder; converting for this run only" in caplog.text
+    artefact.release()
