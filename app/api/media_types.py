@@ -47,11 +47,12 @@ def is_json(media_type: str) -> bool:
 @dataclass(frozen=True)
 class BodyMediaTypes:
     """JSON, and multipart/form-data where the route takes images: `file_field` its
-    image's file field, `form_fields` the other fields a form carries. JSON only where
-    `file_field` is None."""
+    image's file field, `form_fields` the other fields a form must carry, `optional`
+    those it may. JSON only where `file_field` is None."""
 
     file_field: str | None = None
     form_fields: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
     def refusal(self, media_type: str) -> str | None:
         """What a body of `media_type` is told, or None where the route takes it."""
@@ -61,6 +62,8 @@ class BodyMediaTypes:
         if self.file_field is None:
             return f"{given}; send application/json"
         others = "".join(f" and field `{name}`" for name in self.form_fields)
+        if self.optional:
+            others += f" (and optionally {', '.join(f'`{n}`' for n in self.optional)})"
         return (
             f"{given}; send {MULTIPART} with file field `{self.file_field}`{others}, or "
             f"application/json with `{self.file_field}` as base64{others}"

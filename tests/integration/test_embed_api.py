@@ -253,8 +253,8 @@ async def test_a_large_body_to_no_endpoint_is_404_or_405_not_413(
     [
         ("/embed", "text/plain", "multipart/form-data with file field `image`"),
         ("/embed/batch", "image/jpeg", "file field `images`"),
-        ("/embed/frame", "application/x-www-form-urlencoded", "and field `boxes`"),
-        ("/analyze", None, "and field `include_embedding`"),
+        ("/embed/frame", "text/csv", "and field `boxes` (and optionally `analyze`)"),
+        ("/analyze", None, "file field `image` (and optionally `include_embedding`)"),
         ("/similarity", "multipart/form-data; boundary=x", "send application/json"),
     ],
 )

@@ -37,7 +37,7 @@ _INCLUDE_EMBEDDING = {
     openapi_extra=image_request_body(
         "image", many=False, json_model=AnalyzeJSONRequest, extra=_INCLUDE_EMBEDDING
     ),
-    dependencies=[Depends(BodyMediaTypes("image", ("include_embedding",)))],
+    dependencies=[Depends(BodyMediaTypes("image", optional=("include_embedding",)))],
 )
 async def analyze(
     request: Request, analysis: AnalysisDep, settings: SettingsDep, dtype: DtypeQuery = "float32"

@@ -86,7 +86,7 @@ def _frame_request_body() -> dict[str, Any]:
     "outside the frame are clipped, and `boxes` in the answer says how each was used.",
     responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504, 500, specific=_ERRORS),
     openapi_extra=_frame_request_body(),
-    dependencies=[Depends(BodyMediaTypes("image", ("boxes", "analyze")))],
+    dependencies=[Depends(BodyMediaTypes("image", ("boxes",), ("analyze",)))],
 )
 async def embed_frame(
     request: Request,
