@@ -187,6 +187,14 @@ class Settings(BaseSettings):
                     "CLIP_API_KEYS holds separators but no key; set the keys, or leave it "
                     "empty to run without authentication"
                 )
+            for number, key in enumerate(keys, 1):
+                if any(c.isspace() or not c.isprintable() for c in key):
+                    # A header cannot carry it as it stands: the key would never match.
+                    raise ValueError(
+                        f"CLIP_API_KEYS: key {number} holds a space or a control character, "
+                        "which an HTTP header cannot carry as it stands; use printable "
+                        "characters without spaces (e.g. openssl rand -hex 32)"
+                    )
             return keys
         return value
 

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
     with one_line_errors(parser):
         split = market_split(args.dataset)
         everything = split.query + split.gallery
-        if not scorable_queries(*split.query_labels, *split.gallery_labels):
+        scorable = scorable_queries(*split.query_labels, *split.gallery_labels)
+        if not scorable:
             fail(
                 parser,
                 f"none of the {len(split.query)} queries in {args.dataset}/query has its "
@@ -192,6 +193,14 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
                 f"note: {nobody} of the {len(split.query)} queries "
                 f"{'is junk or a distractor' if nobody == 1 else 'are junk or distractors'} "
                 "(persons -1 and 0), which name no one: skipped",
+                file=sys.stderr,
+            )
+        unmatched = len(split.query) - nobody - scorable
+        if unmatched:
+            print(
+                f"note: {unmatched} of the {len(split.query)} queries "
+                f"{'has' if unmatched == 1 else 'have'} no crop of their person in "
+                "bounding_box_test/ on another camera: skipped",
                 file=sys.stderr,
             )
         if args.url:

@@ -487,3 +487,20 @@ def test_supervised_projection_beats_pca_on_a_synthetic_labelled_set(
     pca_map = results["pca16.safetensors (pca, 16-d)"].mean_ap
     lda_map = results["lda16.safetensors (lda, 16-d)"].mean_ap
     assert lda_map > pca_map + 0.05, (lda_map, pca_map)
+
+
+def test_eval_reid_says_which_queries_it_skips_and_why(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A distractor query (person 0) found the other distractors as its matches; a query
+    without a match on another camera was only a count in "+N skipped"."""
+    dataset = market_dataset(tmp_path / "market")
+    query = dataset / "query"
+    (query / "0000_c1s1_000003_00.jpg").write_bytes(noise_jpeg(3))  # a distractor
+    (query / "0042_c1s1_000004_00.jpg").write_bytes(noise_jpeg(4))  # nobody to match
+    common = ["--model", f"local-dir:{tiny_model_dir}", "--device", "cpu", "--backend", "torch"]
+    results = eval_reid.main([str(dataset), *common, "--out", str(tmp_path / "out")])
+    assert (results["raw"].queries, results["raw"].skipped) == (6, 2)
+    notes = capsys.readouterr().err
+    assert "note: 1 of the 8 queries is junk or a distractor" in notes
+    assert "note: 1 of the 8 queries has no crop of their person" in notes

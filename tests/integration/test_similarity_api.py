@@ -173,6 +173,8 @@ async def test_top_k_is_capped_at_the_gallery_size(client: httpx.AsyncClient) ->
             'it looks like float16: send "dtype": "float16" with it',
         ),
         ({"queries": [], "gallery": [emb([1.0])]}, 422, "queries"),
+        ({"a": emb([1.0]), "b": None}, 422, "a pair needs both `a` and `b`; `b` is null"),
+        ({"b": emb([1.0])}, 422, "a pair needs both `a` and `b`; `a` is missing"),
         # A null read "Input should be a valid integer", as if the value had been lost.
         (
             {"queries": [emb([1.0])], "gallery": [emb([1.0])], "top_k": None},

@@ -212,3 +212,12 @@ def test_a_request_timeout_past_an_hour_is_refused() -> None:
     with pytest.raises(ValidationError, match="less than or equal to 3600"):
         Settings(request_timeout_s=30000)
     assert Settings(request_timeout_s=3600).request_timeout_s == 3600
+
+
+@pytest.mark.parametrize("keys", ["good,bad key", "good,tab\tkey", "k\x01ey"])
+def test_a_key_no_header_can_carry_is_refused(keys: str) -> None:
+    """`bad key` was taken, and no client could send it so that it matched."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="holds a space or a control character"):
+        Settings(api_keys=keys)

@@ -99,7 +99,9 @@ async def similarity(
         )
     if pair:
         if body.a is None or body.b is None:
-            raise ValidationFailed("a pair needs both `a` and `b`")
+            absent = "a" if body.a is None else "b"
+            how = "null" if absent in body.model_fields_set else "missing"
+            raise ValidationFailed(f"a pair needs both `a` and `b`; `{absent}` is {how}")
         if "top_k" in body.model_fields_set:
             # Validated with the rest, then unused: the client meant a search.
             raise ValidationFailed(
