@@ -12,6 +12,7 @@ import torch
 
 from app.config import Backend, Precision
 from app.inference.runtimes import BackendUnavailable, pick_backend, weights_digest
+from app.inference.runtimes import torch_tower as torch_tower_module
 from app.inference.runtimes.torch_tower import TorchTower, torch_tower
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -163,7 +164,8 @@ def test_a_tower_built_after_another_ran_takes_torchs_own_threads_not_a_streams_
     """Built with threads=0 after a two-stream pass had left the process on one thread,
     a tower took one stream on one thread: a test's second app, a benchmark's next
     configuration. torch's own count is read before any pass sets it."""
-    default = torch.get_num_threads()
+    # What torch chose before any pass: earlier tests' passes may have left it lower.
+    default = torch_tower_module._TORCH_DEFAULT_THREADS
     first = TorchTower(ThreadCountingTower(), torch.float32, streams=2, threads=2 * default)
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(first, [torch.zeros(4, 3, 8, 8)] * 2))
