@@ -161,12 +161,12 @@ def test_a_one_stream_tower_keeps_its_threads_whatever_another_tower_set() -> No
 
 @pytest.mark.usefixtures("torch_threads")
 def test_a_tower_built_after_another_ran_takes_torchs_own_threads_not_a_streams_share() -> None:
-    """Built with threads=0 after a two-stream pass had left the process on one thread,
-    a tower took one stream on one thread: a test's second app, a benchmark's next
+    """Built with threads=0 on a thread a two-stream pass had left on one thread, a tower
+    took one stream on one thread: a test's second app, a benchmark's next
     configuration. torch's own count is read before any pass sets it."""
     # What torch chose before any pass: earlier tests' passes may have left it lower.
     default = torch_tower_module._TORCH_DEFAULT_THREADS
-    torch.set_num_threads(1)  # as a stream's pass on two threads leaves it
+    torch.set_num_threads(1)  # as a stream's pass on two threads leaves its thread
     cpu = torch.device("cpu")
     later = torch_tower(torch.nn.Linear(4, 4), Precision.FP32, cpu, streams=0)
     assert later.concurrency == (2 if default >= 2 else 1)

@@ -9,9 +9,10 @@ import torch
 from app.config import Backend, Precision
 from app.inference.runtimes.tower import Tower, Turns
 
-# torch's own choice of threads, read before any pass here sets the process's count
-# (each pass sets its own, below): a tower built later in the process (a benchmark's next
-# configuration, a load tool's probe, a test's next app) read a stream's share instead,
+# torch's own choice of threads, read before any pass here sets a count (each pass sets
+# its own, below, and the count stays with the thread that ran it): a tower built later
+# on such a thread (a benchmark's next configuration, a test's next app, loaded on a
+# reused executor thread the warm-up's stream pass had run on) read a stream's share,
 # and took one stream on one thread.
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
@@ -35,9 +36,8 @@ class TorchTower:
         self._turns = Turns(self.concurrency)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        # torch's thread count is the process's, not the calling thread's: each pass sets
-        # its own, so another tower in the process (a load tool's probes) cannot leave
-        # this one on a stream's share.
+        # Each pass sets its own thread count: whatever ran on this thread before (another
+        # tower's stream, a load tool's probe) cannot leave this pass on a stream's share.
         if self.concurrency == 1:
             torch.set_num_threads(self._threads)
             return self._forward(pixels)
