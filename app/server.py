@@ -63,7 +63,7 @@ logger = logging.getLogger("app")
 _FORCED_EXIT_S = 2.0
 FORCED_EXIT = (
     b"503 Service Unavailable",
-    "shutting_down",
+    ShuttingDown.code,
     "the service was stopped before this request finished; retry on another replica",
 )
 
@@ -86,6 +86,16 @@ def _what_to_do(host: str) -> str:
     return "stop what holds the port, or choose another with --port (below 1024 needs privileges)"
 
 
+def _exit_at_once(status: int) -> None:
+    """Exit without Python's cleanup (a load thread cannot be stopped; requests in flight
+    are already answered), removing what a conversion left for this run only (an
+    unwritable cache) and with the log flushed."""
+    remove_temporary()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(status)
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, header_timeout_s: float) -> None:
         super().__init__(config)
@@ -101,10 +111,7 @@ class GracefulServer(uvicorn.Server):
             # orchestrator's grace period (then SIGKILL). What a conversion leaves
             # half-written is in a staging folder, never in the cache.
             logger.info("%s while the model loads: exiting now", signal.Signals(sig).name)
-            remove_temporary()  # a conversion for this run only (unwritable cache)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(0)
+            _exit_at_once(0)
         if self.should_exit and self._loop is not None:  # a second signal: exit now
             # On the loop, not in this handler, which may have interrupted a write; and
             # whatever the loop is doing, out within a moment.
@@ -137,10 +144,7 @@ class GracefulServer(uvicorn.Server):
             signal.Signals(sig).name,
             answered,
         )
-        remove_temporary()
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(128 + sig)
+        _exit_at_once(128 + sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
