@@ -67,16 +67,25 @@ class ResizeCenterCrop:
         last = int((start + count - 0.5) * scale + support + 0.5) + 2
         return max(0, first), min(size, last)
 
-    def __call__(self, image: Image.Image) -> Image.Image | None:
-        """The resized and cropped image; None where torchvision would pad instead (a
-        crop larger than the resized image), which the caller's full transform does."""
-        width, height = image.size
+    def placement(self, width: int, height: int) -> tuple[int, int, int, int] | None:
+        """(resized width, resized height, crop top, crop left) as torchvision places
+        them, or None where it would pad instead."""
         resized = self.output_size(width, height)
         if resized is None:
             return None
         new_width, new_height = resized
         top = round((new_height - self.crop_height) / 2.0)  # torchvision's rounding
         left = round((new_width - self.crop_width) / 2.0)
+        return new_width, new_height, top, left
+
+    def __call__(self, image: Image.Image) -> Image.Image | None:
+        """The resized and cropped image; None where torchvision would pad instead (a
+        crop larger than the resized image), which the caller's full transform does."""
+        width, height = image.size
+        placement = self.placement(width, height)
+        if placement is None:
+            return None
+        new_width, new_height, top, left = placement
         crop_width, crop_height = self.crop_width, self.crop_height
         scale_x, scale_y = width / new_width, height / new_height
         if (

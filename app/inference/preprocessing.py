@@ -62,6 +62,47 @@ def fast_resize_center_crop(steps: list[Any]) -> ResizeCenterCrop | None:
     return ResizeCenterCrop(int(side), (int(crop_size[0]), int(crop_size[1])), resample)
 
 
+# torch's uint8 kernels for Pillow's antialiased filters (vectorised with AVX2; without
+# it, torch's generic path). Against Pillow, measured over shapes from 1/5x to 5x on
+# noise, the hardest case: bilinear within 1/255 at every scale, bicubic within 2/255
+# where it enlarges or shrinks 3x or more. Shrinking bicubic by 1-3x its weights lose
+# precision and noise-like detail lands up to ~20/255 off: Pillow resizes those.
+_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+_BICUBIC_SHRINK_LEFT_TO_PILLOW = (1.0, 3.0)
+
+
+class VectorisedResizeCenterCrop:
+    """ResizeCenterCrop's pixels from torch's uint8 resize: 2-3x less CPU than Pillow's
+    on a person crop (0.36 against 0.72 ms at 128x256, 0.66 against 2.0 at 300x700), and
+    the service's largest cost around the model. Runs in the decode threads: the kernel
+    is single-threaded, so no torch thread pool wakes to fight the forward pass."""
+
+    def __init__(self, geometry: ResizeCenterCrop) -> None:
+        self.geometry = geometry
+        self.mode = _TORCH_FILTERS.get(geometry.resample)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor | None:
+        """(C, H, W) uint8, or None where Pillow's path must do it (padding, a filter
+        or a scale torch does not match Pillow at, an image not in RGB)."""
+        width, height = image.size
+        placement = self.geometry.placement(width, height)
+        if self.mode is None or placement is None or image.mode != "RGB":
+            return None
+        new_width, new_height, top, left = placement
+        shrink = width / new_width
+        low, high = _BICUBIC_SHRINK_LEFT_TO_PILLOW
+        if self.mode == "bicubic" and low < shrink < high:
+            return None
+        # np.array copies, writable: torch wants a buffer it may own.
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+        if (new_width, new_height) != (width, height):
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(new_height, new_width), mode=self.mode, antialias=True
+            )
+        crop_height, crop_width = self.geometry.crop_height, self.geometry.crop_width
+        return pixels[0, :, top : top + crop_height, left : left + crop_width].contiguous()
+
+
 class SplitPreprocess:
     """open_clip's transform cut in two at its ToTensor step.
 
@@ -81,6 +122,7 @@ class SplitPreprocess:
     ) -> None:
         self.geometry = geometry
         self.fast = fast
+        self.vectorised = VectorisedResizeCenterCrop(fast) if fast is not None else None
         self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -97,6 +139,10 @@ class SplitPreprocess:
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """Geometry only: a (C, H, W) uint8 view of the resized image."""
+        if self.vectorised is not None:
+            pixels = self.vectorised(image)
+            if pixels is not None:
+                return pixels
         resized = self.fast(image) if self.fast is not None else None
         if resized is None:
             resized = self.geometry(image)

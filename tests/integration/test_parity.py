@@ -45,6 +45,19 @@ async def test_parity_with_open_clip_on_vit_b_32_for_a_128x256_crop(
     await check_parity(settings, vit_b_32_dir, crop, dim=512)
 
 
+@pytest.mark.parametrize("size", [(60, 150), (250, 575), (700, 1610)])
+async def test_parity_on_vit_b_32_whichever_library_resizes(
+    vit_b_32_dir: Path, tmp_path: Path, size: tuple[int, int]
+) -> None:
+    """Noise crops (the hardest case for a resize's rounding) that torch's resize
+    enlarges, that Pillow's shrinks by less than 3x, and that torch's shrinks by more."""
+    crop = tmp_path / "noise.jpg"
+    pixels = np.random.default_rng(13).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(crop, "JPEG", quality=95)
+    settings = Settings(model=f"local-dir:{vit_b_32_dir}", device="cpu", precision="fp32")
+    await check_parity(settings, vit_b_32_dir, crop, dim=512)
+
+
 async def test_a_large_jpeg_decoded_at_reduced_scale_keeps_parity(
     vit_b_32_dir: Path, tmp_path: Path
 ) -> None:

@@ -21,7 +21,12 @@ from torchvision.transforms import (
 )
 
 from app.inference.geometry import PixelPreprocessor
-from app.inference.preprocessing import ImagePreprocessor, SplitPreprocess, fast_resize_center_crop
+from app.inference.preprocessing import (
+    ImagePreprocessor,
+    SplitPreprocess,
+    VectorisedResizeCenterCrop,
+    fast_resize_center_crop,
+)
 from app.tools.synthetic_people import make_person
 
 
@@ -91,15 +96,57 @@ def test_resizing_only_the_kept_region_matches_resize_then_centre_crop(mode: str
     assert exact >= len(shapes) // 2  # most shapes are exact, to the pixel
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_the_pixels_served_stay_within_two_steps_of_pillow_at_every_scale(mode: str) -> None:
+    """Noise, the hardest case for a resize's rounding, from 1/5x to 5x the side: within
+    2/255 of open_clip's Pillow resize everywhere (bilinear 1/255). Shrinking bicubic by
+    1-3x, where torch's kernel lands up to ~20/255 off on noise, Pillow's path runs."""
+    interpolation = InterpolationMode(mode)
+    reference = Compose([Resize(224, interpolation=interpolation), CenterCrop(224)])
+    fast = fast_resize_center_crop(list(reference.transforms))
+    assert fast is not None
+    split = SplitPreprocess(reference, Normalize((0.5,) * 3, (0.5,) * 3), fast)
+    rng = np.random.default_rng(11)
+    widths = [40, 80, 128, 200, 224, 230, 250, 300, 448, 600, 700, 900, 1200]
+    for width in widths:
+        for height in (int(width * 2.3), int(width * 0.7)):
+            noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            image = Image.fromarray(noise)
+            ours = split.pixels(image).numpy().astype(np.int16)
+            theirs = np.asarray(reference(image)).transpose(2, 0, 1).astype(np.int16)
+            assert ours.shape == theirs.shape, (width, height)
+            assert np.abs(ours - theirs).max() <= (2 if mode == "bicubic" else 1), (width, height)
+
+
+def test_person_crops_take_the_vectorised_resize_and_mild_bicubic_shrinks_do_not() -> None:
+    reference = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224)])
+    fast = fast_resize_center_crop(list(reference.transforms))
+    assert fast is not None
+    vectorised = VectorisedResizeCenterCrop(fast)
+    for enlarged_or_much_shrunk in [(128, 256), (64, 160), (224, 500), (900, 2000)]:
+        image = Image.new("RGB", enlarged_or_much_shrunk, (90, 40, 200))
+        pixels = vectorised(image)
+        assert pixels is not None
+        assert pixels.shape == (3, 224, 224)
+        assert pixels.is_contiguous()
+        assert pixels.dtype == torch.uint8
+        assert (pixels[:, 100, 100] == torch.tensor([90, 40, 200], dtype=torch.uint8)).all()
+    for shrunk_1_to_3x in [(250, 575), (448, 1000)]:
+        assert vectorised(Image.new("RGB", shrunk_1_to_3x)) is None
+    assert vectorised(Image.new("L", (128, 256))) is None  # Pillow's path converts it
+
+
 def test_transforms_that_are_not_resize_then_crop_keep_their_own_path() -> None:
     assert fast_resize_center_crop([CenterCrop(224), Resize(224)]) is None
     assert fast_resize_center_crop([Resize((224, 224)), CenterCrop(224)]) is None
     assert fast_resize_center_crop([Resize(224, max_size=300), CenterCrop(224)]) is None
 
 
-def test_decode_processes_get_a_torch_free_preprocessor_with_the_same_pixels(
+def test_decode_processes_get_a_torch_free_preprocessor_within_two_steps_of_the_threads(
     tiny_model_dir: Path,
 ) -> None:
+    """Pillow's resize in the processes, torch's in the threads where it matches Pillow:
+    the same picture, at most 2/255 apart in a few pixels."""
     _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
     size = transform.transforms[1].size
     full = ImagePreprocessor(transform, "shortest", tuple(size))
@@ -112,7 +159,11 @@ def test_decode_processes_get_a_torch_free_preprocessor_with_the_same_pixels(
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         ours = lean(image)
         assert ours.dtype == np.uint8
-        np.testing.assert_array_equal(ours, full(image).numpy())
+        threads = full(image).numpy()
+        assert ours.shape == threads.shape
+        difference = np.abs(ours.astype(np.int16) - threads)
+        assert difference.max() <= 2, (width, height)
+        assert (difference > 0).mean() < 0.05, (width, height)
 
 
 def test_other_resize_modes_send_the_full_preprocessor(tiny_model_dir: Path) -> None:
