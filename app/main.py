@@ -84,13 +84,20 @@ def create_app(
         if on_cpu_only:
             page_out_files(GPU_LIBRARIES)
         try:
-            vocabulary = Vocabulary.load(settings.garment_vocab)  # before seconds of loading
+            # Both before the seconds of loading: a bad file fails the start at once.
+            vocabulary = Vocabulary.load(settings.garment_vocab)
+            projection_file = Projection.read(settings.projection) if settings.projection else None
             # The prompts are embedded before the image tower is converted, so that
             # the text tower is gone by then (a lower startup peak).
             encoder = await asyncio.to_thread(load_encoder, settings, vocabulary.prompts())
             info = encoder.info
-            projection = load_projection(
-                settings, info.model, info.dim, info.weights_sha256, (info.precision, info.backend)
+            projection = fitted_projection(
+                projection_file,
+                settings,
+                info.model,
+                info.dim,
+                info.weights_sha256,
+                (info.precision, info.backend),
             )
         except STARTUP_ERRORS as exc:
             logger.error("startup failed: %s", exc)
@@ -217,24 +224,24 @@ class ConciseStartupFailure:
                 await send({**message, "message": ""} if known else message)
 
 
-def load_projection(
+def fitted_projection(
+    projection: Projection | None,
     settings: Settings,
     model: str,
     dim: int,
     weights: str = "",
     runs: tuple[str, str] | None = None,
 ) -> Projection | None:
-    """CLIP_PROJECTION, checked against the model; `runs` is the (precision, backend) the
-    service runs, which the file's fit is compared with."""
-    if not settings.projection:
+    """CLIP_PROJECTION's file, read before the model loaded, checked against the model;
+    `runs` is the (precision, backend) the service runs, which the file's fit is
+    compared with."""
+    if projection is None:
         return None
-    projection = Projection.load(
-        settings.projection, expected_model=model, expected_weights=weights or None
-    )
+    where = f"CLIP_PROJECTION={settings.projection}"
+    projection.check_fitted_for(model, weights or None, where)
     if projection.input_dim != dim:
         raise ProjectionError(
-            f"CLIP_PROJECTION={settings.projection} maps {projection.input_dim} dims, but the "
-            f"model gives {dim}"
+            f"{where} maps {projection.input_dim} dims, but the model gives {dim}"
         )
     fitted = (projection.metadata.get("precision"), projection.metadata.get("backend"))
     if runs is not None and None not in fitted and fitted != runs:

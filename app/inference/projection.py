@@ -83,6 +83,14 @@ class Projection:
         """Read and check a projection file. `expected_model` is the readable model id,
         `expected_weights` its weights' hash, where known; `option` and `runs` word the
         errors for whoever reads them (the service's setting, or a command-line option)."""
+        projection = cls.read(path, option)
+        projection.check_fitted_for(expected_model, expected_weights, f"{option}={path}", runs)
+        return projection
+
+    @classmethod
+    def read(cls, path: str | Path, option: str = "CLIP_PROJECTION") -> Projection:
+        """A projection file's contents, checked for use but not yet against a model: the
+        service reads it before the seconds of loading one, so a bad file fails at once."""
         where = f"{option}={path}"
         try:
             tensors = load_file(str(path))
@@ -96,8 +104,18 @@ class Projection:
         fault = unusable(weight, mean)
         if fault is not None:
             raise ProjectionError(f"{where}: {fault}; refit it (python -m app.reid.fit_projection)")
-        fitted_for = metadata["model"]
-        fitted_weights = metadata.get(WEIGHTS_KEY, "")
+        return cls(weight, mean, metadata["model"], metadata.get("kind", "linear"), metadata)
+
+    def check_fitted_for(
+        self,
+        expected_model: str | None,
+        expected_weights: str | None,
+        where: str = "CLIP_PROJECTION",
+        runs: str = "the service runs",
+    ) -> None:
+        """ProjectionError unless this was fitted for the model: by the weights' hash where
+        both are known, else by the readable model id (None: not checked)."""
+        fitted_for, fitted_weights = self.model, self.weights_sha256
         if expected_weights and fitted_weights:
             # The hash decides: readable ids repeat (local-dir: names only the folder).
             if fitted_weights != expected_weights:
@@ -114,7 +132,6 @@ class Projection:
                 f"{where} was fitted for {fitted_for}, but {runs} "
                 f"{expected_model}; fit one for this model (python -m app.reid.fit_projection)"
             )
-        return cls(weight, mean, fitted_for, metadata.get("kind", "linear"), metadata)
 
 
 def unusable(weight: npt.NDArray[Any], mean: npt.NDArray[Any]) -> str | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,6 +121,38 @@ async def test_a_projection_for_another_model_stops_startup(
     with pytest.raises(ProjectionError, match="CLIP_PROJECTION"):
         async with serve(tiny_settings(projection=str(path), warmup=False)):
             pass
+
+
+@pytest.mark.parametrize(
+    ("contents", "says"),
+    [
+        (b"not a tensor file", "not a readable safetensors file"),
+        (None, "weight holds 1 NaN"),
+    ],
+)
+async def test_a_broken_projection_file_stops_startup_before_the_model_loads(
+    tiny_settings: Callable[..., Settings], tmp_path: Path, contents: bytes | None, says: str
+) -> None:
+    """Read before the seconds of loading a model (minutes on a cold conversion), so
+    that a crash-looping pod says so at once."""
+    path = tmp_path / "broken.safetensors"
+    if contents is None:
+        weight = np.eye(4, 64, dtype=np.float32)
+        weight[0, 0] = np.nan
+        save_file({"weight": weight, "mean": np.zeros(64, np.float32)}, str(path),
+                  metadata={"model": "any"})  # fmt: skip
+    else:
+        path.write_bytes(contents)
+    loads: list[str] = []
+
+    def encoder_factory(settings: Settings, texts: Sequence[str]) -> Any:
+        loads.append(settings.model)
+        raise AssertionError("the model was loaded before the projection file was read")
+
+    with pytest.raises(ProjectionError, match=f"CLIP_PROJECTION={path}: {says}"):
+        async with serve(tiny_settings(projection=str(path), warmup=False), encoder_factory):
+            pass
+    assert loads == []
 
 
 async def test_a_linear_head_converted_for_a_local_dir_model_serves(
