@@ -31,6 +31,15 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def request_id_for(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's X-Request-ID where it sent one that is safe to echo and log; a new
+    one otherwise. (Two ids: which one a proxy or a log keeps differs, so neither is
+    this request's.) `headers` as ASGI gives them: names in lower case."""
+    sent = [value for name, value in headers if name == b"x-request-id"]
+    incoming = sent[0].decode("latin-1") if len(sent) == 1 else ""
+    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
@@ -112,10 +121,7 @@ class RequestObservability:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = [value for name, value in scope["headers"] if name == b"x-request-id"]
-        # Two ids: which one a proxy or a log keeps differs, so neither is this request's.
-        incoming = sent[0].decode("latin-1") if len(sent) == 1 else ""
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_for(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         started = time.perf_counter()

@@ -249,10 +249,12 @@ def count_refusal(app: FastAPI, status: int, code: str, endpoint: str = "other")
     metrics.rejections.labels(code).inc()
 
 
-def count_health(app: FastAPI) -> None:
-    """A /health answered while the model loads, in the app's request count: a dashboard
-    of liveness probes otherwise starts only once the model is ready."""
+def count_health(app: FastAPI, seconds: float) -> None:
+    """A /health answered while the model loads, in the app's request count and
+    durations: a dashboard of liveness probes otherwise starts only once the model is
+    ready."""
     app.state.metrics.requests.labels("/health", "200").inc()
+    app.state.metrics.request_seconds.labels("/health").observe(seconds)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import cast
 from urllib.parse import unquote, urlsplit
@@ -41,6 +42,7 @@ from app.api.transport import (
     json_body,
     unknown_method_refusal,
 )
+from app.observability import request_id_for
 
 # How long what a client still sends after its answer (a body) is read and dropped
 # before closing: closing with unread bytes makes the kernel reset the connection, and
@@ -64,7 +66,7 @@ class LoadingResponder(asyncio.Protocol):
         header_timeout_s: float,
         on_refusal: RefusalObserver | None,
         live: set[LoadingResponder] | None = None,
-        on_health: Callable[[], None] | None = None,
+        on_health: Callable[[float], None] | None = None,
         missing_endpoint: Callable[[str, str], str | None] | None = None,
     ) -> None:
         self._header_timeout_s = header_timeout_s
@@ -85,6 +87,7 @@ class LoadingResponder(asyncio.Protocol):
         self._answered = False
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
+        self._first_byte_at = 0.0  # the request's duration is counted from it
 
     def hand_over(self, make_protocol: Callable[[], asyncio.Protocol]) -> bool:
         """Pass the connection, and what it has sent so far, to `make_protocol()`'s
@@ -115,6 +118,8 @@ class LoadingResponder(asyncio.Protocol):
             if self._linger_budget < 0 and self._transport is not None:
                 self._transport.close()
             return
+        if not self._head:
+            self._first_byte_at = time.monotonic()
         self._head += data
         try:
             self._parser.feed_data(data)
@@ -163,7 +168,7 @@ class LoadingResponder(asyncio.Protocol):
         head_only = method == "HEAD"
         if path == "/health" and method in ("GET", "HEAD"):
             if self._on_health is not None:
-                self._on_health()
+                self._on_health(time.monotonic() - self._first_byte_at)
             self._write(b"200 OK", json_body({"status": "ok"}), head_only=head_only)
             return
         missing = self._missing_endpoint(path, shown_path) if self._missing_endpoint else None
@@ -209,16 +214,21 @@ class LoadingResponder(asyncio.Protocol):
             self._timer.cancel()
         peer = transport.get_extra_info("peername")
         method, path = self._request
+        # The caller's id, or a new one, on the answer and its log line, as the app does:
+        # a client that logs the id of each failure can find a 503 of the load too.
+        request_id = request_id_for(self._read.headers if self._read.complete else [])
         # One line per request, as the app's access log writes once it serves.
         logger.info(
             "answered while the model loads",
             extra={
+                "request_id": request_id,
                 "method": method,
                 "path": path,
                 "status": int(status.split()[0]),
                 "client": peer[0] if isinstance(peer, tuple) else "-",
             },
         )
+        extra_headers += f"x-request-id: {request_id}\r\n".encode()
         transport.write(
             closing_response(status, body, extra_headers=extra_headers, head_only=head_only)
         )
@@ -318,7 +328,7 @@ async def answer_while_loading(
     header_timeout_s: float,
     on_refusal: RefusalObserver | None = None,
     backlog: int = 2048,
-    on_health: Callable[[], None] | None = None,
+    on_health: Callable[[float], None] | None = None,
     missing_endpoint: Callable[[str, str], str | None] | None = None,
 ) -> LoadingPort:
     """Serve LoadingResponder on a duplicate of `listener` until the port is handed over

@@ -286,7 +286,7 @@ async def test_health_answers_while_loading_are_counted() -> None:
         listener,
         5.0,
         on_refusal=lambda status, code, endpoint: count_refusal(app, status, code, endpoint),
-        on_health=lambda: count_health(app),
+        on_health=lambda seconds: count_health(app, seconds),
     )
     try:
         port = listener.getsockname()[1]
@@ -305,11 +305,45 @@ async def test_health_answers_while_loading_are_counted() -> None:
         "clip_requests_total", {"endpoint": "/health", "status": "200"}
     )
     assert counted == 2
+    # In the durations too, as the app's answers are.
+    timed = app.state.metrics.registry.get_sample_value(
+        "clip_request_duration_seconds_count", {"endpoint": "/health"}
+    )
+    assert timed == 2
     # /ready's 503 under /ready, where the app counts its answers (it was "other").
     not_ready = app.state.metrics.registry.get_sample_value(
         "clip_requests_total", {"endpoint": "/ready", "status": "503"}
     )
     assert not_ready == 1
+
+
+async def test_answers_while_loading_carry_the_callers_request_id_or_a_new_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As the app's answers do: an id a client logs with a failure finds the 503 of the
+    load in the server's log too."""
+    async with loading_port() as (port, _, _):
+        with caplog.at_level(logging.INFO, logger="app.api.loading"):
+            sent = b"GET /ready HTTP/1.1\r\nHost: x\r\nX-Request-ID: probe-7.a\r\n\r\n"
+            status, headers, _ = parse(await exchange(port, sent))
+            assert (status, headers["x-request-id"]) == (503, "probe-7.a")
+            minted = []
+            for unusable in (
+                b"",
+                b"X-Request-ID: a b\r\n",
+                b"X-Request-ID: 1\r\nX-Request-ID: 2\r\n",
+            ):
+                health = b"GET /health HTTP/1.1\r\nHost: x\r\n" + unusable + b"\r\n"
+                status, headers, _ = parse(await exchange(port, health))
+                assert status == 200
+                assert len(headers["x-request-id"]) == 32
+                minted.append(headers["x-request-id"])
+            # Bytes that are not HTTP have no headers to take an id from: a new one.
+            status, headers, _ = parse(await exchange(port, b"\x16\x03\x01 TLS\r\n\r\n"))
+            assert (status, len(headers["x-request-id"])) == (400, 32)
+    assert len(set(minted)) == 3
+    logged = [getattr(r, "request_id", None) for r in caplog.records]
+    assert logged[:2] == ["probe-7.a", minted[0]]
 
 
 @pytest.mark.parametrize("path", ["/health/", "/embed/", "/nowhere", "/emb%65d/"])
