@@ -43,11 +43,21 @@ class ResizeMode(StrEnum):
     SQUASH = "squash"  # resize to the square, distorting the aspect ratio
 
 
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"  # a JSON access line per request, refusals, start and stop
+    WARNING = "warning"  # what needs an operator: failures, and refusals of a server's own
+    ERROR = "error"
+
+
 # Model inputs of the largest /analyze: upper body, lower body and the whole crop.
 ANALYZE_IMAGES = 3
 # Smallest person crop, width x height: /analyze's and a frame's boxes' minimum; below it
 # there is no garment to see.
 MIN_PERSON_CROP = (8, 16)
+
+# What CLIP_INT8_CALIBRATION_DIR's crops may be.
+CALIBRATION_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -153,6 +163,11 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="torch intra-op threads; 0 keeps torch's default."
     )
     warmup: bool = Field(True, description="Run a forward pass before /ready turns 200.")
+    log_level: LogLevel = Field(
+        LogLevel.INFO,
+        description="The service's log lines at this level and above; info writes one "
+        "JSON access line per request, warning leaves them out.",
+    )
     garment_vocab: str = Field(
         "", description="JSON garment vocabulary for /analyze; empty uses the packaged one."
     )
@@ -169,7 +184,7 @@ class Settings(BaseSettings):
             raise ValueError("CLIP_DEVICE must be one of auto, cpu, cuda, cuda:N")
         return value
 
-    @field_validator("precision", "backend", "resize_mode", mode="before")
+    @field_validator("precision", "backend", "resize_mode", "log_level", mode="before")
     @classmethod
     def _fold_choice(cls, value: object) -> object:
         # `FP32`, `OpenVINO` or `fp32 ` (a .env file's trailing space) mean what they say,
@@ -255,6 +270,29 @@ class Settings(BaseSettings):
                 f"CLIP_MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) must be at least "
                 f"CLIP_MAX_REQUEST_PIXELS ({self.max_request_pixels})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_folder_holds_crops(self) -> Settings:
+        # Checked with the other settings where int8 may calibrate on it: not minutes
+        # later, once the model has loaded and the conversion begins.
+        folder = self.int8_calibration_dir
+        if not folder or self.precision != Precision.INT8:
+            return self
+        where = f"CLIP_INT8_CALIBRATION_DIR={folder}"
+        path = Path(folder)
+        if not path.is_dir():
+            raise ValueError(
+                f"{where} is a file, not a folder of crops"
+                if path.exists()
+                else f"{where}: there is no such folder"
+            )
+        try:
+            has_crops = any(p.suffix.lower() in CALIBRATION_SUFFIXES for p in path.iterdir())
+        except OSError as exc:
+            raise ValueError(f"{where} cannot be read: {exc.strerror}") from None
+        if not has_crops:
+            raise ValueError(f"{where} holds no .jpg, .png, .webp or .bmp crops")
         return self
 
     @property

@@ -44,7 +44,12 @@ from app.inference.model import ClipImageEncoder
 from app.inference.projection import Projection, ProjectionError
 from app.inference.service import EmbeddingService
 from app.inference.weights import WeightsUnavailable
-from app.observability import Metrics, RequestObservability, configure_logging
+from app.observability import (
+    Metrics,
+    RequestObservability,
+    configure_logging,
+    set_log_level,
+)
 from app.search import SearchExecutor
 
 logger = logging.getLogger("app")
@@ -268,5 +273,7 @@ def __getattr__(name: str) -> Any:
     # (tests, tools) never reads the environment or loads a model.
     if name == "app":
         configure_logging()
-        return create_app()
+        settings = load_settings()
+        set_log_level(settings.log_level)
+        return create_app(settings)
     raise AttributeError(name)

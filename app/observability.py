@@ -239,6 +239,12 @@ def _not_uvicorn_invalid_request(record: logging.LogRecord) -> bool:
     return record.getMessage() != "Invalid HTTP request received."
 
 
+def set_log_level(level: str) -> None:
+    """The service's own log (access lines included) at `level` and above; libraries'
+    stay at WARNING."""
+    logging.getLogger("app").setLevel(level.upper())
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())

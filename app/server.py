@@ -52,7 +52,7 @@ from app.early_exit import STOP_SIGNALS
 from app.errors import ShuttingDown
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
-from app.observability import configure_logging
+from app.observability import configure_logging, set_log_level
 
 # Longest a request's line and headers may take to arrive (nginx's client_header_timeout
 # is 60 s; a camera or a load balancer sends them in one packet).
@@ -267,6 +267,7 @@ def main(args: argparse.Namespace) -> int:
     except (SettingsError, MisspeltApiKeys) as exc:  # SettingsError: a value not even parsed
         logger.error("invalid settings: %s", exc)
         return 1
+    set_log_level(settings.log_level)
     return serve(create_app(settings), settings, args.host, args.port)
 
 

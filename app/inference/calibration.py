@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from app.config import CALIBRATION_SUFFIXES
 from app.inference.weights import WeightsUnavailable
 from app.tools.synthetic_people import make_person
 
 SYNTHETIC_IMAGES = 64
 MAX_FOLDER_IMAGES = 128
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _synthetic(preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tenso
 def _folder_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise WeightsUnavailable(f"CLIP_INT8_CALIBRATION_DIR={folder} is not a folder.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in CALIBRATION_SUFFIXES)
     if not paths:
         raise WeightsUnavailable(
             f"CLIP_INT8_CALIBRATION_DIR={folder} holds no .jpg, .png, .webp or .bmp crops."

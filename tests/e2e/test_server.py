@@ -236,6 +236,22 @@ def test_python_m_app_drains_and_exits_0_on_sigterm(tiny_model_dir: Path, tmp_pa
     assert messages[-1] == "stopped"  # the log says it stopped cleanly, not only the status
 
 
+def test_clip_log_level_warning_leaves_out_access_lines_and_refusals(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    env = {"CLIP_MODEL": f"local-dir:{tiny_model_dir}", "CLIP_LOG_LEVEL": "WARNING"}
+    with ready_server(env, log, PRODUCTION) as running:
+        embedded = httpx.post(f"{running.url}/embed", files={"image": ("p.jpg", noise_jpeg(1))})
+        assert embedded.status_code == 200
+        refused = httpx.post(f"{running.url}/embed", files={"image": ("p.jpg", b"not a jpeg")})
+        assert refused.status_code == 400
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [line for line in lines if line["level"] in ("debug", "info")] == []
+
+
 def test_a_second_signal_answers_requests_in_flight_with_a_json_503_and_exits_at_once(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

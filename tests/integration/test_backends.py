@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from app.codec import decode_embedding
 from app.config import Settings
@@ -141,21 +142,40 @@ def test_openvino_int8_calibrates_on_the_operators_own_crops(
 
 @pytest.mark.parametrize(
     ("setup", "message"),
-    [("missing", "is not a folder"), ("empty", "holds no"), ("corrupt", "not a readable image")],
+    [
+        ("missing", "there is no such folder"),
+        ("a file", "is a file, not a folder of crops"),
+        ("empty", "holds no .jpg, .png, .webp or .bmp crops"),
+    ],
 )
-def test_a_bad_calibration_folder_stops_the_start_with_its_reason(
-    tiny_model_dir: Path, tmp_path: Path, setup: str, message: str
+def test_a_calibration_folder_without_crops_is_refused_with_the_settings(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    """Refused where the settings are read, not once the model has loaded."""
+    crops = tmp_path / "crops"
+    if setup == "a file":
+        crops.write_bytes(b"crop")
+    elif setup == "empty":
+        crops.mkdir()
+        (crops / "notes.txt").write_text("no crops here")
+    with pytest.raises(ValidationError, match=f"CLIP_INT8_CALIBRATION_DIR={crops}.*{message}"):
+        Settings(precision="int8", int8_calibration_dir=str(crops))
+    # Only int8 calibrates: at other precisions the folder is not read (a warning says so).
+    assert Settings(precision="fp32", int8_calibration_dir=str(crops)).precision == "fp32"
+
+
+def test_a_corrupt_calibration_crop_stops_the_start_with_its_reason(
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     crops = tmp_path / "crops"
-    if setup != "missing":
-        crops.mkdir()
-    if setup == "corrupt":
-        (crops / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    crops.mkdir()
+    (crops / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     settings = Settings(
         model=f"local-dir:{tiny_model_dir}", device="cpu", precision="int8",
         backend="openvino", cache_dir=str(tmp_path / "cache"), int8_calibration_dir=str(crops),
     )  # fmt: skip
-    with pytest.raises(WeightsUnavailable, match=f"CLIP_INT8_CALIBRATION_DIR.*{message}"):
+    unreadable = r"CLIP_INT8_CALIBRATION_DIR.*not a readable image"
+    with pytest.raises(WeightsUnavailable, match=unreadable):
         ClipImageEncoder.load(settings)
 
 

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from app.config import (
     Backend,
+    LogLevel,
     MisspeltApiKeys,
     Precision,
     ResizeMode,
@@ -160,12 +161,28 @@ def test_choices_are_read_whatever_their_case_and_surrounding_spaces(
     monkeypatch.setenv("CLIP_PRECISION", "FP32 ")
     monkeypatch.setenv("CLIP_BACKEND", " OpenVINO")
     monkeypatch.setenv("CLIP_RESIZE_MODE", "Model")
+    monkeypatch.setenv("CLIP_LOG_LEVEL", "WARNING")
     settings = Settings()
     assert (settings.precision, settings.backend, settings.resize_mode) == (
         Precision.FP32,
         Backend.OPENVINO,
         ResizeMode.MODEL,
     )
+    assert settings.log_level == LogLevel.WARNING
+
+
+def test_a_log_level_logging_does_not_have_is_named_with_the_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.server import describe_invalid_settings
+
+    monkeypatch.setenv("CLIP_LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError) as caught:
+        load_settings()
+    message = describe_invalid_settings(caught.value)
+    assert message.startswith("CLIP_LOG_LEVEL: ")
+    assert "'debug', 'info', 'warning' or 'error'" in message
+    assert "(got 'verbose')" in message
 
 
 def test_a_misspelt_api_keys_variable_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
