@@ -69,6 +69,10 @@ def fast_resize_center_crop(steps: list[Any]) -> ResizeCenterCrop | None:
 # precision and noise-like detail lands up to ~20/255 off: Pillow resizes those.
 _TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 _BICUBIC_SHRINK_LEFT_TO_PILLOW = (1.0, 3.0)
+# torch reads a copy of the pixels: beyond this (a 2000 x 2000 crop), the copy would cost
+# more memory (up to 120 MB a decode thread at CLIP_MAX_IMAGE_PIXELS) than the resize
+# saves time; Pillow resizes those in place.
+_MOST_PIXELS_COPIED = 4_000_000
 
 
 class VectorisedResizeCenterCrop:
@@ -83,10 +87,12 @@ class VectorisedResizeCenterCrop:
 
     def __call__(self, image: Image.Image) -> torch.Tensor | None:
         """(C, H, W) uint8, or None where Pillow's path must do it (padding, a filter
-        or a scale torch does not match Pillow at, an image not in RGB)."""
+        or a scale torch does not match Pillow at, an image not in RGB, a huge one)."""
         width, height = image.size
         placement = self.geometry.placement(width, height)
         if self.mode is None or placement is None or image.mode != "RGB":
+            return None
+        if width * height > _MOST_PIXELS_COPIED:
             return None
         new_width, new_height, top, left = placement
         shrink = width / new_width

@@ -134,6 +134,8 @@ def test_person_crops_take_the_vectorised_resize_and_mild_bicubic_shrinks_do_not
     for shrunk_1_to_3x in [(250, 575), (448, 1000)]:
         assert vectorised(Image.new("RGB", shrunk_1_to_3x)) is None
     assert vectorised(Image.new("L", (128, 256))) is None  # Pillow's path converts it
+    # Pillow resizes a huge image where it lies; torch would need a copy of it.
+    assert vectorised(Image.new("RGB", (2100, 2000))) is None
 
 
 def test_transforms_that_are_not_resize_then_crop_keep_their_own_path() -> None:
