@@ -48,6 +48,7 @@ from app.observability import (
     Metrics,
     RequestObservability,
     configure_logging,
+    lifecycle_log,
     set_log_level,
 )
 from app.search import SearchExecutor
@@ -128,7 +129,7 @@ def create_app(
         analysis = AnalysisService(service, analyzer)
         app.state.analysis = analysis
         searches = app.state.searches = SearchExecutor()
-        logger.info(
+        lifecycle_log.info(
             "ready: %s on %s, %s %s, %d dims, %d forward stream(s); API keys: %s",
             info.model,
             info.device,

@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("app.access")
 logger = logging.getLogger("app")
+# Listening, ready, draining, stopped: a few lines a lifetime, which CLIP_LOG_LEVEL=warning
+# keeps (the ready line says what runs and whether callers need a key).
+lifecycle_log = logging.getLogger("app.lifecycle")
 
 # The id of the request being served, for every log line written on its behalf: set by
 # the middleware, copied into worker threads with the context (see inference.service).
@@ -240,9 +243,15 @@ def _not_uvicorn_invalid_request(record: logging.LogRecord) -> bool:
 
 
 def set_log_level(level: str) -> None:
-    """The service's own log (access lines included) at `level` and above; libraries'
-    stay at WARNING."""
-    logging.getLogger("app").setLevel(level.upper())
+    """The service's own log (access lines included) at `level` and above, but its
+    lifecycle lines down to `warning`; libraries' stay at WARNING, and uvicorn's own
+    (plain text under bare uvicorn) go quiet with the service's."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    logging.getLogger("app").setLevel(numeric)
+    lifecycle_log.setLevel(min(numeric, logging.INFO) if numeric <= logging.WARNING else numeric)
+    if numeric > logging.INFO:
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).setLevel(numeric)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -52,7 +52,7 @@ from app.early_exit import STOP_SIGNALS
 from app.errors import ShuttingDown
 from app.inference.conversion_cache import remove_temporary
 from app.main import create_app
-from app.observability import configure_logging, set_log_level
+from app.observability import configure_logging, lifecycle_log, set_log_level
 
 # Longest a request's line and headers may take to arrive (nginx's client_header_timeout
 # is 60 s; a camera or a load balancer sends them in one packet).
@@ -110,7 +110,7 @@ class GracefulServer(uvicorn.Server):
             # stopped: waiting for it took a cold int8 conversion's 67 s, past any
             # orchestrator's grace period (then SIGKILL). What a conversion leaves
             # half-written is in a staging folder, never in the cache.
-            logger.info("%s while the model loads: exiting now", signal.Signals(sig).name)
+            lifecycle_log.info("%s while the model loads: exiting now", signal.Signals(sig).name)
             _exit_at_once(0)
         if self.should_exit and self._loop is not None:  # a second signal: exit now
             # On the loop, not in this handler, which may have interrupted a write; and
@@ -118,7 +118,7 @@ class GracefulServer(uvicorn.Server):
             threading.Timer(_FORCED_EXIT_S, os._exit, (128 + sig,)).start()
             self._loop.call_soon_threadsafe(self._exit_now, sig)
             return
-        logger.info(
+        lifecycle_log.info(
             "%s: draining, no new work; requests in flight have up to %d s (a second "
             "signal exits at once)",
             signal.Signals(sig).name,
@@ -170,7 +170,7 @@ class GracefulServer(uvicorn.Server):
             missing_endpoint=partial(missing_endpoint, self._app),
         )
         host, port = listener.getsockname()[:2]
-        logger.info(
+        lifecycle_log.info(
             "listening on %s:%d while the model loads: /ready answers 503 until it is ready",
             host,
             port,
@@ -237,7 +237,7 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> int:
     server.run()
     if not server.started:
         return 3  # startup failed, as uvicorn reports it
-    logger.info("stopped")  # an operator reads a clean stop in the log, not only exit 0
+    lifecycle_log.info("stopped")  # an operator reads a clean stop in the log, not only exit 0
     return 0
 
 

@@ -222,8 +222,16 @@ class DynamicBatcher(Generic[In, Out]):
             results = await loop.run_in_executor(
                 self._executor, self._process, [p.item for p in batch]
             )
+            forward_s = time.monotonic() - started
             if self._observer is not None:
-                self._observer(len(batch), waits, time.monotonic() - started)
+                self._observer(len(batch), waits, forward_s)
+            # CLIP_LOG_LEVEL=debug: how batches form, pass by pass (the metrics' histograms
+            # say it in aggregate).
+            logger.debug(
+                "%s: pass %d, %d item(s), %.1f ms; queued up to %.1f ms, %d waiting after",
+                self._name, number, len(batch), forward_s * 1000, max(waits) * 1000,
+                len(self._queue),
+            )  # fmt: skip
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"process returned {len(results)} results for {len(batch)} items"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -351,3 +352,16 @@ async def test_callers_a_pass_answered_are_waited_for_until_they_are_back() -> N
     await batcher.stop()
     assert answers == [[2, 22], [4, 24], [6]]
     assert process.batches == [[1, 2], [3, 11, 12]]
+
+
+async def test_each_pass_is_told_in_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    """CLIP_LOG_LEVEL=debug shows how batches form, pass by pass."""
+    process = Recorder()
+    batcher = await started(process, max_wait_s=0.5)
+    with caplog.at_level(logging.DEBUG, logger="app.inference.batcher"):
+        await asyncio.gather(*(batcher.submit([i]) for i in range(3)))
+    await batcher.stop()
+    passes = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(passes) == 1
+    assert passes[0].startswith("batcher: pass 1, 3 item(s), ")
+    assert passes[0].endswith("0 waiting after")

@@ -53,3 +53,39 @@ def test_a_malformed_multipart_body_is_not_a_warning_in_the_log() -> None:
     )  # fmt: skip
     assert "refused: Expected boundary character" in result.stdout, result.stderr
     assert "python_multipart" not in result.stderr, result.stderr
+
+
+LEVEL_SCRIPT = """
+import logging, sys
+from app.observability import configure_logging, set_log_level
+configure_logging()
+set_log_level(sys.argv[1])
+logging.getLogger("app.access").info("request")
+logging.getLogger("app.api.errors").info("request refused: invalid_image: ...")
+logging.getLogger("app.lifecycle").info("ready: ...")
+logging.getLogger("app.api.errors").warning("request refused: overloaded: ...")
+logging.getLogger("uvicorn.error").info("Started server process")
+logging.getLogger("app.inference.batcher").debug("embed: pass 0, 1 item(s)")
+logging.getLogger("app").error("request failed: ...")
+"""
+
+
+def logged_at(level: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", LEVEL_SCRIPT, level],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return [json.loads(line)["message"] for line in result.stderr.strip().splitlines()]
+
+
+def test_clip_log_level_quiets_requests_but_keeps_the_lifecycle_down_to_warning() -> None:
+    """At warning an operator still reads that the service is ready (and whether callers
+    need a key); at error, only failures."""
+    everything = [
+        "request", "request refused: invalid_image: ...", "ready: ...",
+        "request refused: overloaded: ...", "request failed: ...",
+    ]  # fmt: skip
+    assert logged_at("info") == everything
+    assert logged_at("debug") == [*everything[:4], "embed: pass 0, 1 item(s)", everything[4]]
+    assert logged_at("WARNING") == ["ready: ...", *everything[3:]]
+    assert logged_at("error") == ["request failed: ..."]
