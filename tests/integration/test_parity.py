@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from app.codec import decode_embedding
 from app.config import Settings
+from app.tools.synthetic_people import make_person
 from tests.conftest import serve
 from tests.helpers import cosine, noise_jpeg, reference_embedding
 
@@ -58,11 +60,24 @@ async def test_parity_on_vit_b_32_whichever_library_resizes(
     await check_parity(settings, vit_b_32_dir, crop, dim=512)
 
 
+async def test_a_large_noisy_crop_keeps_parity(vit_b_32_dir: Path, tmp_path: Path) -> None:
+    """A 900 x 2000 person with sensor noise: decoded at half scale (twice the model's
+    input), libjpeg's DCT scaling moved it to cosine 0.99997; decoded whole, it is
+    open_clip's picture."""
+    person = Image.open(io.BytesIO(make_person(np.random.default_rng(9)).jpeg)).convert("RGB")
+    pixels = np.asarray(person.resize((900, 2000), Image.Resampling.BICUBIC)).astype(np.int16)
+    noise = np.random.default_rng(10).integers(-60, 60, pixels.shape)
+    crop = tmp_path / "noisy.jpg"
+    Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)).save(crop, quality=85)
+    settings = Settings(model=f"local-dir:{vit_b_32_dir}", device="cpu", precision="fp32")
+    await check_parity(settings, vit_b_32_dir, crop, dim=512)
+
+
 async def test_a_large_jpeg_decoded_at_reduced_scale_keeps_parity(
     vit_b_32_dir: Path, tmp_path: Path
 ) -> None:
-    """A 1800 x 3000 photo is decoded in JPEG draft mode (here at 1/4 scale, down to
-    twice the model's input) and still embeds as open_clip's full decode does."""
+    """A 1800 x 3000 photo is decoded in JPEG draft mode (here at 1/2 scale, down to
+    four times the model's input) and still embeds as open_clip's full decode does."""
     from skimage import data
 
     photo = Image.fromarray(data.chelsea()).resize((1800, 3000), Image.Resampling.LANCZOS)
