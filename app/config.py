@@ -217,6 +217,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_projection_file(cls, value: str) -> str:
         # Checked with the other settings, not after the model has loaded.
+        if value and Path(value).is_dir():
+            raise ValueError(f"CLIP_PROJECTION: {value} is a folder, not a projection file")
         if value and not Path(value).is_file():
             raise ValueError(f"CLIP_PROJECTION: no file at {value}")
         return value
@@ -277,7 +279,8 @@ class Settings(BaseSettings):
         # Checked with the other settings where int8 may calibrate on it: not minutes
         # later, once the model has loaded and the conversion begins.
         folder = self.int8_calibration_dir
-        if not folder or self.precision != Precision.INT8:
+        calibrates = self.backend in (Backend.AUTO, Backend.OPENVINO)  # ONNX Runtime's is dynamic
+        if not folder or self.precision != Precision.INT8 or not calibrates:
             return self
         where = f"CLIP_INT8_CALIBRATION_DIR={folder}"
         path = Path(folder)
@@ -292,7 +295,10 @@ class Settings(BaseSettings):
         except OSError as exc:
             raise ValueError(f"{where} cannot be read: {exc.strerror}") from None
         if not has_crops:
-            raise ValueError(f"{where} holds no .jpg, .png, .webp or .bmp crops")
+            raise ValueError(
+                f"{where} holds no .jpg, .png, .webp or .bmp crops (sub-folders are not "
+                "searched: put the crops in the folder itself)"
+            )
         return self
 
     @property

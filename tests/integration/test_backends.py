@@ -146,6 +146,7 @@ def test_openvino_int8_calibrates_on_the_operators_own_crops(
         ("missing", "there is no such folder"),
         ("a file", "is a file, not a folder of crops"),
         ("empty", "holds no .jpg, .png, .webp or .bmp crops"),
+        ("nested", r"holds no .jpg, .png, .webp or .bmp crops \(sub-folders are not searched"),
     ],
 )
 def test_a_calibration_folder_without_crops_is_refused_with_the_settings(
@@ -158,10 +159,15 @@ def test_a_calibration_folder_without_crops_is_refused_with_the_settings(
     elif setup == "empty":
         crops.mkdir()
         (crops / "notes.txt").write_text("no crops here")
+    elif setup == "nested":
+        (crops / "person-1").mkdir(parents=True)
+        Image.new("RGB", (64, 160), "teal").save(crops / "person-1" / "view-1.jpg")
     with pytest.raises(ValidationError, match=f"CLIP_INT8_CALIBRATION_DIR={crops}.*{message}"):
         Settings(precision="int8", int8_calibration_dir=str(crops))
-    # Only int8 calibrates: at other precisions the folder is not read (a warning says so).
+    # Only OpenVINO's int8 calibrates: otherwise the folder is not read (a warning says so).
     assert Settings(precision="fp32", int8_calibration_dir=str(crops)).precision == "fp32"
+    unused = Settings(precision="int8", backend="onnxruntime", int8_calibration_dir=str(crops))
+    assert unused.backend == "onnxruntime"
 
 
 def test_a_corrupt_calibration_crop_stops_the_start_with_its_reason(

@@ -138,6 +138,9 @@ def test_a_missing_projection_file_fails_with_the_settings(
     monkeypatch.setenv("CLIP_PROJECTION", str(tmp_path / "pca.safetensors"))
     with pytest.raises(ValidationError, match="CLIP_PROJECTION: no file at"):
         Settings()
+    monkeypatch.setenv("CLIP_PROJECTION", str(tmp_path))
+    with pytest.raises(ValidationError, match="is a folder, not a projection file"):
+        Settings()
 
 
 def test_a_misspelt_variable_is_named_with_the_setting_meant(
