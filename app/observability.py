@@ -213,7 +213,9 @@ class RequestIdFilter(logging.Filter):
     """Stamps each record with the id of the request it was written for, if any."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
+        # A signal's handler runs in whatever context the loop was in: a lifecycle line
+        # (draining) took the id of the request that happened to be running.
+        if record.name != lifecycle_log.name and not hasattr(record, "request_id"):
             request_id = request_id_var.get()
             if request_id is not None:
                 record.request_id = request_id

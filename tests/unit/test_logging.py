@@ -89,3 +89,25 @@ def test_clip_log_level_quiets_requests_but_keeps_the_lifecycle_down_to_warning(
     assert logged_at("debug") == [*everything[:4], "embed: pass 0, 1 item(s)", everything[4]]
     assert logged_at("WARNING") == ["ready: ...", *everything[3:]]
     assert logged_at("error") == ["request failed: ..."]
+
+
+CONTEXT_SCRIPT = """
+import logging
+from app.observability import configure_logging, request_id_var
+configure_logging()
+request_id_var.set("req-1")  # as when a signal interrupts the loop inside a request's task
+logging.getLogger("app.lifecycle").info("SIGTERM: draining")
+logging.getLogger("app.api.errors").info("request refused: ...")
+"""
+
+
+def test_lifecycle_lines_take_no_request_id_from_the_context_they_interrupt() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CONTEXT_SCRIPT],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    records = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    assert [(r["message"], r.get("request_id")) for r in records] == [
+        ("SIGTERM: draining", None),
+        ("request refused: ...", "req-1"),
+    ]
