@@ -244,6 +244,10 @@ def _not_uvicorn_invalid_request(record: logging.LogRecord) -> bool:
     return record.getMessage() != "Invalid HTTP request received."
 
 
+def _not_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def set_log_level(level: str) -> None:
     """The service's own log (access lines included) at `level` and above, but its
     lifecycle lines down to `warning`; libraries' stay at WARNING, and uvicorn's own
@@ -278,6 +282,10 @@ def configure_logging(level: int = logging.INFO) -> None:
     # uvicorn warns of every request its parser stops, before the service's protocol
     # answers it (431, 400) and logs that answer: one line is enough.
     logging.getLogger("uvicorn.error").addFilter(_not_uvicorn_invalid_request)
+    # torch's extension builder, which NNCF imports for OpenVINO's int8 conversion, warns
+    # on every host without CUDA that no CUDA runtime is found: nothing this service
+    # builds or needs, and an operator of a CPU host took it for a fault.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_not_no_cuda_runtime)
     # The multipart parser warns of each malformed body it is given ("Expected boundary
     # character ..."): the client's mistake, answered with a 400 and logged at INFO as
     # every refusal is; at WARNING a client could fill the log with them.

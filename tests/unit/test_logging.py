@@ -13,7 +13,8 @@ import logging, warnings
 import torch
 from app.observability import configure_logging
 configure_logging()
-logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
+logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using X")
+logging.getLogger("torch.utils.cpp_extension").warning("a compiler warning")
 warnings.warn("a library's FutureWarning", FutureWarning, stacklevel=1)
 """
 
@@ -27,7 +28,9 @@ def test_library_warnings_and_torch_logs_are_json_lines() -> None:
         ("torch.utils.cpp_extension", "warning"),
         ("py.warnings", "warning"),
     ]
-    assert records[0]["message"] == "No CUDA runtime is found"
+    # The CUDA notice torch writes on every CPU host (int8's conversion imports its
+    # extension builder) is dropped: an operator took it for a fault.
+    assert records[0]["message"] == "a compiler warning"
     assert "a library's FutureWarning" in records[1]["message"]
 
 
