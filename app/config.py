@@ -59,6 +59,30 @@ MIN_PERSON_CROP = (8, 16)
 # What CLIP_INT8_CALIBRATION_DIR's crops may be.
 CALIBRATION_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
+
+def calibration_folder_fault(folder: str) -> str | None:
+    """Why CLIP_INT8_CALIBRATION_DIR cannot be calibrated on, or None: checked with the
+    settings, and again where the crops are read."""
+    where = f"CLIP_INT8_CALIBRATION_DIR={folder}"
+    path = Path(folder)
+    if not path.is_dir():
+        return (
+            f"{where} is a file, not a folder of crops"
+            if path.exists()
+            else f"{where}: there is no such folder"
+        )
+    try:
+        has_crops = any(p.suffix.lower() in CALIBRATION_SUFFIXES for p in path.iterdir())
+    except OSError as exc:
+        return f"{where} cannot be read: {exc.strerror}"
+    if not has_crops:
+        return (
+            f"{where} holds no .jpg, .png, .webp or .bmp crops (sub-folders are not "
+            "searched: put the crops in the folder itself)"
+        )
+    return None
+
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -282,23 +306,9 @@ class Settings(BaseSettings):
         calibrates = self.backend in (Backend.AUTO, Backend.OPENVINO)  # ONNX Runtime's is dynamic
         if not folder or self.precision != Precision.INT8 or not calibrates:
             return self
-        where = f"CLIP_INT8_CALIBRATION_DIR={folder}"
-        path = Path(folder)
-        if not path.is_dir():
-            raise ValueError(
-                f"{where} is a file, not a folder of crops"
-                if path.exists()
-                else f"{where}: there is no such folder"
-            )
-        try:
-            has_crops = any(p.suffix.lower() in CALIBRATION_SUFFIXES for p in path.iterdir())
-        except OSError as exc:
-            raise ValueError(f"{where} cannot be read: {exc.strerror}") from None
-        if not has_crops:
-            raise ValueError(
-                f"{where} holds no .jpg, .png, .webp or .bmp crops (sub-folders are not "
-                "searched: put the crops in the folder itself)"
-            )
+        fault = calibration_folder_fault(folder)
+        if fault is not None:
+            raise ValueError(fault)
         return self
 
     @property

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from app.config import CALIBRATION_SUFFIXES
+from app.config import CALIBRATION_SUFFIXES, calibration_folder_fault
 from app.inference.weights import WeightsUnavailable
 from app.tools.synthetic_people import make_person
 
@@ -55,13 +55,10 @@ def _synthetic(preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tenso
 
 
 def _folder_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise WeightsUnavailable(f"CLIP_INT8_CALIBRATION_DIR={folder} is not a folder.")
+    fault = calibration_folder_fault(str(folder))  # the folder may have changed since
+    if fault is not None:
+        raise WeightsUnavailable(fault)
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in CALIBRATION_SUFFIXES)
-    if not paths:
-        raise WeightsUnavailable(
-            f"CLIP_INT8_CALIBRATION_DIR={folder} holds no .jpg, .png, .webp or .bmp crops."
-        )
     if len(paths) > MAX_FOLDER_IMAGES:  # spread over the folder, not its first files
         step = len(paths) / MAX_FOLDER_IMAGES
         paths = [paths[int(i * step)] for i in range(MAX_FOLDER_IMAGES)]
