@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,45 @@ def test_a_damaged_cache_entry_is_converted_again_not_served(
     assert again.info.backend == "openvino"
     np.testing.assert_allclose(again.encode(batch), expected, atol=1e-5)
     assert weights.read_bytes() != bytes(damaged)  # the entry was written anew
+
+
+def operations(folder: Path) -> set[str]:
+    """The operation types of the converted graph in a cache entry."""
+    (graph,) = [*folder.rglob("tower.xml"), *folder.rglob("tower.int8.onnx")]
+    if graph.suffix == ".xml":
+        return set(re.findall(r'<layer [^>]*type="([^"]+)"', graph.read_text()))
+    import onnx
+
+    return {node.op_type for node in onnx.load(graph, load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "as_matmul"),
+    [("openvino", "int8", True), ("onnxruntime", "int8", True), ("openvino", "fp32", False)],
+)
+def test_reduced_precision_runs_the_patch_embedding_as_a_matrix_product(
+    tiny_model_dir: Path, tmp_path: Path, backend: str, precision: str, as_matmul: bool
+) -> None:
+    """Their convolutions lagged their matrix products (ONNX Runtime's int8 left the
+    convolution in fp32): the graph has none, the entry says so in its key, and the
+    answers stay torch's. fp32 gains nothing and keeps it."""
+    model = f"local-dir:{tiny_model_dir}"
+    reference = ClipImageEncoder.load(
+        Settings(model=model, device="cpu", precision="fp32", backend="torch")
+    )
+    converted = ClipImageEncoder.load(
+        Settings(model=model, device="cpu", precision=precision, backend=backend,
+                 cache_dir=str(tmp_path))
+    )  # fmt: skip
+    (entry,) = tmp_path.iterdir()
+    convolutions = operations(entry) & {"Convolution", "Conv", "ConvInteger", "QLinearConv"}
+    assert (not convolutions) == as_matmul, convolutions
+    assert (entry.name.split("-")[-2] == "mm") == as_matmul
+    crops = [Image.open(io.BytesIO(noise_jpeg(seed))).convert("RGB") for seed in (1, 2)]
+    batch = [converted.preprocess(crop) for crop in crops]
+    floor = 0.99999 if precision == "fp32" else 0.99
+    for served, expected in zip(converted.encode(batch), reference.encode(batch), strict=True):
+        assert cosine(served, expected) >= floor
 
 
 def test_auto_falls_back_to_torch_when_a_runtime_cannot_take_the_model(

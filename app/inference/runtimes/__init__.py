@@ -14,6 +14,9 @@ second instead of converting again.
                                   int8 = static quantisation by NNCF, calibrated on crops
     onnxruntime   fp32 int8       torch.onnx (torch.export) export; int8 = dynamic
                                   quantisation (QInt8)
+
+bf16 and int8 exports take a ViT's patch embedding (a convolution with kernel = stride)
+as the equivalent matrix product, which both runtimes run faster (patch_embedding.py).
 """
 
 from app.inference.runtimes.build import build_tower, default_cache_dir, weights_digest

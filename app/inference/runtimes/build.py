@@ -15,6 +15,7 @@ from app.config import Backend, Precision
 from app.inference.calibration import Calibration
 from app.inference.runtimes.onnxruntime_tower import onnxruntime_tower
 from app.inference.runtimes.openvino_tower import openvino_tower
+from app.inference.runtimes.patch_embedding import exported_as_matmul
 from app.inference.runtimes.torch_tower import torch_tower
 from app.inference.runtimes.tower import BackendUnavailable, Tower
 
@@ -81,10 +82,14 @@ def cache_key(
     # everything else the fp32 export.
     # "int8-w7": 7-bit weights; entries named "int8" before them hold full-range
     # weights, which saturate on CPUs without VNNI.
+    # "mm": the patch embedding exported as a matrix product (runtimes/patch_embedding.py);
+    # bf16 and int8 entries without it hold the slower convolution.
     if precision == Precision.INT8:
         artefact = "int8-w7" if calibration is None else f"int8-w7-{calibration.key}"
     else:
         artefact = "w16" if precision == Precision.BF16 else "fp32"
+    if exported_as_matmul(precision):
+        artefact = f"{artefact}-mm"
     version = _library_version(backend)
     height, width = image_size
     return f"{weights[:24]}-{backend}-{version}-{artefact}-{height}x{width}"

@@ -15,6 +15,7 @@ import torch
 from app.config import Backend, Precision
 from app.inference.conversion_cache import cached
 from app.inference.cpu_features import usable_cpus
+from app.inference.runtimes.patch_embedding import patch_embedding_as_matmul
 from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Streams, Tower, example_pixels
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def onnxruntime_tower(
 
     def export(staging: Path) -> None:
         fp32 = staging / "tower.onnx"
-        export_onnx(visual, image_size, fp32)
+        with patch_embedding_as_matmul(visual, image_size, precision):
+            export_onnx(visual, image_size, fp32)
         if precision == Precision.INT8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 

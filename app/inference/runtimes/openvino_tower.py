@@ -18,6 +18,7 @@ from app.config import Backend, Precision
 from app.inference.calibration import Calibration
 from app.inference.conversion_cache import cached
 from app.inference.memory import page_out_files, paging_out, release_freed_memory
+from app.inference.runtimes.patch_embedding import patch_embedding_as_matmul
 from app.inference.runtimes.tower import SECOND_COPY_MAX_BYTES, Streams, Tower, example_pixels
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,12 @@ def openvino_tower(
     import openvino as ov
 
     def convert(staging: Path) -> None:
-        model = ov.convert_model(
-            visual,
-            example_input=example_pixels(image_size),
-            input=[ov.PartialShape([-1, 3, *image_size])],
-        )
+        with patch_embedding_as_matmul(visual, image_size, precision):
+            model = ov.convert_model(
+                visual,
+                example_input=example_pixels(image_size),
+                input=[ov.PartialShape([-1, 3, *image_size])],
+            )
         if precision == Precision.INT8 and calibration is not None:
             # NNCF holds a compiled fp32 copy and SmoothQuant's rescaled weights beside
             # the graph's own (a cold start peaked at 2273 MiB). Read back from disk, the
