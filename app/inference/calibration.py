@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,13 @@ from app.config import CALIBRATION_SUFFIXES, calibration_folder_fault
 from app.inference.weights import WeightsUnavailable
 from app.tools.synthetic_people import make_person
 
+logger = logging.getLogger(__name__)
+
 SYNTHETIC_IMAGES = 64
 MAX_FOLDER_IMAGES = 128
+# Fewer crops than this give a warning: each activation's scale is fixed by the largest
+# values these few produce, and traffic that goes beyond them is clipped.
+FEW_FOLDER_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,14 @@ def calibration_for(folder: str, preprocess: Callable[[Image.Image], torch.Tenso
     if not folder:
         return Calibration(f"synthetic{SYNTHETIC_IMAGES}", lambda: _synthetic(preprocess))
     paths = _folder_images(Path(folder))
+    if len(paths) < FEW_FOLDER_IMAGES:
+        logger.warning(
+            "CLIP_INT8_CALIBRATION_DIR holds %d crop%s: int8's activation ranges measured "
+            "on so few may clip what the cameras send; give %d or more, like the traffic "
+            "(up to %d are used), or leave it empty for %d synthetic people",
+            len(paths), "" if len(paths) == 1 else "s", SYNTHETIC_IMAGES,
+            MAX_FOLDER_IMAGES, SYNTHETIC_IMAGES,
+        )  # fmt: skip
     digest = hashlib.sha256()
     for path in paths:
         stat = path.stat()

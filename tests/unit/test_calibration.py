@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from app.inference.calibration import MAX_FOLDER_IMAGES, SYNTHETIC_IMAGES, calibration_for
+from app.inference.calibration import (
+    FEW_FOLDER_IMAGES,
+    MAX_FOLDER_IMAGES,
+    SYNTHETIC_IMAGES,
+    calibration_for,
+)
 
 
 def mean_colour(image: Image.Image) -> torch.Tensor:
@@ -43,3 +50,20 @@ def test_changing_a_crop_changes_the_key(tmp_path: Path) -> None:
     before = calibration_for(str(tmp_path), mean_colour).key
     Image.new("RGB", (40, 80), "blue").save(tmp_path / "a.png")
     assert calibration_for(str(tmp_path), mean_colour).key != before
+
+
+@pytest.mark.parametrize(("crops", "warned"), [(1, True), (FEW_FOLDER_IMAGES - 1, True),
+                                               (FEW_FOLDER_IMAGES, False)])  # fmt: skip
+def test_a_folder_of_few_crops_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, crops: int, warned: bool
+) -> None:
+    for index in range(crops):
+        Image.new("RGB", (4, 8), (index, 0, 0)).save(tmp_path / f"{index}.png")
+    with caplog.at_level(logging.WARNING, logger="app.inference.calibration"):
+        calibration = calibration_for(str(tmp_path), mean_colour)
+    assert len(calibration.pixels()) == crops
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert bool(warnings) == warned
+    if warned:
+        assert f"holds {crops} crop" in warnings[0]
+        assert f"give {SYNTHETIC_IMAGES} or more" in warnings[0]
