@@ -8,8 +8,8 @@ products (README, Performance, "The patch embedding as a matrix product"):
   against 8.8 ms as a matrix product plus 0.6 ms to cut the patches out;
 - ONNX Runtime's dynamic int8 quantises matrix products only, so the convolution stayed
   in fp32: a pass of 8 took 273-309 ms, 224-237 ms with the product.
-In fp32 neither runtime gains (the product was 0-5 % slower), so fp32 keeps the
-convolution. Same weights, the same sums in another order.
+In fp32 neither gains (OpenVINO the same within 2 %, ONNX Runtime 2-11 % slower), so
+fp32 keeps the convolution. Same weights, the same sums in another order.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class PatchesTimesWeights(torch.nn.Module):
 
 def replaceable(visual: torch.nn.Module, image_size: tuple[int, int]) -> bool:
     """Whether `visual` has a patch embedding that PatchesTimesWeights computes exactly:
-    open_clip's VisionTransformer, square patches that tile the image."""
+    a `conv1` (open_clip's VisionTransformer's name for it) of square patches, with no
+    padding, that tile the image."""
     conv = getattr(visual, "conv1", None)
     if not isinstance(conv, torch.nn.Conv2d):
         return False
