@@ -49,10 +49,11 @@ def calibration_for(folder: str, preprocess: Callable[[Image.Image], torch.Tenso
     if len(paths) < FEW_FOLDER_IMAGES:
         logger.warning(
             "CLIP_INT8_CALIBRATION_DIR holds %d crop%s: int8's activation ranges measured "
-            "on so few may clip what the cameras send; give %d or more, like the traffic "
-            "(up to %d are used), or leave it empty for %d synthetic people",
-            len(paths), "" if len(paths) == 1 else "s", SYNTHETIC_IMAGES,
-            MAX_FOLDER_IMAGES, SYNTHETIC_IMAGES,
+            "on so few may clip what the cameras send; give at least %d, better %d or "
+            "more, like the traffic (up to %d are used), or leave it empty for %d "
+            "synthetic people",
+            len(paths), "" if len(paths) == 1 else "s", FEW_FOLDER_IMAGES,
+            SYNTHETIC_IMAGES, MAX_FOLDER_IMAGES, SYNTHETIC_IMAGES,
         )  # fmt: skip
     digest = hashlib.sha256()
     for path in paths:

@@ -66,4 +66,4 @@ def test_a_folder_of_few_crops_is_used_with_a_warning(
     assert bool(warnings) == warned
     if warned:
         assert f"holds {crops} crop" in warnings[0]
-        assert f"give {SYNTHETIC_IMAGES} or more" in warnings[0]
+        assert f"give at least {FEW_FOLDER_IMAGES}, better {SYNTHETIC_IMAGES}" in warnings[0]
