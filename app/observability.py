@@ -254,7 +254,7 @@ def set_log_level(level: str) -> None:
     (plain text under bare uvicorn) go quiet with the service's."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
     logging.getLogger("app").setLevel(numeric)
-    lifecycle_log.setLevel(min(numeric, logging.INFO) if numeric <= logging.WARNING else numeric)
+    lifecycle_log.setLevel(logging.INFO if numeric == logging.WARNING else numeric)
     if numeric > logging.INFO:
         for name in ("uvicorn", "uvicorn.error"):
             logging.getLogger(name).setLevel(numeric)
