@@ -36,6 +36,18 @@ class Backend(StrEnum):
     ONNXRUNTIME = "onnxruntime"
 
 
+# Which precisions each backend runs: a setting naming another is refused with the rest.
+PRECISIONS_BY_BACKEND: dict[Backend, frozenset[Precision]] = {
+    Backend.TORCH: frozenset({Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8}),
+    Backend.OPENVINO: frozenset({Precision.FP32, Precision.BF16, Precision.INT8}),
+    Backend.ONNXRUNTIME: frozenset({Precision.FP32, Precision.INT8}),
+}
+# Runs on GPUs only, or on the CPU only (int8 and both exported runtimes).
+GPU_ONLY_PRECISIONS = frozenset({Precision.FP16})
+CPU_ONLY_PRECISIONS = frozenset({Precision.INT8})
+CPU_ONLY_BACKENDS = frozenset({Backend.OPENVINO, Backend.ONNXRUNTIME})
+
+
 class ResizeMode(StrEnum):
     MODEL = "model"  # whatever the model's own preprocess config says
     SHORTEST = "shortest"  # CLIP's resize of the short side, then centre crop
@@ -296,6 +308,38 @@ class Settings(BaseSettings):
                 f"CLIP_MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) must be at least "
                 f"CLIP_MAX_REQUEST_PIXELS ({self.max_request_pixels})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _device_backend_and_precision_agree(self) -> Settings:
+        # Named outright, a combination no runtime runs is a settings error (exit 1, with
+        # the other settings' errors), not a failure once the model has loaded. `auto`
+        # leaves the choice to the hardware, which start-up checks.
+        backend, precision, device = self.backend, self.precision, self.device
+        if backend != Backend.AUTO and precision != Precision.AUTO:
+            runs = PRECISIONS_BY_BACKEND[backend]
+            if precision not in runs:
+                choices = ", ".join(sorted(p.value for p in runs))
+                raise ValueError(
+                    f"CLIP_BACKEND={backend} does not run CLIP_PRECISION={precision}; it "
+                    f"runs {choices} (or use CLIP_BACKEND=auto)"
+                )
+        if device == "cpu" and precision in GPU_ONLY_PRECISIONS:
+            raise ValueError(
+                f"CLIP_PRECISION={precision} is for GPUs; with CLIP_DEVICE=cpu use fp32, "
+                "bf16, int8 or auto"
+            )
+        if device.startswith("cuda"):
+            if precision in CPU_ONLY_PRECISIONS:
+                raise ValueError(
+                    f"CLIP_PRECISION={precision} runs on the CPU only; with "
+                    f"CLIP_DEVICE={device} use fp16, bf16, fp32 or auto"
+                )
+            if backend in CPU_ONLY_BACKENDS:
+                raise ValueError(
+                    f"CLIP_BACKEND={backend} runs on the CPU only; with "
+                    f"CLIP_DEVICE={device} use torch or auto"
+                )
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from app.config import Backend, Precision, ResizeMode, Settings
+from app.config import PRECISIONS_BY_BACKEND, Backend, Precision, ResizeMode, Settings
 from app.inference.calibration import calibration_for
 from app.inference.checkpoint_init import onto_checkpoint_tensors
 from app.inference.conversion_cache import CacheWriteFailed
@@ -27,7 +27,6 @@ from app.inference.encoder import EncoderInfo, ModelInput
 from app.inference.memory import page_out_files, release_freed_memory
 from app.inference.preprocessing import ImagePreprocessor
 from app.inference.runtimes import (
-    SUPPORTED,
     BackendUnavailable,
     Tower,
     build_tower,
@@ -72,7 +71,7 @@ def pick_precision(
     if device.type == "cuda":
         return Precision.FP16
     preferred = Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
-    if backend != Backend.AUTO and preferred not in SUPPORTED[backend]:
+    if backend != Backend.AUTO and preferred not in PRECISIONS_BY_BACKEND[backend]:
         return Precision.FP32  # ONNX Runtime has no bf16 path; int8 stays opt-in
     return preferred
 

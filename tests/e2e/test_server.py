@@ -547,6 +547,15 @@ def test_python_m_app_reports_invalid_settings_in_a_line() -> None:
     assert_reported_in_a_line(result, "CLIP_MAX_WAIT_MS", "CLIP_DEVICE")
 
 
+def test_a_backend_named_with_a_precision_it_does_not_run_fails_with_the_settings() -> None:
+    """Was exit 3 once the model had loaded (the table lived beside the runtimes)."""
+    result = run_app({"CLIP_BACKEND": "onnxruntime", "CLIP_PRECISION": "bf16"})
+    assert result.returncode == 1
+    assert_reported_in_a_line(
+        result, "CLIP_BACKEND=onnxruntime does not run CLIP_PRECISION=bf16; it runs fp32, int8"
+    )
+
+
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A folder another user may enter: pytest's own are the running user's alone."""

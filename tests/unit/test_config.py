@@ -241,3 +241,48 @@ def test_a_key_no_header_can_carry_is_refused(keys: str) -> None:
 
     with pytest.raises(ValidationError, match="holds a space or a control character"):
         Settings(api_keys=keys)
+
+
+@pytest.mark.parametrize(
+    ("environment", "says"),
+    [
+        ({"CLIP_BACKEND": "onnxruntime", "CLIP_PRECISION": "bf16"}, r"runs fp32, int8 \(or use"),
+        ({"CLIP_BACKEND": "openvino", "CLIP_PRECISION": "fp16"}, "runs bf16, fp32, int8"),
+        ({"CLIP_DEVICE": "cpu", "CLIP_PRECISION": "fp16"}, "fp16 is for GPUs"),
+        ({"CLIP_DEVICE": "cuda", "CLIP_PRECISION": "int8"}, "int8 runs on the CPU only"),
+        ({"CLIP_DEVICE": "cuda:1", "CLIP_BACKEND": "openvino"}, "use torch or auto"),
+        ({"CLIP_DEVICE": "CUDA", "CLIP_BACKEND": "onnxruntime"}, "use torch or auto"),
+    ],
+)
+def test_a_device_backend_and_precision_no_runtime_runs_fail_with_the_settings(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], says: str
+) -> None:
+    """Not minutes later, once the weights have loaded: exit 1 with the other settings."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=says):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"CLIP_BACKEND": "onnxruntime", "CLIP_PRECISION": "int8"},
+        {"CLIP_BACKEND": "onnxruntime"},  # auto precision: fp32 where bf16 would be picked
+        {"CLIP_BACKEND": "openvino", "CLIP_PRECISION": "bf16"},
+        {"CLIP_BACKEND": "torch", "CLIP_PRECISION": "fp16"},  # device auto: a GPU, perhaps
+        {"CLIP_DEVICE": "cuda", "CLIP_PRECISION": "bf16"},
+        {"CLIP_DEVICE": "cpu", "CLIP_BACKEND": "onnxruntime", "CLIP_PRECISION": "fp32"},
+        {"CLIP_PRECISION": "int8"},  # device auto: start-up refuses it on a GPU
+    ],
+)
+def test_combinations_some_hardware_runs_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert (settings.backend, settings.precision) == (
+        Backend(environment.get("CLIP_BACKEND", "auto")),
+        Precision(environment.get("CLIP_PRECISION", "auto")),
+    )

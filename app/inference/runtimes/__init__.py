@@ -20,11 +20,10 @@ as the equivalent matrix product, which both runtimes run faster (patch_embeddin
 """
 
 from app.inference.runtimes.build import build_tower, default_cache_dir, weights_digest
-from app.inference.runtimes.choice import SUPPORTED, pick_backend
+from app.inference.runtimes.choice import pick_backend
 from app.inference.runtimes.tower import BackendUnavailable, Tower
 
 __all__ = [
-    "SUPPORTED",
     "BackendUnavailable",
     "Tower",
     "build_tower",

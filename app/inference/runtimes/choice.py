@@ -1,18 +1,12 @@
-"""Which runtimes run which precisions, and what `auto` picks."""
+"""What `auto` picks, and what a named backend refuses on this device."""
 
 from __future__ import annotations
 
 import torch
 
-from app.config import Backend, Precision
+from app.config import PRECISIONS_BY_BACKEND, Backend, Precision
 from app.inference.cpu_features import cpu_has_int8_dot_product
 from app.inference.runtimes.tower import BackendUnavailable
-
-SUPPORTED: dict[Backend, set[Precision]] = {
-    Backend.TORCH: {Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8},
-    Backend.OPENVINO: {Precision.FP32, Precision.BF16, Precision.INT8},
-    Backend.ONNXRUNTIME: {Precision.FP32, Precision.INT8},
-}
 
 
 def pick_backend(requested: Backend, device: torch.device, precision: Precision) -> Backend:
@@ -31,8 +25,8 @@ def pick_backend(requested: Backend, device: torch.device, precision: Precision)
         raise BackendUnavailable(
             f"CLIP_BACKEND={requested} runs on the CPU only; use torch (or auto) on {device}."
         )
-    if precision not in SUPPORTED[requested]:
-        choices = ", ".join(sorted(p.value for p in SUPPORTED[requested]))
+    if precision not in PRECISIONS_BY_BACKEND[requested]:
+        choices = ", ".join(sorted(p.value for p in PRECISIONS_BY_BACKEND[requested]))
         raise BackendUnavailable(
             f"CLIP_BACKEND={requested} does not run CLIP_PRECISION={precision}; it runs "
             f"{choices} (or use CLIP_BACKEND=auto)."
