@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,14 @@ import numpy as np
 import pytest
 
 from app.codec import decode_embedding
-from load_tests.compare import multipart, run_wrk, start_peer, stop, tree_cpu_seconds
+from load_tests.compare import (
+    multipart,
+    resumed,
+    run_wrk,
+    start_peer,
+    stop,
+    tree_cpu_seconds,
+)
 from tests.e2e.test_server import RunningServer, free_port, server  # noqa: F401 - fixture
 from tests.helpers import cosine, noise_jpeg
 
@@ -65,6 +73,37 @@ def test_the_litserve_peer_serves_the_same_model(
     assert reply.status_code == 200, reply.text
     theirs = np.frombuffer(base64.b64decode(reply.json()["embedding"]), dtype="<f4")
     assert cosine(decode_embedding(ours["embedding"]), theirs) >= 0.9999
+
+
+def test_the_peer_runs_only_for_its_own_runs_and_stops_when_stopped(tiny_model_dir: Path) -> None:
+    """Idle, LitServe's workers poll (~10 % of a core): the compare tool keeps the peer
+    stopped but for its own runs, so it takes nothing from ours or the ceilings."""
+    pytest.importorskip("litserve")
+    port = free_port()
+    peer = start_peer(str(tiny_model_dir), port)
+    predict = f"http://127.0.0.1:{port}/predict"
+    body = {"image": base64.b64encode(noise_jpeg(4)).decode()}
+    try:
+        idle_before = tree_cpu_seconds(peer.pid)
+        time.sleep(2)
+        polling = tree_cpu_seconds(peer.pid) - idle_before
+        os.killpg(peer.pid, signal.SIGSTOP)  # as the compare tool leaves it between runs
+        stopped_before = tree_cpu_seconds(peer.pid)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(predict, json=body, timeout=1)
+        time.sleep(1)
+        assert tree_cpu_seconds(peer.pid) == stopped_before
+        with resumed(peer):
+            assert httpx.post(predict, json=body, timeout=30).status_code == 200
+        stopped_again = tree_cpu_seconds(peer.pid)
+        time.sleep(1)
+        assert tree_cpu_seconds(peer.pid) == stopped_again
+    finally:
+        began = time.monotonic()
+        stop(peer)  # stopped: SIGTERM alone would wait for a SIGCONT
+    assert time.monotonic() - began < 20
+    assert peer.poll() is not None
+    print(f"the idle peer used {polling:.2f} s of CPU in 2 s")
 
 
 def test_the_frames_tool_sends_both_ways_and_counts_the_bytes(server: RunningServer) -> None:  # noqa: F811
