@@ -87,14 +87,11 @@ def _decoded(path: Path, max_pixels: int) -> Image.Image:
 
 def embed_via_service(
     paths: Sequence[Path], url: str, api_key: str | None = None, batch_size: int = 32
-) -> tuple[npt.NDArray[np.float32], str]:
-    """Embeddings as the service returns them (its projection applied, if it has one)."""
-    import httpx
-
+) -> npt.NDArray[np.float32]:
+    """Embeddings as the service returns them (its projection applied, if it has one).
+    Which model that is, the caller reads from /info, where it can say what failed."""
     from app.client import ClipClient, ClipServiceError
 
-    headers = {"X-API-Key": api_key} if api_key else {}
-    model = str(httpx.get(f"{url.rstrip('/')}/info", headers=headers).json()["model"])
     rows = []
     with ClipClient(url, api_key=api_key) as client:
         for start in tqdm(range(0, len(paths), batch_size), desc="embedding", unit="batch"):
@@ -108,4 +105,4 @@ def embed_via_service(
                     reason = exc.message[place.end() :]
                     raise UnreadableCrop(f"{chunk[int(place[1])]}: {reason}") from None
                 raise
-    return np.concatenate(rows), model
+    return np.concatenate(rows)

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, ReidScores]:
                 # The service's own CLIP_PROJECTION, if any: its embeddings are not raw.
                 "served_projection": info.get("projection"),
             }
-            embeddings, _ = embed_via_service(everything, args.url, args.api_key)
+            embeddings = embed_via_service(everything, args.url, args.api_key)
         else:
             settings = settings_from(args)
             encoder = load_encoder(settings)  # precision, backend and device checked here

@@ -33,6 +33,8 @@ def test_eval_reid_names_a_served_projection_instead_of_calling_it_raw(
     with ready_server(env, tmp_path / "server.log", PRODUCTION) as running:
         results = eval_reid.main([str(dataset), "--url", running.url, "--out", str(out)])
     assert list(results) == ["as served (pca, 4-d)"]
+    access = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()]
+    assert [a.get("path") for a in access].count("/info") == 1  # read once, not per step
     document = json.loads((out / "reid.json").read_text())
     assert document["served_projection"] == "pca"
     assert document["dim"] == 4

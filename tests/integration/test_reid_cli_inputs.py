@@ -298,9 +298,6 @@ def test_a_crop_the_service_refuses_is_named_by_its_path(
     def refusing(self: object, images: list[Path]) -> Any:
         raise ClipServiceError(400, "invalid_image", "images[1]: file is not a decodable image")
 
-    monkeypatch.setattr(
-        "httpx.get", lambda *a, **k: type("R", (), {"json": lambda s: {"model": "m"}})()
-    )
     monkeypatch.setattr("app.client.ClipClient.embed_batch", refusing)
     with pytest.raises(embedding.UnreadableCrop, match=rf"{paths[1]}: file is not a decodable"):
         embedding.embed_via_service(paths, "http://x")
