@@ -9,14 +9,14 @@ decoding, at each configuration's best batch): torch at the best torch precision
 this CPU, the service's own backend and precision, and torch fp32 (LitServe's model).
 Shared machines drift by tens of percent within minutes, so each run is compared with
 the ceilings measured just before and just after it, and a ratio is reported as the
-median and range over rounds. The service's own ceiling is
-given twice: at its best batch, and at the best batch the clients can fill (16
-closed-loop clients never make a batch of 32), and a third time at the batch the service
-actually served in the run (its /metrics), probed right after it; the same counts give
-the share of the run its model was busy. The full batch-size scans run before and
-after all rounds. Reported per run: crops/s, p50/p99, non-200s, the client's
-own CPU (so a figure measures the server, not the load generator) and each server's CPU
-per request. Loopback only; every run is bounded in time.
+median and range over rounds. The service's own ceiling is given twice: at its best
+batch, and at the best batch the clients can fill (16 closed-loop clients never make a
+batch of 32), and a third time at the batch the service actually served in the run (its
+/metrics), probed right after it; the same counts give the share of the run its model
+was busy. The full batch-size scans run before and after all rounds. Reported per run:
+crops/s, p50/p99, non-200s, the client's own CPU (so a figure measures the server, not
+the load generator) and each server's CPU per request. Loopback only; every run is
+bounded in time.
 
     python -m load_tests.compare --model-dir models/vit-b-32-random --clients 1,16
     python -m load_tests.compare --model-dir models/vit-b-32-random --precision int8
@@ -177,7 +177,7 @@ def _signal_session(process: subprocess.Popen[bytes], number: signal.Signals) ->
 @contextlib.contextmanager
 def resumed(peer: subprocess.Popen[bytes] | None) -> Iterator[None]:
     """The peer, otherwise stopped (SIGSTOP), runs for the block. Idle, LitServe's workers
-    poll their queues: ~10 % of a core on 2 cores (ours: ~0.2 %), taken from whatever
+    poll their queues: 10-14 % of a core on 2 cores (ours: ~0.2 %), taken from whatever
     runs beside them, so the peer only runs while it is the one measured."""
     if peer is None:
         yield
