@@ -42,6 +42,20 @@ PRECISIONS_BY_BACKEND: dict[Backend, frozenset[Precision]] = {
     Backend.OPENVINO: frozenset({Precision.FP32, Precision.BF16, Precision.INT8}),
     Backend.ONNXRUNTIME: frozenset({Precision.FP32, Precision.INT8}),
 }
+
+
+def precision_refusal(backend: Backend, precision: Precision) -> str | None:
+    """Why `backend` cannot run `precision` (named outright), or None if it can."""
+    runs = PRECISIONS_BY_BACKEND.get(backend)
+    if runs is None or precision == Precision.AUTO or precision in runs:
+        return None
+    choices = ", ".join(sorted(p.value for p in runs))
+    return (
+        f"CLIP_BACKEND={backend} does not run CLIP_PRECISION={precision}; it runs "
+        f"{choices} (or use CLIP_BACKEND=auto)"
+    )
+
+
 # Runs on GPUs only, or on the CPU only (int8 and both exported runtimes).
 GPU_ONLY_PRECISIONS = frozenset({Precision.FP16})
 CPU_ONLY_PRECISIONS = frozenset({Precision.INT8})
@@ -316,14 +330,9 @@ class Settings(BaseSettings):
         # the other settings' errors), not a failure once the model has loaded. `auto`
         # leaves the choice to the hardware, which start-up checks.
         backend, precision, device = self.backend, self.precision, self.device
-        if backend != Backend.AUTO and precision != Precision.AUTO:
-            runs = PRECISIONS_BY_BACKEND[backend]
-            if precision not in runs:
-                choices = ", ".join(sorted(p.value for p in runs))
-                raise ValueError(
-                    f"CLIP_BACKEND={backend} does not run CLIP_PRECISION={precision}; it "
-                    f"runs {choices} (or use CLIP_BACKEND=auto)"
-                )
+        refusal = precision_refusal(backend, precision)
+        if refusal is not None:
+            raise ValueError(refusal)
         if device == "cpu" and precision in GPU_ONLY_PRECISIONS:
             raise ValueError(
                 f"CLIP_PRECISION={precision} is for GPUs; with CLIP_DEVICE=cpu use fp32, "

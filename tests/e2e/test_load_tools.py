@@ -76,7 +76,7 @@ def test_the_litserve_peer_serves_the_same_model(
 
 
 def test_the_peer_runs_only_for_its_own_runs_and_stops_when_stopped(tiny_model_dir: Path) -> None:
-    """Idle, LitServe's workers poll (~10 % of a core): the compare tool keeps the peer
+    """Idle, LitServe's workers poll (10-14 % of a core): the compare tool keeps the peer
     stopped but for its own runs, so it takes nothing from ours or the ceilings."""
     pytest.importorskip("litserve")
     port = free_port()

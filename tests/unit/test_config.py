@@ -86,6 +86,11 @@ def test_region_bounds_say_what_they_must_be_whatever_is_wrong(
     assert "Field required" not in str(caught.value)
 
 
+def set_environment(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_the_queue_must_hold_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("CLIP_MAX_QUEUE", "32")
@@ -115,8 +120,7 @@ def test_every_bound_holds_one_largest_valid_request(
     monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], named: str
 ) -> None:
     """Otherwise a valid request would be refused forever."""
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    set_environment(monkeypatch, environment)
     with pytest.raises(ValidationError, match=named):
         Settings()
 
@@ -258,8 +262,7 @@ def test_a_device_backend_and_precision_no_runtime_runs_fail_with_the_settings(
     monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], says: str
 ) -> None:
     """Not minutes later, once the weights have loaded: exit 1 with the other settings."""
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    set_environment(monkeypatch, environment)
     with pytest.raises(ValidationError, match=says):
         Settings()
 
@@ -279,8 +282,7 @@ def test_a_device_backend_and_precision_no_runtime_runs_fail_with_the_settings(
 def test_combinations_some_hardware_runs_are_accepted(
     monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]
 ) -> None:
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    set_environment(monkeypatch, environment)
     settings = Settings()
     assert (settings.backend, settings.precision) == (
         Backend(environment.get("CLIP_BACKEND", "auto")),

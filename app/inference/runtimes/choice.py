@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.config import PRECISIONS_BY_BACKEND, Backend, Precision
+from app.config import Backend, Precision, precision_refusal
 from app.inference.cpu_features import cpu_has_int8_dot_product
 from app.inference.runtimes.tower import BackendUnavailable
 
@@ -25,10 +25,7 @@ def pick_backend(requested: Backend, device: torch.device, precision: Precision)
         raise BackendUnavailable(
             f"CLIP_BACKEND={requested} runs on the CPU only; use torch (or auto) on {device}."
         )
-    if precision not in PRECISIONS_BY_BACKEND[requested]:
-        choices = ", ".join(sorted(p.value for p in PRECISIONS_BY_BACKEND[requested]))
-        raise BackendUnavailable(
-            f"CLIP_BACKEND={requested} does not run CLIP_PRECISION={precision}; it runs "
-            f"{choices} (or use CLIP_BACKEND=auto)."
-        )
+    refusal = precision_refusal(requested, precision)
+    if refusal is not None:
+        raise BackendUnavailable(f"{refusal}.")
     return requested
